@@ -1,0 +1,186 @@
+//! The command line: parse, load and validate configuration, dispatch.
+
+pub mod decode;
+
+use crate::config::{self, Config, ConfigError, EnvMap};
+use crate::outbox;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status for a configuration problem (as for a usage error).
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit status for a failure at run time (database unreachable, ...).
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "event-processor",
+    version,
+    about = "Keeps the activity read models in MongoDB in step with the PostgreSQL outbox"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags that override the environment (and `.env`).
+#[derive(Args, Debug, Default)]
+pub struct GlobalArgs {
+    /// Read variables from this file instead of `./.env`.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+    /// Overrides POSTGRES_HOST.
+    #[arg(long, global = true, value_name = "HOST")]
+    pub postgres_host: Option<String>,
+    /// Overrides POSTGRES_PORT.
+    #[arg(long, global = true, value_name = "PORT")]
+    pub postgres_port: Option<String>,
+    /// Overrides POSTGRES_DB.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub postgres_db: Option<String>,
+    /// Overrides POSTGRES_USER.
+    #[arg(long, global = true, value_name = "USER")]
+    pub postgres_user: Option<String>,
+    /// Overrides LOG_LEVEL.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Overrides LOG_FORMAT (text or json).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+impl GlobalArgs {
+    fn overrides(&self) -> Vec<(&'static str, &String)> {
+        [
+            ("POSTGRES_HOST", &self.postgres_host),
+            ("POSTGRES_PORT", &self.postgres_port),
+            ("POSTGRES_DB", &self.postgres_db),
+            ("POSTGRES_USER", &self.postgres_user),
+            ("LOG_LEVEL", &self.log_level),
+            ("LOG_FORMAT", &self.log_format),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.as_ref().map(|v| (key, v)))
+        .collect()
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Apply the outbox schema migrations (safe to run again, and from several processes).
+    Migrate,
+    /// Insert the four seed events (a user, a rename, an activity, a join) if missing.
+    Seed,
+    /// Summarize the outbox: rows per status, oldest pending event, highest sequence_id.
+    Status {
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode one Kafka message (Debezium or Outbox Event Router) and print it as JSON.
+    Decode(decode::DecodeArgs),
+}
+
+/// Runs the parsed command line; the binary's whole body.
+pub fn main(cli: Cli) -> ExitCode {
+    if let Command::Decode(args) = &cli.command {
+        let mut stdout = std::io::stdout().lock();
+        return decode::execute(args, &mut stdout).unwrap_or_else(|err| {
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_FAILURE)
+        });
+    }
+    let config = match load_config(&cli.global) {
+        Ok(config) => config,
+        Err(err) => {
+            let heading = match &err {
+                ConfigError::Invalid(problems) => {
+                    format!("invalid configuration ({} problems):", problems.len())
+                }
+                ConfigError::EnvFile { .. } => "invalid configuration:".to_string(),
+            };
+            eprintln!("{heading}");
+            for line in err.to_string().lines() {
+                eprintln!("  {line}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    crate::telemetry::init_logging(&config.log_level, config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, config)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Environment, `.env` and flags, validated.
+pub fn load_config(global: &GlobalArgs) -> Result<Config, ConfigError> {
+    let mut env: EnvMap = config::env_map(global.env_file.as_deref())?;
+    for (key, value) in global.overrides() {
+        env.insert(key.to_string(), value.clone());
+    }
+    Config::from_env(&env)
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate => {
+            let mut client = outbox::connect(&config.postgres).await?;
+            let report = outbox::migrate::apply(&mut client, outbox::migrate::MIGRATIONS)
+                .await
+                .map_err(outbox::OutboxError::from)?;
+            println!(
+                "migrations: {} applied, {} already in place (schema version {})",
+                report.applied.len(),
+                report.already.len(),
+                report
+                    .applied
+                    .iter()
+                    .chain(&report.already)
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
+            );
+        }
+        Command::Seed => {
+            let mut client = outbox::connect(&config.postgres).await?;
+            let inserted = outbox::seed::seed(&mut client).await?;
+            println!(
+                "seed: {inserted} events inserted, {} already present",
+                outbox::seed::events().len() as u64 - inserted
+            );
+        }
+        Command::Status { json } => {
+            let client = outbox::connect(&config.postgres).await?;
+            let status = outbox::status::read(&client, &config.postgres.display_target()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+        }
+        Command::Decode(_) => unreachable_decode(),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `decode` needs no configuration and returns before the runtime starts.
+fn unreachable_decode() {
+    tracing::error!("decode is handled before configuration is loaded");
+}

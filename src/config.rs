@@ -1,0 +1,456 @@
+//! Configuration: environment variables (optionally from a `.env` file), overridden
+//! by command-line flags, validated at start-up with one message per problem.
+//!
+//! Loading takes a plain map so tests can feed it; nothing here reads the process
+//! environment by itself except [`env_map`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+/// The variables as one map: key -> value.
+pub type EnvMap = BTreeMap<String, String>;
+
+/// A value that must never appear in logs, errors or `Debug` output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it (a connection).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// One problem with one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Every problem found, one line each.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+    #[error("cannot read env file {path}: {source}")]
+    EnvFile {
+        path: String,
+        #[source]
+        source: dotenvy::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the PostgreSQL outbox lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: Secret,
+    pub connect_timeout: Duration,
+}
+
+impl PostgresConfig {
+    /// `host:port/database`, safe to print.
+    pub fn display_target(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.database)
+    }
+
+    pub fn to_client_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .dbname(&self.database)
+            .user(&self.user)
+            .application_name("activity-event-processor")
+            .connect_timeout(self.connect_timeout);
+        if !self.password.expose().is_empty() {
+            config.password(self.password.expose());
+        }
+        config
+    }
+}
+
+/// The whole configuration of one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+/// Every key, its default and what it means: the source of `.env.example` and the
+/// README's table (a test keeps them in step).
+pub const KEYS: &[(&str, &str, &str)] = &[
+    (
+        "POSTGRES_HOST",
+        "localhost",
+        "PostgreSQL host of the outbox",
+    ),
+    ("POSTGRES_PORT", "5432", "PostgreSQL port"),
+    ("POSTGRES_DB", "activity", "database holding event_outbox"),
+    ("POSTGRES_USER", "postgres", "PostgreSQL user"),
+    (
+        "POSTGRES_PASSWORD",
+        "",
+        "PostgreSQL password (may be empty; never logged)",
+    ),
+    (
+        "POSTGRES_CONNECT_TIMEOUT",
+        "10s",
+        "give up connecting after this long",
+    ),
+    (
+        "LOG_LEVEL",
+        "info",
+        "tracing filter: error, warn, info, debug, trace or a directive list",
+    ),
+    ("LOG_FORMAT", "text", "text or json"),
+];
+
+fn default_of(key: &str) -> &'static str {
+    KEYS.iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, d, _)| *d)
+        .unwrap_or("")
+}
+
+/// Reads keys from a map, collecting problems instead of stopping at the first.
+struct Reader<'a> {
+    env: &'a EnvMap,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Reader<'a> {
+    fn raw(&self, key: &str) -> String {
+        self.env
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| default_of(key).to_string())
+    }
+
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn string(&mut self, key: &str) -> String {
+        self.raw(key).trim().to_string()
+    }
+
+    fn non_empty(&mut self, key: &str) -> String {
+        let value = self.string(key);
+        if value.is_empty() {
+            self.problem(key, "must not be empty");
+        }
+        value
+    }
+
+    fn port(&mut self, key: &str) -> u16 {
+        let raw = self.string(key);
+        match raw.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => {
+                self.problem(key, format!("`{raw}` is not a port number (1-65535)"));
+                0
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str) -> Duration {
+        let raw = self.string(key);
+        match parse_duration(&raw) {
+            Some(duration) => duration,
+            None => {
+                self.problem(
+                    key,
+                    format!("`{raw}` is not a duration (use e.g. 250ms, 10s, 5m)"),
+                );
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `1h`; a bare number means seconds.
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let amount: u64 = digits.parse().ok()?;
+    let millis = match unit.trim() {
+        "ms" => amount,
+        "" | "s" => amount.checked_mul(1_000)?,
+        "m" => amount.checked_mul(60_000)?,
+        "h" => amount.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(millis))
+}
+
+impl Config {
+    /// Builds and validates the configuration from a map of variables.
+    pub fn from_env(env: &EnvMap) -> Result<Config, ConfigError> {
+        let mut r = Reader {
+            env,
+            problems: Vec::new(),
+        };
+        for key in env.keys() {
+            if let Some(known) = misspelt(key) {
+                r.problem(key, format!("unknown key; did you mean {known}?"));
+            }
+        }
+        let postgres = PostgresConfig {
+            host: r.non_empty("POSTGRES_HOST"),
+            port: r.port("POSTGRES_PORT"),
+            database: r.non_empty("POSTGRES_DB"),
+            user: r.non_empty("POSTGRES_USER"),
+            password: Secret::new(r.raw("POSTGRES_PASSWORD")),
+            connect_timeout: r.duration("POSTGRES_CONNECT_TIMEOUT"),
+        };
+        let log_level = r.non_empty("LOG_LEVEL");
+        let log_format = match r.string("LOG_FORMAT").to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                r.problem("LOG_FORMAT", format!("`{other}` is not one of: text, json"));
+                LogFormat::Text
+            }
+        };
+        if postgres.connect_timeout.is_zero() && r.problems.is_empty() {
+            r.problem("POSTGRES_CONNECT_TIMEOUT", "must be greater than zero");
+        }
+        if r.problems.is_empty() {
+            Ok(Config {
+                postgres,
+                log_level,
+                log_format,
+            })
+        } else {
+            Err(ConfigError::Invalid(r.problems))
+        }
+    }
+}
+
+/// A key that looks like one of ours but is not (a typo would otherwise be
+/// silently ignored and its default used).
+fn misspelt(key: &str) -> Option<&'static str> {
+    if KEYS.iter().any(|(k, _, _)| *k == key) {
+        return None;
+    }
+    let prefix = key.split('_').next().unwrap_or("");
+    if !matches!(prefix, "POSTGRES" | "MONGODB" | "KAFKA") {
+        return None;
+    }
+    KEYS.iter()
+        .map(|(k, _, _)| *k)
+        .filter(|k| k.starts_with(prefix))
+        .min_by_key(|k| edit_distance(k, key))
+        .filter(|k| edit_distance(k, key) <= 3)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + cost).min(above + 1).min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// The variables this process sees: the `.env` file (if any) under the process
+/// environment, which wins, as dotenv tools do. Only keys we know, and keys
+/// with our prefixes (for the typo check), are kept.
+pub fn env_map(env_file: Option<&Path>) -> Result<EnvMap, ConfigError> {
+    let mut map = EnvMap::new();
+    let (path, required) = match env_file {
+        Some(path) => (path.to_path_buf(), true),
+        None => (Path::new(".env").to_path_buf(), false),
+    };
+    if required || path.exists() {
+        let iter = dotenvy::from_path_iter(&path).map_err(|source| ConfigError::EnvFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        for item in iter {
+            let (key, value) = item.map_err(|source| ConfigError::EnvFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+            map.insert(key, value);
+        }
+    }
+    for (key, value) in std::env::vars() {
+        map.insert(key, value);
+    }
+    map.retain(|key, _| is_ours(key));
+    Ok(map)
+}
+
+fn is_ours(key: &str) -> bool {
+    KEYS.iter().any(|(k, _, _)| *k == key)
+        || ["POSTGRES_", "MONGODB_", "KAFKA_"]
+            .iter()
+            .any(|p| key.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> EnvMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let config = Config::from_env(&EnvMap::new()).expect("defaults are valid");
+        assert_eq!(config.postgres.host, "localhost");
+        assert_eq!(config.postgres.port, 5432);
+        assert_eq!(config.postgres.database, "activity");
+        assert_eq!(config.postgres.password.expose(), "");
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = Config::from_env(&env(&[
+            ("POSTGRES_PORT", "eighty"),
+            ("POSTGRES_HOST", ""),
+            ("LOG_FORMAT", "xml"),
+            ("POSTGRES_CONNECT_TIMEOUT", "soon"),
+        ]))
+        .expect_err("invalid");
+        let ConfigError::Invalid(problems) = err else {
+            panic!("expected Invalid, got {err:?}");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "POSTGRES_HOST",
+                "POSTGRES_PORT",
+                "POSTGRES_CONNECT_TIMEOUT",
+                "LOG_FORMAT"
+            ]
+        );
+        let text = ConfigError::Invalid(problems).to_string();
+        assert_eq!(text.lines().count(), 4);
+        assert!(text.contains("POSTGRES_PORT: `eighty` is not a port number"));
+    }
+
+    #[test]
+    fn port_zero_and_out_of_range_are_rejected() {
+        for bad in ["0", "70000", "-1"] {
+            let err = Config::from_env(&env(&[("POSTGRES_PORT", bad)])).expect_err(bad);
+            assert!(err.to_string().starts_with("POSTGRES_PORT:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn password_never_shows_in_debug() {
+        let config =
+            Config::from_env(&env(&[("POSTGRES_PASSWORD", "hunter2-secret")])).expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("***"));
+        assert_eq!(config.postgres.password.expose(), "hunter2-secret");
+    }
+
+    #[test]
+    fn misspelt_keys_are_named() {
+        let err = Config::from_env(&env(&[("POSTGRES_HOTS", "db")])).expect_err("typo");
+        assert_eq!(
+            err.to_string(),
+            "POSTGRES_HOTS: unknown key; did you mean POSTGRES_HOST?"
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("POSTGRES_PASSWORD", "POSTGRES_PASWORD"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("fast"), None);
+        assert_eq!(parse_duration("5 parsecs"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+
+    #[test]
+    fn env_file_values_load_and_process_env_wins() {
+        let dir = std::env::temp_dir().join(format!("aep-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("test.env");
+        std::fs::write(&path, "POSTGRES_CONNECT_TIMEOUT=7s\nUNRELATED=1\n").expect("write");
+        let map = env_map(Some(&path)).expect("loads");
+        assert_eq!(
+            map.get("POSTGRES_CONNECT_TIMEOUT").map(String::as_str),
+            Some("7s")
+        );
+        assert!(!map.contains_key("UNRELATED"));
+        let missing = env_map(Some(&dir.join("missing.env"))).expect_err("missing file");
+        assert!(missing.to_string().contains("missing.env"), "{missing}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn env_example_documents_every_key() {
+        let example = include_str!("../.env.example");
+        for (key, default, _) in KEYS {
+            let line = format!("{key}={default}");
+            assert!(
+                example.lines().any(|l| l.trim_start_matches("# ") == line),
+                ".env.example lacks `{line}`"
+            );
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The write side's PostgreSQL outbox: connections, schema migrations, the seed
+//! events and the `status` summary. Capture (reading the outbox as a stream)
+//! lives in `source`.
+
+pub mod migrate;
+pub mod seed;
+pub mod status;
+
+use crate::config::PostgresConfig;
+use tokio_postgres::{Client, NoTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    Connect { target: String, reason: String },
+    #[error("{context}: {reason}")]
+    Query {
+        context: &'static str,
+        reason: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
+}
+
+impl OutboxError {
+    pub(crate) fn query(context: &'static str, source: tokio_postgres::Error) -> Self {
+        OutboxError::Query {
+            context,
+            reason: describe(&source),
+            source,
+        }
+    }
+}
+
+/// The most useful one-line account of a PostgreSQL error: the server's own
+/// message when there is one, else the chain of causes.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return match db.detail() {
+            Some(detail) => format!("{} ({detail})", db.message()),
+            None => db.message().to_string(),
+        };
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Opens one connection and drives it on the runtime.
+pub async fn connect(config: &PostgresConfig) -> Result<Client, OutboxError> {
+    let (client, connection) = config
+        .to_client_config()
+        .connect(NoTls)
+        .await
+        .map_err(|err| OutboxError::Connect {
+            target: config.display_target(),
+            reason: describe(&err),
+        })?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %describe(&err), "postgres connection closed");
+        }
+    });
+    Ok(client)
+}

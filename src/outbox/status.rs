@@ -1,0 +1,142 @@
+//! `status`: what the outbox holds and whether the database suits capture.
+
+use super::OutboxError;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use tokio_postgres::Client;
+
+/// The outbox at a glance.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct OutboxStatus {
+    pub database: String,
+    pub server_version: String,
+    pub wal_level: String,
+    /// Row count per status; every status of the CHECK constraint is present.
+    pub counts: BTreeMap<String, i64>,
+    pub total: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub max_sequence_id: Option<i64>,
+}
+
+pub const STATUSES: [&str; 5] = ["pending", "processing", "processed", "retry", "failed"];
+
+pub async fn read(client: &Client, database: &str) -> Result<OutboxStatus, OutboxError> {
+    let settings = client
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('wal_level')",
+            &[],
+        )
+        .await
+        .map_err(|e| OutboxError::query("cannot read server settings", e))?;
+    let mut counts: BTreeMap<String, i64> = STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
+    let rows = client
+        .query(
+            "SELECT status, count(*) FROM event_outbox GROUP BY status",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            OutboxError::query(
+                "cannot read event_outbox (run `event-processor migrate` first?)",
+                e,
+            )
+        })?;
+    for row in rows {
+        counts.insert(row.get(0), row.get(1));
+    }
+    let summary = client
+        .query_one(
+            "SELECT
+                 EXTRACT(EPOCH FROM (now() - min(created_at) FILTER (WHERE status IN ('pending', 'retry'))))::float8,
+                 max(sequence_id)
+             FROM event_outbox",
+            &[],
+        )
+        .await
+        .map_err(|e| OutboxError::query("cannot summarize event_outbox", e))?;
+    Ok(OutboxStatus {
+        database: database.to_string(),
+        server_version: settings.get(0),
+        wal_level: settings.get(1),
+        total: counts.values().sum(),
+        counts,
+        oldest_pending_age_seconds: summary.get(0),
+        max_sequence_id: summary.get(1),
+    })
+}
+
+impl OutboxStatus {
+    /// The human-readable form.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "outbox {} (PostgreSQL {})",
+            self.database, self.server_version
+        );
+        for status in STATUSES {
+            let count = self.counts.get(status).copied().unwrap_or(0);
+            let _ = writeln!(out, "  {status:<11} {count:>10}");
+        }
+        let _ = writeln!(out, "  {:<11} {:>10}", "total", self.total);
+        let _ = writeln!(
+            out,
+            "oldest pending: {}",
+            match self.oldest_pending_age_seconds {
+                Some(age) => format_age(age),
+                None => "none".to_string(),
+            }
+        );
+        let _ = writeln!(
+            out,
+            "highest sequence_id: {}",
+            self.max_sequence_id
+                .map_or("none".to_string(), |s| s.to_string())
+        );
+        if self.wal_level == "logical" {
+            let _ = writeln!(out, "wal_level: logical (replication capture available)");
+        } else {
+            let _ = writeln!(
+                out,
+                "wal_level: {} - logical replication capture (the default source) needs \
+                 wal_level=logical: set it in postgresql.conf and restart PostgreSQL, \
+                 or run with --source polling",
+                self.wal_level
+            );
+        }
+        out
+    }
+}
+
+/// `3s`, `4m 10s`, `2h 5m`, `3d 4h`.
+pub fn format_age(seconds: f64) -> String {
+    let total = seconds.max(0.0).round() as u64;
+    let (d, h, m, s) = (
+        total / 86_400,
+        total / 3600 % 24,
+        total / 60 % 60,
+        total % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(format_age(0.4), "0s");
+        assert_eq!(format_age(59.0), "59s");
+        assert_eq!(format_age(250.0), "4m 10s");
+        assert_eq!(format_age(7500.0), "2h 5m");
+        assert_eq!(format_age(273_600.0), "3d 4h");
+        assert_eq!(format_age(-5.0), "0s");
+    }
+}

@@ -1,0 +1,148 @@
+//! Shared test fixtures: real services started by `scripts/services.sh`.
+//!
+//! Every test gets its own database, created here and dropped afterwards. A
+//! missing service fails the test loudly with the command that starts it.
+
+#![allow(dead_code)]
+
+use activity_event_processor::config::{PostgresConfig, Secret};
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+
+pub const START_SERVICES: &str = "eval \"$(scripts/services.sh up)\"";
+
+fn required_env(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| {
+        panic!(
+            "{key} is not set: this test needs the real services. Start them with\n    {START_SERVICES}\n\
+             (or run the whole suite with scripts/test.sh)"
+        )
+    })
+}
+
+/// The cluster the services script started, as a config for database `database`.
+pub fn postgres_config(database: &str) -> PostgresConfig {
+    PostgresConfig {
+        host: required_env("POSTGRES_HOST"),
+        port: required_env("POSTGRES_PORT")
+            .parse()
+            .expect("POSTGRES_PORT is a number"),
+        database: database.to_string(),
+        user: std::env::var("POSTGRES_USER").unwrap_or_else(|_| "postgres".into()),
+        password: Secret::new(std::env::var("POSTGRES_PASSWORD").unwrap_or_default()),
+        connect_timeout: Duration::from_secs(10),
+    }
+}
+
+pub async fn connect(config: &PostgresConfig) -> Client {
+    let (client, connection) = config
+        .to_client_config()
+        .connect(NoTls)
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot connect to PostgreSQL at {}: {err}\nstart the services with\n    {START_SERVICES}",
+                config.display_target()
+            )
+        });
+    tokio::spawn(connection);
+    client
+}
+
+/// A fresh database of its own, dropped when the value is dropped.
+pub struct TestDb {
+    pub config: PostgresConfig,
+    admin: PostgresConfig,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let admin = postgres_config("postgres");
+        let name = format!(
+            "aep_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        connect(&admin)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        TestDb {
+            config: postgres_config(&name),
+            admin,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.config).await
+    }
+
+    /// A fresh database with the migrations applied.
+    pub async fn migrated() -> TestDb {
+        let db = TestDb::create().await;
+        let mut client = db.client().await;
+        activity_event_processor::outbox::migrate::apply(
+            &mut client,
+            activity_event_processor::outbox::migrate::MIGRATIONS,
+        )
+        .await
+        .expect("migrations apply");
+        db
+    }
+
+    /// The variables that point the binary at this database.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("POSTGRES_HOST", self.config.host.clone()),
+            ("POSTGRES_PORT", self.config.port.to_string()),
+            ("POSTGRES_DB", self.config.database.clone()),
+            ("POSTGRES_USER", self.config.user.clone()),
+            (
+                "POSTGRES_PASSWORD",
+                self.config.password.expose().to_string(),
+            ),
+        ]
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.config.database.clone();
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok((client, connection)) = admin.to_client_config().connect(NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Runs the built binary with `env` added to a clean environment.
+pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_event-processor"));
+    command.args(args).env_clear();
+    for key in ["PATH", "HOME"] {
+        if let Ok(value) = std::env::var(key) {
+            command.env(key, value);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    // No `.env` of the developer's may leak in.
+    command.current_dir(std::env::temp_dir());
+    command.output().expect("run event-processor")
+}

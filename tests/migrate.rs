@@ -1,0 +1,195 @@
+//! `migrate`, `seed`, `status` and configuration errors, through the library and
+//! the real binary, against a real PostgreSQL.
+
+mod common;
+
+use activity_event_processor::outbox::migrate::{self, MigrateError, Migration, MIGRATIONS};
+use common::{run_binary, TestDb};
+
+#[tokio::test]
+async fn migrate_twice_applies_once() {
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    let first = migrate::apply(&mut client, MIGRATIONS)
+        .await
+        .expect("first");
+    assert_eq!(first.applied, vec![1]);
+    let second = migrate::apply(&mut client, MIGRATIONS)
+        .await
+        .expect("second");
+    assert!(second.applied.is_empty());
+    assert_eq!(second.already, vec![1]);
+    let rows = client
+        .query_one("SELECT count(*) FROM event_processor_migrations", &[])
+        .await
+        .expect("history");
+    assert_eq!(rows.get::<_, i64>(0), MIGRATIONS.len() as i64);
+}
+
+#[tokio::test]
+async fn concurrent_migrate_runs_take_turns() {
+    let db = TestDb::create().await;
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let config = db.config.clone();
+        handles.push(tokio::spawn(async move {
+            let mut client = common::connect(&config).await;
+            migrate::apply(&mut client, MIGRATIONS).await
+        }));
+    }
+    let mut applied_total = 0;
+    for handle in handles {
+        let report = handle.await.expect("task").expect("migrate");
+        applied_total += report.applied.len();
+    }
+    assert_eq!(
+        applied_total,
+        MIGRATIONS.len(),
+        "each migration applied exactly once"
+    );
+}
+
+#[tokio::test]
+async fn edited_migration_is_refused() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    let mut edited: Vec<Migration> = MIGRATIONS.to_vec();
+    edited[0].sql = "CREATE TABLE event_outbox (x int);";
+    let err = migrate::apply(&mut client, &edited)
+        .await
+        .expect_err("checksum guard");
+    assert!(
+        matches!(err, MigrateError::ChecksumMismatch { version: 1, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("was edited"), "{err}");
+    // The lock was released: the real list still applies cleanly.
+    migrate::apply(&mut client, MIGRATIONS)
+        .await
+        .expect("unlocked");
+}
+
+#[tokio::test]
+async fn unknown_applied_migration_is_refused() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    let err = migrate::apply(&mut client, &MIGRATIONS[..0])
+        .await
+        .expect_err("database is newer than the binary");
+    assert!(
+        matches!(err, MigrateError::UnknownApplied { version: 1, .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn failed_migration_leaves_nothing_behind() {
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    let broken = [Migration {
+        version: 1,
+        name: "broken",
+        sql: "CREATE TABLE half_done (x int); SELECT no_such_function();",
+    }];
+    let err = migrate::apply(&mut client, &broken)
+        .await
+        .expect_err("fails");
+    assert!(
+        err.to_string().contains("migration 1 (broken) failed"),
+        "{err}"
+    );
+    let row = client
+        .query_one("SELECT to_regclass('half_done') IS NULL", &[])
+        .await
+        .expect("query");
+    assert!(
+        row.get::<_, bool>(0),
+        "the failed migration was rolled back"
+    );
+}
+
+#[tokio::test]
+async fn binary_migrates_seeds_and_reports_status() {
+    let db = TestDb::create().await;
+    let env = db.env();
+    for expected in ["1 applied", "0 applied"] {
+        let out = run_binary(&["migrate"], &env);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        assert!(stdout.contains(expected), "{stdout}");
+    }
+    for _ in 0..2 {
+        let out = run_binary(&["seed"], &env);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let out = run_binary(&["status", "--json"], &env);
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["counts"]["pending"], 4);
+    assert_eq!(status["total"], 4);
+    assert_eq!(status["wal_level"], "logical");
+    assert!(status["oldest_pending_age_seconds"].as_f64().expect("age") > 0.0);
+    let out = run_binary(&["status"], &env);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pending"), "{text}");
+    assert!(text.contains("highest sequence_id: 4"), "{text}");
+}
+
+#[test]
+fn unreachable_postgres_is_one_line_without_the_password() {
+    let out = run_binary(
+        &["status"],
+        &[
+            ("POSTGRES_HOST", "127.0.0.1".into()),
+            ("POSTGRES_PORT", "1".into()),
+            ("POSTGRES_PASSWORD", "s3cret-pw".into()),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot connect to PostgreSQL at 127.0.0.1:1/activity"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn broken_env_file_lists_every_problem_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("aep-envfile-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("broken.env");
+    std::fs::write(
+        &path,
+        "POSTGRES_PORT=not-a-port\nPOSTGRES_HOST=\nLOG_FORMAT=yaml\nPOSTGRES_PASWORD=x\n",
+    )
+    .expect("write");
+    let path_arg = path.display().to_string();
+    let out = run_binary(&["--env-file", &path_arg, "status"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let problems: Vec<&str> = stderr.lines().skip(1).map(str::trim).collect();
+    assert_eq!(
+        problems,
+        [
+            "POSTGRES_PASWORD: unknown key; did you mean POSTGRES_PASSWORD?",
+            "POSTGRES_HOST: must not be empty",
+            "POSTGRES_PORT: `not-a-port` is not a port number (1-65535)",
+            "LOG_FORMAT: `yaml` is not one of: text, json",
+        ],
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn flags_override_the_environment() {
+    let out = run_binary(
+        &["--postgres-port", "nope", "status"],
+        &[("POSTGRES_PORT", "5432".into())],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`nope`"));
+}
