@@ -9,8 +9,9 @@
 //! 1. **capture** (`source`): logical replication, a polling relay, or Debezium
 //!    change events from Kafka;
 //! 2. **decode** ([`decode`]): outbox rows and Kafka messages into [`decode::OutboxEvent`];
-//! 3. **route**: the handler registry, keyed by event type;
-//! 4. **project**: idempotent writes to the read models;
+//! 3. **route** ([`route`]): the handler registry, keyed by event type;
+//! 4. **project** ([`projection`]): fenced, idempotent writes to the read models
+//!    in MongoDB ([`store`]);
 //! 5. **checkpoint**: acknowledge a position only once MongoDB durably holds
 //!    every effect before it.
 //!
@@ -20,5 +21,9 @@
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod history;
 pub mod outbox;
+pub mod projection;
+pub mod route;
+pub mod store;
 pub mod telemetry;

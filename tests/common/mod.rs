@@ -146,3 +146,5 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
     command.current_dir(std::env::temp_dir());
     command.output().expect("run event-processor")
 }
+
+pub mod mongo;

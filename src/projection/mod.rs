@@ -1,0 +1,451 @@
+//! Project: the activity read models in MongoDB `activity_read`, with
+//! exactly-once effects under at-least-once delivery.
+//!
+//! A batch is applied in three steps:
+//! 1. **load** the documents of every aggregate the batch touches (one `find`
+//!    per collection) and fold the batch's events into them in memory, each
+//!    aggregate fenced by `_seq`: an event at or below the fence already took
+//!    effect and changes nothing;
+//! 2. **write** each changed document once, conditioned on the fence it was
+//!    loaded with (a concurrent writer makes the batch reload and redo);
+//! 3. **refresh** the denormalized copies (user names inside activities, the
+//!    activity entries inside users). Copies carry the version of their
+//!    source and only move forward; the refresh reads its sources *after*
+//!    step 2 is durable, so a concurrent writer elsewhere either sees our
+//!    write or is seen by our read. Redelivered events repeat the refresh, so a
+//!    crash between steps is repaired by the replay.
+//!
+//! A batch is durable when [`Projector::apply`] returns `Ok`: only then may the
+//! caller acknowledge its position.
+
+pub mod fold;
+mod refresh;
+pub mod state;
+
+use crate::decode::OutboxEvent;
+use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
+use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, DEAD_LETTERS, DUPLICATE_KEY, USERS};
+use chrono::Utc;
+use mongodb::bson::{doc, Bson, Document};
+use state::{ActivityDoc, Effect, NameCopy, Names, UserDoc};
+use std::collections::{BTreeMap, BTreeSet};
+use uuid::Uuid;
+
+/// An event that will never apply, with why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub event: OutboxEvent,
+    pub error: String,
+    pub attempts: u32,
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone)]
+pub struct BatchReport {
+    pub applied: usize,
+    pub duplicates: usize,
+    pub unmatched: usize,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Events that failed in a way an ordering race could explain (their
+    /// aggregate is not created yet); with `dead_letter_races` off they are
+    /// returned here untouched, for the caller to retry.
+    pub deferred: Vec<(OutboxEvent, HandlerError)>,
+    pub round_trips: u32,
+    pub documents_written: u64,
+}
+
+/// How many times a batch reloads after losing a race with another writer.
+const MAX_CONFLICT_RETRIES: u32 = 8;
+
+#[derive(Clone, Debug)]
+pub struct Projector {
+    store: MongoStore,
+    /// Dead-letter "aggregate not created" failures at once (true), or hand
+    /// them back for a later retry (false).
+    pub dead_letter_races: bool,
+}
+
+enum Attempt {
+    Done(BatchReport),
+    Conflict,
+}
+
+/// The batch in memory: the documents and what happened to them.
+#[derive(Default)]
+struct Work {
+    users: BTreeMap<Uuid, Option<UserDoc>>,
+    loaded_user_seq: BTreeMap<Uuid, Option<i64>>,
+    activities: BTreeMap<Uuid, Option<ActivityDoc>>,
+    loaded_activity_seq: BTreeMap<Uuid, Option<i64>>,
+    names: Names,
+    changed_users: BTreeSet<Uuid>,
+    changed_activities: BTreeSet<Uuid>,
+    /// Users whose copies must be refreshed, and those just created.
+    renamed: BTreeSet<Uuid>,
+    created: BTreeSet<Uuid>,
+    /// Activities whose members' entries must all be refreshed.
+    resummarize: BTreeSet<Uuid>,
+    /// (activity, user) entries to add or update, and to remove.
+    joined: BTreeSet<(Uuid, Uuid)>,
+    departed: BTreeSet<(Uuid, Uuid)>,
+    /// Activities this batch touched at all (written or replayed).
+    touched: BTreeSet<Uuid>,
+}
+
+impl Projector {
+    pub fn new(store: MongoStore) -> Projector {
+        Projector {
+            store,
+            dead_letter_races: true,
+        }
+    }
+
+    pub fn store(&self) -> &MongoStore {
+        &self.store
+    }
+
+    /// Applies a batch. `Ok` means every effect (and dead letter) is durable;
+    /// `Err` is a store failure (see [`StoreError::is_transient`]) after which
+    /// the whole batch may simply be applied again.
+    pub async fn apply(&self, events: &[OutboxEvent]) -> Result<BatchReport, StoreError> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            match self.try_apply(events).await? {
+                Attempt::Done(report) => return Ok(report),
+                Attempt::Conflict => {
+                    tracing::debug!("batch lost a race with another writer; reloading");
+                }
+            }
+        }
+        Err(StoreError::Transient(
+            "another writer keeps changing the same documents; will retry".into(),
+        ))
+    }
+
+    async fn try_apply(&self, events: &[OutboxEvent]) -> Result<Attempt, StoreError> {
+        let mut report = BatchReport::default();
+        let routed: Vec<Result<Routed, HandlerError>> = events.iter().map(route).collect();
+        let mut work = self.load(events, &routed, &mut report).await?;
+
+        for (event, routed) in events.iter().zip(routed) {
+            match routed {
+                Ok(Routed::Unmatched) => report.unmatched += 1,
+                Err(err) => self.reject(&mut report, event, err),
+                Ok(Routed::Domain(domain)) => match work.apply(event, domain) {
+                    Ok(true) => report.applied += 1,
+                    Ok(false) => report.duplicates += 1,
+                    Err(err) => self.reject(&mut report, event, err),
+                },
+            }
+        }
+
+        if !self.write_own(&work, &mut report).await? {
+            return Ok(Attempt::Conflict);
+        }
+        self.write_dead_letters(&report.dead_letters, &mut report.round_trips)
+            .await?;
+        refresh::run(&self.store, &work, &mut report).await?;
+        Ok(Attempt::Done(report))
+    }
+
+    fn reject(&self, report: &mut BatchReport, event: &OutboxEvent, err: HandlerError) {
+        if err.may_be_race() && !self.dead_letter_races {
+            report.deferred.push((event.clone(), err));
+        } else {
+            report.dead_letters.push(DeadLetter {
+                event: event.clone(),
+                error: err.to_string(),
+                attempts: 1,
+            });
+        }
+    }
+
+    async fn load(
+        &self,
+        events: &[OutboxEvent],
+        routed: &[Result<Routed, HandlerError>],
+        report: &mut BatchReport,
+    ) -> Result<Work, StoreError> {
+        let mut user_ids = BTreeSet::new();
+        let mut activity_ids = BTreeSet::new();
+        for (event, routed) in events.iter().zip(routed) {
+            let Ok(Routed::Domain(domain)) = routed else {
+                continue;
+            };
+            match domain.aggregate_kind() {
+                AggregateKind::User => {
+                    user_ids.insert(event.aggregate_id);
+                }
+                AggregateKind::Activity => {
+                    activity_ids.insert(event.aggregate_id);
+                }
+            }
+            match domain {
+                DomainEvent::ActivityCreated { organizer_id, .. } => {
+                    user_ids.insert(*organizer_id);
+                }
+                DomainEvent::ParticipantJoined { user_id, .. } => {
+                    user_ids.insert(*user_id);
+                }
+                _ => {}
+            }
+        }
+        let mut work = Work::default();
+        let user_docs = self
+            .store
+            .find_by_ids(USERS, ids(&user_ids), Some(user_projection()))
+            .await?;
+        let activity_docs = self
+            .store
+            .find_by_ids(ACTIVITIES, ids(&activity_ids), None)
+            .await?;
+        report.round_trips += u32::from(!user_ids.is_empty()) + u32::from(!activity_ids.is_empty());
+        for id in &user_ids {
+            work.users.insert(*id, None);
+        }
+        for doc in &user_docs {
+            let id = doc_id(doc)?;
+            let user = UserDoc::from_bson(doc).map_err(|e| corrupt(USERS, id, &e))?;
+            work.names.insert(
+                id,
+                NameCopy {
+                    name: Some(user.display_name.clone()),
+                    version: user.seq,
+                },
+            );
+            work.users.insert(id, Some(user));
+        }
+        for id in &activity_ids {
+            work.activities.insert(*id, None);
+        }
+        for doc in &activity_docs {
+            let id = doc_id(doc)?;
+            let activity = ActivityDoc::from_bson(doc).map_err(|e| corrupt(ACTIVITIES, id, &e))?;
+            work.activities.insert(id, Some(activity));
+        }
+        work.loaded_user_seq = work
+            .users
+            .iter()
+            .map(|(id, d)| (*id, d.as_ref().map(|d| d.seq)))
+            .collect();
+        work.loaded_activity_seq = work
+            .activities
+            .iter()
+            .map(|(id, d)| (*id, d.as_ref().map(|d| d.seq)))
+            .collect();
+        Ok(work)
+    }
+
+    /// One conditional write per changed document; `false` on a lost race.
+    async fn write_own(&self, work: &Work, report: &mut BatchReport) -> Result<bool, StoreError> {
+        let mut user_statements = Vec::new();
+        for id in &work.changed_users {
+            let Some(Some(user)) = work.users.get(id) else {
+                continue;
+            };
+            let loaded = work.loaded_user_seq.get(id).copied().flatten();
+            user_statements.push(fenced_set(
+                id,
+                loaded,
+                user.own_fields(),
+                doc! { "activities": [] },
+            ));
+        }
+        let mut activity_statements = Vec::new();
+        for id in &work.changed_activities {
+            let Some(Some(activity)) = work.activities.get(id) else {
+                continue;
+            };
+            let loaded = work.loaded_activity_seq.get(id).copied().flatten();
+            activity_statements.push(fenced_set(id, loaded, activity.fields(), doc! {}));
+        }
+        for (collection, statements) in
+            [(USERS, user_statements), (ACTIVITIES, activity_statements)]
+        {
+            if statements.is_empty() {
+                continue;
+            }
+            let expected = statements.len() as u64;
+            let result = self.store.update(collection, statements, false).await?;
+            report.round_trips += 1;
+            report.documents_written += result.modified + result.upserted;
+            if let Some(err) = result.errors.iter().find(|e| e.code != DUPLICATE_KEY) {
+                return Err(StoreError::Permanent(format!(
+                    "writing {collection}: {} (code {})",
+                    err.message, err.code
+                )));
+            }
+            if !result.errors.is_empty() || result.matched + result.upserted < expected {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Records dead letters (idempotent: keyed by event id).
+    pub async fn write_dead_letters(
+        &self,
+        letters: &[DeadLetter],
+        round_trips: &mut u32,
+    ) -> Result<(), StoreError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let now = Bson::DateTime(mongodb::bson::DateTime::from_millis(
+            Utc::now().timestamp_millis(),
+        ));
+        let statements = letters
+            .iter()
+            .map(|letter| {
+                let e = &letter.event;
+                doc! {
+                    "q": { "_id": e.event_id.to_string() },
+                    "u": {
+                        "$set": {
+                            "sequence_id": e.sequence_id.map_or(Bson::Null, Bson::Int64),
+                            "aggregate_type": &e.aggregate_type,
+                            "aggregate_id": e.aggregate_id.to_string(),
+                            "event_type": &e.event_type,
+                            "payload": state::json_to_bson(&e.payload),
+                            "error": &letter.error,
+                            "attempts": i64::from(letter.attempts),
+                            "last_failed_at": now.clone(),
+                        },
+                        "$setOnInsert": { "first_failed_at": now.clone() },
+                    },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let result = self.store.update(DEAD_LETTERS, statements, false).await?;
+        *round_trips += 1;
+        match result.errors.first() {
+            Some(err) => Err(StoreError::Permanent(format!(
+                "writing dead letters: {} (code {})",
+                err.message, err.code
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Work {
+    /// Folds one routed event into the documents; `Ok(false)` for an event
+    /// that already took effect.
+    fn apply(&mut self, event: &OutboxEvent, domain: DomainEvent) -> Result<bool, HandlerError> {
+        let seq = event.sequence_id.ok_or(HandlerError::NoSequence)?;
+        let id = event.aggregate_id;
+        match domain.aggregate_kind() {
+            AggregateKind::User => {
+                let doc = self.users.entry(id).or_insert(None);
+                if doc.as_ref().is_some_and(|d| d.seq >= seq) {
+                    // Replayed: redo its refresh, in case a crash cut it short.
+                    if matches!(domain, DomainEvent::UserCreated { .. }) {
+                        self.created.insert(id);
+                    }
+                    self.renamed.insert(id);
+                    return Ok(false);
+                }
+                let effect =
+                    state::apply_user(doc, id, &event.event_type, seq, event.created_at, domain)?;
+                if let Some(user) = doc {
+                    self.names.insert(
+                        id,
+                        NameCopy {
+                            name: Some(user.display_name.clone()),
+                            version: user.seq,
+                        },
+                    );
+                }
+                self.changed_users.insert(id);
+                if effect.name_changed {
+                    self.renamed.insert(id);
+                }
+                if effect.user_created {
+                    self.created.insert(id);
+                }
+                Ok(true)
+            }
+            AggregateKind::Activity => {
+                let doc = self.activities.entry(id).or_insert(None);
+                self.touched.insert(id);
+                if doc.as_ref().is_some_and(|d| d.seq >= seq) {
+                    self.resummarize.insert(id);
+                    if let DomainEvent::ParticipantLeft { user_id } = domain {
+                        self.departed.insert((id, user_id));
+                    }
+                    return Ok(false);
+                }
+                let before = doc.as_ref().map(ActivityDoc::summary);
+                let names = &self.names;
+                let name_of = |user: Uuid| names.get(&user).cloned().unwrap_or_default();
+                let Effect { joined, left, .. } = state::apply_activity(
+                    doc,
+                    id,
+                    &event.event_type,
+                    seq,
+                    event.created_at,
+                    domain,
+                    &name_of,
+                )?;
+                if before != doc.as_ref().map(ActivityDoc::summary) {
+                    self.resummarize.insert(id);
+                }
+                if let Some(user) = joined {
+                    self.joined.insert((id, user));
+                    self.departed.remove(&(id, user));
+                }
+                if let Some(user) = left {
+                    self.departed.insert((id, user));
+                    self.joined.remove(&(id, user));
+                }
+                self.changed_activities.insert(id);
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// `$set` on a document whose fence must still be what it was when loaded
+/// (or which must not exist yet): a concurrent writer makes it match nothing
+/// or fail with a duplicate key.
+fn fenced_set(id: &Uuid, loaded: Option<i64>, fields: Document, on_insert: Document) -> Document {
+    let fence = match loaded {
+        Some(seq) => Bson::Int64(seq),
+        None => Bson::Document(doc! { "$exists": false }),
+    };
+    let mut update = doc! { "$set": fields };
+    if !on_insert.is_empty() {
+        update.insert("$setOnInsert", on_insert);
+    }
+    doc! {
+        "q": { "_id": id.to_string(), "_seq": fence },
+        "u": update,
+        "upsert": loaded.is_none(),
+    }
+}
+
+fn user_projection() -> Document {
+    doc! { "email": 1, "display_name": 1, "created_at": 1, "updated_at": 1, "_seq": 1 }
+}
+
+fn ids(set: &BTreeSet<Uuid>) -> Vec<String> {
+    set.iter().map(Uuid::to_string).collect()
+}
+
+fn doc_id(doc: &Document) -> Result<Uuid, StoreError> {
+    doc.get_str("_id")
+        .ok()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| {
+            StoreError::Permanent(format!(
+                "read model document with a non-uuid _id: {:?}",
+                doc.get("_id")
+            ))
+        })
+}
+
+fn corrupt(collection: &str, id: Uuid, reason: &str) -> StoreError {
+    StoreError::Permanent(format!(
+        "read model {collection}/{id} is not in the expected shape ({reason}); it was not written by this processor"
+    ))
+}

@@ -1,0 +1,3 @@
+//! Store: where the read models live (MongoDB `activity_read`).
+
+pub mod mongo;

@@ -1,0 +1,347 @@
+//! The MongoDB side: the `activity_read` database, batched write commands with
+//! per-statement results, and the sorting of its errors.
+//!
+//! Writes go through `run_command({update|insert: ..., ordered})` so that one
+//! round trip carries a whole batch on every MongoDB 6/7/8 (no `bulkWrite`,
+//! which needs 8), and each statement's error is read by its numeric code.
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database, IndexModel};
+
+pub const USERS: &str = "users";
+pub const ACTIVITIES: &str = "activities";
+pub const DEAD_LETTERS: &str = "dead_letters";
+
+/// Duplicate key: on a fenced upsert, "someone already holds a newer state".
+pub const DUPLICATE_KEY: i32 = 11000;
+
+/// Server codes that mean "try again" (not primary, shutting down, network).
+const RETRYABLE_CODES: &[i32] = &[
+    6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Worth retrying: the server is down, restarting, unreachable or not primary.
+    #[error("mongodb unavailable: {0}")]
+    Transient(String),
+    /// Will not succeed by retrying (bad credentials, invalid command...).
+    #[error("mongodb: {0}")]
+    Permanent(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(err: mongodb::error::Error) -> Self {
+        let text = err.to_string();
+        if is_transient(&err) {
+            StoreError::Transient(text)
+        } else {
+            StoreError::Permanent(text)
+        }
+    }
+}
+
+/// Sorts a driver error: labels, kinds, then codes (never message text).
+pub fn is_transient(err: &mongodb::error::Error) -> bool {
+    if err.contains_label(RETRYABLE_WRITE_ERROR) || err.contains_label(TRANSIENT_TRANSACTION_ERROR)
+    {
+        return true;
+    }
+    match err.kind.as_ref() {
+        ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::ServerSelection { .. } => true,
+        ErrorKind::Command(command) => RETRYABLE_CODES.contains(&command.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(wc)) => {
+            RETRYABLE_CODES.contains(&wc.code)
+        }
+        _ => false,
+    }
+}
+
+/// One statement's failure inside a batched write command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteError {
+    pub index: usize,
+    pub code: i32,
+    pub message: String,
+}
+
+/// What a batched write command did.
+#[derive(Debug, Default, Clone)]
+pub struct WriteReport {
+    pub matched: u64,
+    pub modified: u64,
+    pub upserted: u64,
+    pub errors: Vec<WriteError>,
+}
+
+/// Hides the credentials of a connection string (`user:pass@` -> `***@`).
+pub fn redact_uri(uri: &str) -> String {
+    let Some(scheme_end) = uri.find("://") else {
+        return uri.to_string();
+    };
+    let rest = &uri[scheme_end + 3..];
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => format!("{}***@{}", &uri[..scheme_end + 3], &rest[at + 1..]),
+        None => uri.to_string(),
+    }
+}
+
+/// The read-model database.
+#[derive(Clone, Debug)]
+pub struct MongoStore {
+    client: Client,
+    db: Database,
+    write_concern: Document,
+}
+
+impl MongoStore {
+    /// Connects (lazily, as the driver does) and checks the server answers.
+    pub async fn connect(uri: &str, database: &str) -> Result<MongoStore, StoreError> {
+        let mut options = ClientOptions::parse(uri).await.map_err(|err| {
+            StoreError::Permanent(format!(
+                "invalid MONGODB_URI {}: {}",
+                redact_uri(uri),
+                err.kind
+            ))
+        })?;
+        options.app_name = Some("activity-event-processor".into());
+        let client = Client::with_options(options)?;
+        let store = MongoStore {
+            db: client.database(database),
+            client,
+            write_concern: doc! { "w": "majority" },
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.run_command(doc! { "ping": 1 }).await?;
+        Ok(())
+    }
+
+    /// The indexes the projections filter on, array fields included.
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let activities = self.db.collection::<Document>(ACTIVITIES);
+        for keys in [
+            doc! { "participants.user_id": 1 },
+            doc! { "organizer.user_id": 1 },
+        ] {
+            activities
+                .create_index(IndexModel::builder().keys(keys).build())
+                .await?;
+        }
+        self.db
+            .collection::<Document>(USERS)
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "activities.activity_id": 1 })
+                    .build(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `update` statements (`{q, u, upsert?, multi?, arrayFilters?}`) in
+    /// one command per chunk; statement errors come back by index, the
+    /// command's own failure as `Err`.
+    pub async fn update(
+        &self,
+        collection: &str,
+        statements: Vec<Document>,
+        ordered: bool,
+    ) -> Result<WriteReport, StoreError> {
+        self.write("update", "updates", collection, statements, ordered)
+            .await
+    }
+
+    async fn write(
+        &self,
+        command: &str,
+        list: &str,
+        collection: &str,
+        statements: Vec<Document>,
+        ordered: bool,
+    ) -> Result<WriteReport, StoreError> {
+        const CHUNK: usize = 1000;
+        let mut report = WriteReport::default();
+        let mut offset = 0;
+        let mut rest = statements;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(CHUNK));
+            let chunk = std::mem::replace(&mut rest, tail);
+            let len = chunk.len();
+            let reply = self
+                .db
+                .run_command(doc! {
+                    command: collection,
+                    list: chunk,
+                    "ordered": ordered,
+                    "writeConcern": self.write_concern.clone(),
+                })
+                .await?;
+            read_reply(&reply, offset, &mut report)?;
+            offset += len;
+        }
+        Ok(report)
+    }
+
+    /// Documents of `collection` whose `_id` is one of `ids`.
+    pub async fn find_by_ids(
+        &self,
+        collection: &str,
+        ids: Vec<String>,
+        projection: Option<Document>,
+    ) -> Result<Vec<Document>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.find(collection, doc! { "_id": { "$in": ids } }, projection)
+            .await
+    }
+
+    pub async fn find(
+        &self,
+        collection: &str,
+        filter: Document,
+        projection: Option<Document>,
+    ) -> Result<Vec<Document>, StoreError> {
+        let handle = self.db.collection::<Document>(collection);
+        let mut find = handle.find(filter);
+        if let Some(projection) = projection {
+            find = find.projection(projection);
+        }
+        let cursor = find.await?;
+        Ok(cursor.try_collect().await?)
+    }
+
+    pub async fn count(&self, collection: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .collection::<Document>(collection)
+            .count_documents(doc! {})
+            .await?)
+    }
+}
+
+fn read_reply(reply: &Document, offset: usize, report: &mut WriteReport) -> Result<(), StoreError> {
+    let number = |key: &str| -> u64 {
+        match reply.get(key) {
+            Some(Bson::Int32(n)) => u64::try_from(*n).unwrap_or(0),
+            Some(Bson::Int64(n)) => u64::try_from(*n).unwrap_or(0),
+            Some(Bson::Double(n)) => *n as u64,
+            _ => 0,
+        }
+    };
+    let upserted = match reply.get("upserted") {
+        Some(Bson::Array(items)) => items.len() as u64,
+        _ => 0,
+    };
+    report.upserted += upserted;
+    report.matched += number("n").saturating_sub(upserted);
+    report.modified += number("nModified");
+    if let Some(Bson::Document(wce)) = reply.get("writeConcernError") {
+        let code = wce.get_i32("code").unwrap_or(0);
+        let message = wce
+            .get_str("errmsg")
+            .unwrap_or("write concern error")
+            .to_string();
+        return Err(if RETRYABLE_CODES.contains(&code) || code == 64 {
+            StoreError::Transient(format!("write concern not satisfied ({code}): {message}"))
+        } else {
+            StoreError::Permanent(format!("write concern error ({code}): {message}"))
+        });
+    }
+    if let Some(Bson::Array(errors)) = reply.get("writeErrors") {
+        for error in errors {
+            let Bson::Document(error) = error else {
+                continue;
+            };
+            let index = match error.get("index") {
+                Some(Bson::Int32(i)) => usize::try_from(*i).unwrap_or(0),
+                Some(Bson::Int64(i)) => usize::try_from(*i).unwrap_or(0),
+                _ => 0,
+            };
+            let code = match error.get("code") {
+                Some(Bson::Int32(c)) => *c,
+                Some(Bson::Int64(c)) => i32::try_from(*c).unwrap_or(-1),
+                _ => -1,
+            };
+            let message = error.get_str("errmsg").unwrap_or("").to_string();
+            if RETRYABLE_CODES.contains(&code) {
+                return Err(StoreError::Transient(format!(
+                    "write failed ({code}): {message}"
+                )));
+            }
+            report.errors.push(WriteError {
+                index: offset + index,
+                code,
+                message,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(
+            redact_uri("mongodb://app:s3cret@db1:27017,db2/?replicaSet=rs"),
+            "mongodb://***@db1:27017,db2/?replicaSet=rs"
+        );
+        assert_eq!(
+            redact_uri("mongodb://127.0.0.1:27017/?retryWrites=false"),
+            "mongodb://127.0.0.1:27017/?retryWrites=false"
+        );
+        assert_eq!(redact_uri("not a uri"), "not a uri");
+    }
+
+    #[test]
+    fn write_errors_are_read_by_index_and_code() {
+        let reply = doc! {
+            "n": 3, "nModified": 1,
+            "upserted": [ { "index": 0, "_id": "a" } ],
+            "writeErrors": [ { "index": 2, "code": 11000, "errmsg": "E11000 duplicate key" } ],
+            "ok": 1.0,
+        };
+        let mut report = WriteReport::default();
+        read_reply(&reply, 10, &mut report).expect("not transient");
+        assert_eq!(report.upserted, 1);
+        assert_eq!(report.matched, 2);
+        assert_eq!(
+            report.errors,
+            vec![WriteError {
+                index: 12,
+                code: DUPLICATE_KEY,
+                message: "E11000 duplicate key".into()
+            }]
+        );
+        let not_primary = doc! { "n": 0, "writeErrors": [ { "index": 0, "code": 10107, "errmsg": "not primary" } ] };
+        let err = read_reply(&not_primary, 0, &mut WriteReport::default()).expect_err("transient");
+        assert!(err.is_transient());
+    }
+}
