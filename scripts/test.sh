@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The project's test command (also what CI runs): installs prerequisites, starts its own
+# services (PostgreSQL, MongoDB-wire SecantusDB, Kafka-API tansu) in a private state dir,
+# runs rustfmt, clippy and every test target, and always stops the services at the end.
+# Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+banner() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+banner "setup (scripts/setup.sh)"
+bash scripts/setup.sh
+
+# Always a private set of services, so a developer's own (SERVICES_DIR) are left alone.
+export SERVICES_DIR=${TEST_SERVICES_DIR:-$PWD/.services/test-$$}
+cleanup() {
+  banner "stopping services ($SERVICES_DIR)"
+  bash scripts/services.sh down || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+banner "starting services ($SERVICES_DIR)"
+services_env=$(bash scripts/services.sh up)
+eval "$services_env"
+bash scripts/services.sh status
+
+locked=()
+if [[ -f Cargo.lock ]]; then locked=(--locked); fi
+
+banner "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+banner "cargo clippy --all-targets ${locked[*]} -- -D warnings"
+cargo clippy --all-targets "${locked[@]}" -- -D warnings
+
+banner "cargo test --all-targets ${locked[*]} $*"
+cargo test --all-targets "${locked[@]}" "$@"
