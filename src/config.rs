@@ -98,10 +98,69 @@ impl PostgresConfig {
     }
 }
 
+/// Where the read models live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MongoConfig {
+    /// May carry credentials: print it with [`crate::store::mongo::redact_uri`].
+    pub uri: Secret,
+    pub database: String,
+}
+
+/// Which capture method feeds the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Replication,
+    Polling,
+    Kafka,
+}
+
+impl SourceKind {
+    pub fn parse(raw: &str) -> Option<SourceKind> {
+        match raw.to_ascii_lowercase().as_str() {
+            "replication" => Some(SourceKind::Replication),
+            "polling" => Some(SourceKind::Polling),
+            "kafka" => Some(SourceKind::Kafka),
+            _ => None,
+        }
+    }
+}
+
+/// Logical replication capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    pub slot: String,
+    pub publication: String,
+}
+
+/// Polling capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollingConfig {
+    pub workers: usize,
+    pub lease: Duration,
+    pub interval: Duration,
+}
+
+/// The processing loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineConfig {
+    pub batch_size: usize,
+    pub batch_wait: Duration,
+    pub max_retries: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub mark_processed: bool,
+    pub shutdown_timeout: Duration,
+}
+
 /// The whole configuration of one process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub postgres: PostgresConfig,
+    pub mongodb: MongoConfig,
+    pub source: SourceKind,
+    pub replication: ReplicationConfig,
+    pub polling: PollingConfig,
+    pub pipeline: PipelineConfig,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -126,6 +185,61 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "POSTGRES_CONNECT_TIMEOUT",
         "10s",
         "give up connecting after this long",
+    ),
+    (
+        "MONGODB_URI",
+        "mongodb://localhost:27017",
+        "MongoDB connection string of the read models (credentials never logged)",
+    ),
+    ("MONGODB_DB", "activity_read", "database of the read models"),
+    (
+        "SOURCE",
+        "replication",
+        "capture method: replication, polling or kafka",
+    ),
+    (
+        "REPLICATION_SLOT",
+        "activity_event_processor",
+        "logical replication slot (created if missing)",
+    ),
+    (
+        "PUBLICATION",
+        "activity_event_processor_outbox",
+        "publication of the outbox inserts (created if missing)",
+    ),
+    ("POLL_WORKERS", "1", "polling workers in this process"),
+    (
+        "POLL_LEASE",
+        "30s",
+        "a polling claim older than this is taken over (its worker died)",
+    ),
+    (
+        "POLL_INTERVAL",
+        "200ms",
+        "pause between polls when the outbox is empty",
+    ),
+    ("BATCH_SIZE", "1000", "most events per batch"),
+    ("BATCH_WAIT", "50ms", "longest wait to fill a batch"),
+    (
+        "MAX_RETRIES",
+        "5",
+        "attempts before an event that may be a race is dead-lettered",
+    ),
+    (
+        "RETRY_BACKOFF_INITIAL",
+        "100ms",
+        "first pause after a transient failure",
+    ),
+    ("RETRY_BACKOFF_MAX", "30s", "cap of the exponential backoff"),
+    (
+        "MARK_PROCESSED",
+        "true",
+        "replication: set outbox rows processed once applied (false for write-heavy databases)",
+    ),
+    (
+        "SHUTDOWN_TIMEOUT",
+        "30s",
+        "longest graceful shutdown before giving up on the batch in flight",
     ),
     (
         "LOG_LEVEL",
@@ -186,6 +300,45 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn positive(&mut self, key: &str) -> u64 {
+        let raw = self.string(key);
+        match raw.parse::<u64>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                self.problem(key, format!("`{raw}` is not a positive whole number"));
+                1
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> bool {
+        let raw = self.string(key);
+        match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => {
+                self.problem(key, format!("`{raw}` is not true or false"));
+                false
+            }
+        }
+    }
+
+    fn identifier(&mut self, key: &str) -> String {
+        let value = self.string(key);
+        let valid = !value.is_empty()
+            && value.len() <= 63
+            && value
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            self.problem(
+                key,
+                format!("`{value}` must be 1-63 characters of a-z, 0-9 and _"),
+            );
+        }
+        value
+    }
+
     fn duration(&mut self, key: &str) -> Duration {
         let raw = self.string(key);
         match parse_duration(&raw) {
@@ -237,6 +390,49 @@ impl Config {
             password: Secret::new(r.raw("POSTGRES_PASSWORD")),
             connect_timeout: r.duration("POSTGRES_CONNECT_TIMEOUT"),
         };
+        let mongo_uri = r.non_empty("MONGODB_URI");
+        if !mongo_uri.is_empty()
+            && !mongo_uri.starts_with("mongodb://")
+            && !mongo_uri.starts_with("mongodb+srv://")
+        {
+            r.problem(
+                "MONGODB_URI",
+                format!(
+                    "`{}` must start with mongodb:// or mongodb+srv://",
+                    crate::store::mongo::redact_uri(&mongo_uri)
+                ),
+            );
+        }
+        let mongodb = MongoConfig {
+            uri: Secret::new(mongo_uri),
+            database: r.non_empty("MONGODB_DB"),
+        };
+        let source_raw = r.string("SOURCE");
+        let source = SourceKind::parse(&source_raw).unwrap_or_else(|| {
+            r.problem(
+                "SOURCE",
+                format!("`{source_raw}` is not one of: replication, polling, kafka"),
+            );
+            SourceKind::Replication
+        });
+        let replication = ReplicationConfig {
+            slot: r.identifier("REPLICATION_SLOT"),
+            publication: r.identifier("PUBLICATION"),
+        };
+        let polling = PollingConfig {
+            workers: r.positive("POLL_WORKERS") as usize,
+            lease: r.duration("POLL_LEASE"),
+            interval: r.duration("POLL_INTERVAL"),
+        };
+        let pipeline = PipelineConfig {
+            batch_size: r.positive("BATCH_SIZE") as usize,
+            batch_wait: r.duration("BATCH_WAIT"),
+            max_retries: r.positive("MAX_RETRIES").min(u64::from(u32::MAX)) as u32,
+            backoff_initial: r.duration("RETRY_BACKOFF_INITIAL"),
+            backoff_max: r.duration("RETRY_BACKOFF_MAX"),
+            mark_processed: r.boolean("MARK_PROCESSED"),
+            shutdown_timeout: r.duration("SHUTDOWN_TIMEOUT"),
+        };
         let log_level = r.non_empty("LOG_LEVEL");
         let log_format = match r.string("LOG_FORMAT").to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
@@ -252,6 +448,11 @@ impl Config {
         if r.problems.is_empty() {
             Ok(Config {
                 postgres,
+                mongodb,
+                source,
+                replication,
+                polling,
+                pipeline,
                 log_level,
                 log_format,
             })
@@ -268,7 +469,10 @@ fn misspelt(key: &str) -> Option<&'static str> {
         return None;
     }
     let prefix = key.split('_').next().unwrap_or("");
-    if !matches!(prefix, "POSTGRES" | "MONGODB" | "KAFKA") {
+    if !matches!(
+        prefix,
+        "POSTGRES" | "MONGODB" | "KAFKA" | "POLL" | "REPLICATION" | "BATCH" | "RETRY"
+    ) {
         return None;
     }
     KEYS.iter()
@@ -325,9 +529,17 @@ pub fn env_map(env_file: Option<&Path>) -> Result<EnvMap, ConfigError> {
 
 fn is_ours(key: &str) -> bool {
     KEYS.iter().any(|(k, _, _)| *k == key)
-        || ["POSTGRES_", "MONGODB_", "KAFKA_"]
-            .iter()
-            .any(|p| key.starts_with(p))
+        || [
+            "POSTGRES_",
+            "MONGODB_",
+            "KAFKA_",
+            "POLL_",
+            "REPLICATION_",
+            "BATCH_",
+            "RETRY_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
 }
 
 #[cfg(test)]

@@ -18,12 +18,16 @@
 //! Delivery guarantee: the transport is at-least-once; the projections are
 //! idempotent and fenced per aggregate, so the effects are exactly-once.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod history;
 pub mod outbox;
+pub mod pipeline;
+pub mod policy;
 pub mod projection;
 pub mod route;
+pub mod source;
 pub mod store;
 pub mod telemetry;

@@ -1,6 +1,7 @@
 //! The command line: parse, load and validate configuration, dispatch.
 
 pub mod decode;
+pub mod run;
 
 use crate::config::{self, Config, ConfigError, EnvMap};
 use crate::outbox;
@@ -80,6 +81,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow the outbox and keep the read models current (the main job).
+    Run(run::RunArgs),
     /// Decode one Kafka message (Debezium or Outbox Event Router) and print it as JSON.
     Decode(decode::DecodeArgs),
 }
@@ -93,7 +96,11 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         });
     }
-    let config = match load_config(&cli.global) {
+    let extra = match &cli.command {
+        Command::Run(args) => args.overrides(),
+        _ => Vec::new(),
+    };
+    let config = match load_config(&cli.global, &extra) {
         Ok(config) => config,
         Err(err) => {
             let heading = match &err {
@@ -130,9 +137,12 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 /// Environment, `.env` and flags, validated.
-pub fn load_config(global: &GlobalArgs) -> Result<Config, ConfigError> {
+pub fn load_config(
+    global: &GlobalArgs,
+    extra: &[(&'static str, &String)],
+) -> Result<Config, ConfigError> {
     let mut env: EnvMap = config::env_map(global.env_file.as_deref())?;
-    for (key, value) in global.overrides() {
+    for (key, value) in global.overrides().into_iter().chain(extra.iter().copied()) {
         env.insert(key.to_string(), value.clone());
     }
     Config::from_env(&env)
@@ -173,6 +183,19 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 println!("{}", serde_json::to_string(&status)?);
             } else {
                 print!("{}", status.render());
+            }
+        }
+        Command::Run(args) => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let hard = tokio_util::sync::CancellationToken::new();
+            run::watch_signals(
+                shutdown.clone(),
+                hard.clone(),
+                config.pipeline.shutdown_timeout,
+            );
+            tokio::select! {
+                result = run::run(config, &args, shutdown) => result?,
+                _ = hard.cancelled() => return Ok(ExitCode::from(130)),
             }
         }
         Command::Decode(_) => unreachable_decode(),

@@ -25,11 +25,18 @@ impl Migration {
 }
 
 /// The migrations this binary knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create_event_outbox",
-    sql: include_str!("../../migrations/0001_create_event_outbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create_event_outbox",
+        sql: include_str!("../../migrations/0001_create_event_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "polling_claim_indexes",
+        sql: include_str!("../../migrations/0002_polling_claim_indexes.sql"),
+    },
+];
 
 /// The table recording what was applied.
 pub const HISTORY_TABLE: &str = "event_processor_migrations";

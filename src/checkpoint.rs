@@ -1,0 +1,123 @@
+//! Checkpoint: the positions the pipeline acknowledges, kept where they are
+//! durable exactly when the effects before them are.
+//!
+//! - [`MongoCheckpoint`]: the replication source's LSN, stored in the read-model
+//!   database itself (collection `processor_checkpoints`), written after a
+//!   batch's effects and read back at start-up to resume from our own durable
+//!   position rather than the slot's (which can go backwards after a crash).
+//!   A checkpoint never moves backwards.
+//! - [`mark_outbox`]: the outbox rows' own status (`processed` / `failed`), for
+//!   sources that do not claim rows themselves.
+
+use crate::outbox::describe;
+use crate::projection::DeadLetter;
+use crate::store::mongo::{MongoStore, StoreError};
+use mongodb::bson::doc;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+pub const CHECKPOINTS: &str = "processor_checkpoints";
+
+/// A named position (e.g. one replication slot) in MongoDB.
+#[derive(Clone, Debug)]
+pub struct MongoCheckpoint {
+    store: MongoStore,
+    name: String,
+}
+
+impl MongoCheckpoint {
+    pub fn new(store: MongoStore, name: impl Into<String>) -> MongoCheckpoint {
+        MongoCheckpoint {
+            store,
+            name: name.into(),
+        }
+    }
+
+    pub async fn load(&self) -> Result<Option<u64>, StoreError> {
+        let docs = self
+            .store
+            .find(CHECKPOINTS, doc! { "_id": &self.name }, None)
+            .await?;
+        Ok(docs
+            .first()
+            .and_then(|d| d.get_i64("lsn").ok())
+            .and_then(|lsn| u64::try_from(lsn).ok()))
+    }
+
+    /// Records `lsn` unless a later one is already there.
+    pub async fn save(&self, lsn: u64) -> Result<(), StoreError> {
+        let lsn = i64::try_from(lsn)
+            .map_err(|_| StoreError::Permanent(format!("lsn {lsn} out of range")))?;
+        let result = self
+            .store
+            .update(
+                CHECKPOINTS,
+                vec![doc! {
+                    "q": { "_id": &self.name },
+                    "u": { "$max": { "lsn": lsn }, "$currentDate": { "updated_at": true } },
+                    "upsert": true,
+                }],
+                true,
+            )
+            .await?;
+        match result.errors.first() {
+            Some(err) => Err(StoreError::Permanent(format!(
+                "saving checkpoint {}: {}",
+                self.name, err.message
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets the position (the slot was recreated and its snapshot restarts).
+    pub async fn clear(&self) -> Result<(), StoreError> {
+        self.store
+            .database()
+            .collection::<mongodb::bson::Document>(CHECKPOINTS)
+            .delete_one(doc! { "_id": &self.name })
+            .await?;
+        Ok(())
+    }
+}
+
+/// Sets applied rows `processed` and dead-lettered rows `failed` (with their
+/// error and attempts). Rows already `failed` stay so.
+pub async fn mark_outbox(
+    client: &Client,
+    applied: &[Uuid],
+    dead: &[DeadLetter],
+) -> Result<(), tokio_postgres::Error> {
+    if !applied.is_empty() {
+        client
+            .execute(
+                "UPDATE event_outbox SET status = 'processed', published_at = coalesce(published_at, now()), lock_id = NULL
+                 WHERE event_id = ANY($1) AND status NOT IN ('processed', 'failed')",
+                &[&applied],
+            )
+            .await?;
+    }
+    if !dead.is_empty() {
+        let ids: Vec<Uuid> = dead.iter().map(|d| d.event.event_id).collect();
+        let errors: Vec<String> = dead.iter().map(|d| d.error.clone()).collect();
+        let attempts: Vec<i32> = dead
+            .iter()
+            .map(|d| i32::try_from(d.attempts).unwrap_or(i32::MAX))
+            .collect();
+        client
+            .execute(
+                "UPDATE event_outbox AS t
+                 SET status = 'failed', retry_count = greatest(t.retry_count, f.attempts),
+                     last_error = f.error, lock_id = NULL
+                 FROM unnest($1::uuid[], $2::text[], $3::int[]) AS f(event_id, error, attempts)
+                 WHERE t.event_id = f.event_id AND t.status <> 'failed'",
+                &[&ids, &errors, &attempts],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// One line for a PostgreSQL error while marking.
+pub fn mark_error(err: &tokio_postgres::Error) -> String {
+    format!("cannot mark outbox rows: {}", describe(err))
+}

@@ -1,0 +1,233 @@
+//! `run`: the main job. Follows the outbox and keeps the read models current
+//! until SIGINT/SIGTERM (or, with `--until-caught-up`, until every row committed
+//! before the start is applied or dead-lettered).
+//!
+//! Shutdown order: stop intake, finish the batch in flight, acknowledge, exit 0.
+//! A second signal (or SHUTDOWN_TIMEOUT) drops the batch in flight at once:
+//! still safe, since nothing is acknowledged before it is durable.
+
+use crate::checkpoint::MongoCheckpoint;
+use crate::config::{Config, SourceKind};
+use crate::pipeline::{OutboxMarker, Pipeline, Stats};
+use crate::policy::Backoff;
+use crate::projection::Projector;
+use crate::source::polling::PollingSource;
+use crate::source::replication::{ReplicationOptions, ReplicationSource};
+use crate::store::mongo::{redact_uri, MongoStore};
+use clap::Args;
+use std::sync::Arc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Capture method (overrides SOURCE): replication, polling or kafka.
+    #[arg(long, value_name = "SOURCE")]
+    pub source: Option<String>,
+    /// Polling workers in this process (overrides POLL_WORKERS).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<String>,
+    /// Most events per batch (overrides BATCH_SIZE).
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<String>,
+    /// Exit 0 once every outbox row committed before the start is applied or dead-lettered.
+    #[arg(long)]
+    pub until_caught_up: bool,
+}
+
+impl RunArgs {
+    pub fn overrides(&self) -> Vec<(&'static str, &String)> {
+        [
+            ("SOURCE", &self.source),
+            ("POLL_WORKERS", &self.workers),
+            ("BATCH_SIZE", &self.batch_size),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.as_ref().map(|v| (key, v)))
+        .collect()
+    }
+}
+
+/// Connects to MongoDB, retrying while it is unreachable (a transient state),
+/// until it answers or shutdown is requested.
+async fn connect_store(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<MongoStore>> {
+    let uri = config.mongodb.uri.expose();
+    let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
+    loop {
+        match MongoStore::connect(uri, &config.mongodb.database).await {
+            Ok(store) => {
+                store
+                    .ensure_indexes()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot create the read-model indexes: {e}"))?;
+                return Ok(Some(store));
+            }
+            Err(err) if err.is_transient() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(uri = %redact_uri(uri), error = %err, retry_in_ms = delay.as_millis() as u64, "mongodb unreachable; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(err) => anyhow::bail!("cannot use MongoDB at {}: {err}", redact_uri(uri)),
+        }
+    }
+}
+
+/// The identity polling workers write into `lock_id`.
+fn worker_identity(index: usize) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    let mut id = format!("{host}:{}:w{index}", std::process::id());
+    id.truncate(80);
+    id
+}
+
+/// Runs the pipeline until done; `shutdown` stops intake gracefully.
+pub async fn run(
+    config: Config,
+    args: &RunArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(store) = connect_store(&config, &shutdown).await? else {
+        return Ok(());
+    };
+    let projector = Projector::new(store.clone());
+    let stats = Arc::new(Stats::default());
+    tracing::info!(
+        source = ?config.source,
+        postgres = %config.postgres.display_target(),
+        mongodb = %redact_uri(config.mongodb.uri.expose()),
+        database = %config.mongodb.database,
+        "starting"
+    );
+    match config.source {
+        SourceKind::Replication => {
+            let checkpoint = MongoCheckpoint::new(store.clone(), config.replication.slot.clone());
+            let resume = checkpoint
+                .load()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the checkpoint: {e}"))?;
+            let options = ReplicationOptions {
+                slot: config.replication.slot.clone(),
+                publication: config.replication.publication.clone(),
+            };
+            let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
+            let source = loop {
+                match ReplicationSource::start(&config.postgres, options.clone(), resume).await {
+                    Ok(source) => break source,
+                    Err(err) if err.is_transient() => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot start replication; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    Err(err) => anyhow::bail!("{err}"),
+                }
+            };
+            let pipeline = Pipeline {
+                source,
+                projector,
+                checkpoint: Some(checkpoint),
+                marker: config
+                    .pipeline
+                    .mark_processed
+                    .then(|| OutboxMarker::new(config.postgres.clone())),
+                config: config.pipeline.clone(),
+                shutdown,
+                stats: stats.clone(),
+                until_caught_up: args.until_caught_up,
+                report_progress: true,
+            };
+            pipeline.run().await?;
+        }
+        SourceKind::Polling => {
+            let mut workers = JoinSet::new();
+            for index in 0..config.polling.workers {
+                let source = PollingSource::start(&config.postgres, config.polling.clone(), worker_identity(index))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let pipeline = Pipeline {
+                    source,
+                    projector: projector.clone(),
+                    checkpoint: None,
+                    marker: None,
+                    config: config.pipeline.clone(),
+                    shutdown: shutdown.clone(),
+                    stats: stats.clone(),
+                    until_caught_up: args.until_caught_up,
+                    report_progress: index == 0,
+                };
+                workers.spawn(pipeline.run());
+            }
+            while let Some(result) = workers.join_next().await {
+                if let Err(err) = result.map_err(|e| anyhow::anyhow!("worker crashed: {e}"))? {
+                    shutdown.cancel();
+                    return Err(err.into());
+                }
+            }
+        }
+        SourceKind::Kafka => anyhow::bail!(
+            "SOURCE=kafka: the Kafka consumer is not part of this build yet; use replication or polling"
+        ),
+    }
+    tracing::info!(
+        applied = stats.applied.load(std::sync::atomic::Ordering::Relaxed),
+        duplicates = stats.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+        unmatched = stats.unmatched.load(std::sync::atomic::Ordering::Relaxed),
+        dead_lettered = stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "stopped"
+    );
+    Ok(())
+}
+
+/// First SIGINT/SIGTERM: graceful; second (or the timeout): `hard` fires.
+pub fn watch_signals(
+    shutdown: CancellationToken,
+    hard: CancellationToken,
+    timeout: std::time::Duration,
+) {
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(
+            "shutting down: finishing the batch in flight (a second signal stops at once)"
+        );
+        shutdown.cancel();
+        tokio::select! {
+            _ = wait_for_signal() => tracing::warn!("second signal: stopping now"),
+            _ = tokio::time::sleep(timeout) => tracing::warn!("shutdown timed out: stopping now"),
+        }
+        hard.cancel();
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
