@@ -26,6 +26,9 @@ pub struct HistoryOptions {
     pub unknown_per_mille: u32,
     /// First `sequence_id`.
     pub first_sequence: i64,
+    /// Share of events, per mille, that may name an aggregate that was never
+    /// created (the rest follow the write side's rules: update what exists).
+    pub chaos_per_mille: u32,
 }
 
 impl HistoryOptions {
@@ -38,6 +41,7 @@ impl HistoryOptions {
             poison_per_mille: 10,
             unknown_per_mille: 10,
             first_sequence: 1,
+            chaos_per_mille: 10,
         }
     }
 }
@@ -65,12 +69,15 @@ pub fn generate(seed: u64, options: &HistoryOptions) -> Vec<OutboxEvent> {
         .map(|_| uuid(&mut rng))
         .collect();
     let start = DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default();
+    let mut created_users: Vec<Uuid> = Vec::new();
+    let mut created_activities: Vec<Uuid> = Vec::new();
     let mut events = Vec::with_capacity(options.events);
     for i in 0..options.events {
         let seq = options.first_sequence + i as i64;
         let created_at = start + Duration::milliseconds(i as i64 * 7 + rng.gen_range(0..5));
-        let user = users[rng.gen_range(0..users.len())];
-        let activity = activities[rng.gen_range(0..activities.len())];
+        let chaos = rng.gen_range(0..1000u32) < options.chaos_per_mille;
+        let user = choose(&mut rng, &users, &created_users, chaos);
+        let activity = choose(&mut rng, &activities, &created_activities, chaos);
         let roll = rng.gen_range(0..1000u32);
         let (aggregate_id, aggregate_type, event_type, mut payload) =
             if roll < options.unknown_per_mille {
@@ -81,8 +88,21 @@ pub fn generate(seed: u64, options: &HistoryOptions) -> Vec<OutboxEvent> {
                     json!({"avatarUrl": "https://img.example.com/a.png"}),
                 )
             } else {
-                pick(&mut rng, user, activity, &users, created_at)
+                let fresh = (
+                    users[rng.gen_range(0..users.len())],
+                    activities[rng.gen_range(0..activities.len())],
+                );
+                pick(&mut rng, (user, activity), fresh, &users, created_at)
             };
+        match event_type {
+            "UserCreated" if !created_users.contains(&aggregate_id) => {
+                created_users.push(aggregate_id)
+            }
+            "ActivityCreated" if !created_activities.contains(&aggregate_id) => {
+                created_activities.push(aggregate_id)
+            }
+            _ => {}
+        }
         if rng.gen_range(0..1000u32) < options.poison_per_mille {
             payload = poison(&mut rng, payload);
         }
@@ -97,6 +117,16 @@ pub fn generate(seed: u64, options: &HistoryOptions) -> Vec<OutboxEvent> {
         });
     }
     events
+}
+
+/// An aggregate for the next event: one that exists, or any of the pool when
+/// `chaos` or when none exists yet.
+fn choose(rng: &mut StdRng, pool: &[Uuid], created: &[Uuid], chaos: bool) -> Uuid {
+    if chaos || created.is_empty() {
+        pool[rng.gen_range(0..pool.len())]
+    } else {
+        created[rng.gen_range(0..created.len())]
+    }
 }
 
 fn uuid(rng: &mut StdRng) -> Uuid {
@@ -116,10 +146,12 @@ fn time_in_days(rng: &mut StdRng, base: DateTime<Utc>) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// One event: creations take `fresh` aggregates from the whole pool, the
+/// other events the `existing` ones.
 fn pick(
     rng: &mut StdRng,
-    user: Uuid,
-    activity: Uuid,
+    (user, activity): (Uuid, Uuid),
+    (fresh_user, fresh_activity): (Uuid, Uuid),
     users: &[Uuid],
     at: DateTime<Utc>,
 ) -> (Uuid, &'static str, &'static str, Value) {
@@ -128,11 +160,11 @@ fn pick(
         0..=11 => {
             let display_name = name(rng);
             (
-                user,
+                fresh_user,
                 "User",
                 "UserCreated",
                 json!({
-                    "userId": user,
+                    "userId": fresh_user,
                     "email": format!("{}@example.com", display_name.to_lowercase().replace(' ', ".")),
                     "displayName": display_name,
                     "roles": ["member"], "locale": "en-GB", "timezone": "Europe/London",
@@ -157,11 +189,11 @@ fn pick(
             (user, "User", "UserUpdated", payload)
         }
         30..=41 => (
-            activity,
+            fresh_activity,
             "Activity",
             "ActivityCreated",
             json!({
-                "activityId": activity,
+                "activityId": fresh_activity,
                 "organizerId": member,
                 "title": TITLES[rng.gen_range(0..TITLES.len())],
                 "category": "outdoor",

@@ -75,6 +75,7 @@ async fn project_and_compare(seed: u64, events: usize, max_batch: usize) {
     options.activities = 1 + (seed % 3) as usize;
     options.poison_per_mille = 40;
     options.unknown_per_mille = 30;
+    options.chaos_per_mille = 300;
     let history = generate(seed, &options);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let delivery = interleave(&history, &mut rng);

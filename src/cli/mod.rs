@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod run;
+pub mod show;
 
 use crate::config::{self, Config, ConfigError, EnvMap};
 use crate::outbox;
@@ -83,6 +84,8 @@ pub enum Command {
     },
     /// Follow the outbox and keep the read models current (the main job).
     Run(run::RunArgs),
+    /// Print the read models (users, activities, dead letters) for a person to read.
+    Show(show::ShowArgs),
     /// Decode one Kafka message (Debezium or Outbox Event Router) and print it as JSON.
     Decode(decode::DecodeArgs),
 }
@@ -197,6 +200,20 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 result = run::run(config, &args, shutdown) => result?,
                 _ = hard.cancelled() => return Ok(ExitCode::from(130)),
             }
+        }
+        Command::Show(args) => {
+            let store = crate::store::mongo::MongoStore::connect(
+                config.mongodb.uri.expose(),
+                &config.mongodb.database,
+            )
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach MongoDB at {}: {e}",
+                    crate::store::mongo::redact_uri(config.mongodb.uri.expose())
+                )
+            })?;
+            print!("{}", show::render(&store, args.limit).await?);
         }
         Command::Decode(_) => unreachable_decode(),
     }

@@ -2,6 +2,7 @@
 //! events and the `status` summary. Capture (reading the outbox as a stream)
 //! lives in `source`.
 
+pub mod load;
 pub mod migrate;
 pub mod seed;
 pub mod status;

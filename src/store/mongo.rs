@@ -151,14 +151,8 @@ impl MongoStore {
                 .create_index(IndexModel::builder().keys(keys).build())
                 .await?;
         }
-        self.db
-            .collection::<Document>(USERS)
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "activities.activity_id": 1 })
-                    .build(),
-            )
-            .await?;
+        // Users are only ever updated by `_id`: an index on their
+        // `activities` array would cost every write and serve no query.
         Ok(())
     }
 

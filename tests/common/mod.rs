@@ -148,3 +148,4 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
 }
 
 pub mod mongo;
+pub mod pipeline;

@@ -1,0 +1,191 @@
+//! `created_at` in the forms its carriers write it.
+//!
+//! * Debezium's `io.debezium.time.ZonedTimestamp`: RFC 3339 in UTC with a `Z`, six
+//!   fraction digits since 2.2 (variable before), e.g. `2026-09-15T09:41:07.509871Z`.
+//! * Epoch integers: `io.debezium.time.Timestamp` / Connect `Timestamp` (milliseconds),
+//!   `io.debezium.time.MicroTimestamp` (microseconds), `io.debezium.time.NanoTimestamp`.
+//! * PostgreSQL's text output of `timestamptz` (DateStyle ISO), e.g.
+//!   `2026-11-25 10:52:19.123456+00`, `2026-11-25 16:22:19+05:30`.
+
+use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
+
+/// The unit of an epoch integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EpochUnit {
+    Millis,
+    Micros,
+    Nanos,
+}
+
+impl EpochUnit {
+    /// The unit a Connect/Debezium logical type name implies, if it is a timestamp type.
+    pub(crate) fn from_schema_name(name: &str) -> Option<Self> {
+        match name {
+            "io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp" => {
+                Some(Self::Millis)
+            }
+            "io.debezium.time.MicroTimestamp" => Some(Self::Micros),
+            "io.debezium.time.NanoTimestamp" => Some(Self::Nanos),
+            _ => None,
+        }
+    }
+
+    /// The unit an epoch integer most likely has, when nothing says it: any instant
+    /// after 1973 in microseconds exceeds every millisecond value before the year 5138.
+    pub(crate) fn guess(value: i64) -> Self {
+        match value.unsigned_abs() {
+            0..=99_999_999_999_999 => Self::Millis,
+            100_000_000_000_000..=99_999_999_999_999_999 => Self::Micros,
+            _ => Self::Nanos,
+        }
+    }
+}
+
+/// An epoch integer as an instant; `None` if it is out of chrono's range.
+pub(crate) fn from_epoch(value: i64, unit: EpochUnit) -> Option<DateTime<Utc>> {
+    match unit {
+        EpochUnit::Millis => DateTime::from_timestamp_millis(value),
+        EpochUnit::Micros => DateTime::from_timestamp_micros(value),
+        EpochUnit::Nanos => Some(DateTime::from_timestamp_nanos(value)),
+    }
+}
+
+/// RFC 3339 (`2026-09-15T09:41:07.509871Z`, any offset, any fraction width).
+pub(crate) fn parse_rfc3339(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text.trim())
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// PostgreSQL's `timestamptz` text output in DateStyle ISO, with an offset of `±HH`,
+/// `±HH:MM` or `±HH:MM:SS`; also accepts RFC 3339.
+pub(crate) fn parse_postgres(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    if let Some(t) = parse_rfc3339(text) {
+        return Some(t);
+    }
+    // The offset sign is the first `+`/`-` after the time of day starts.
+    let time_start = text.find([' ', 'T'])?;
+    let sign_at = time_start + text[time_start..].find(['+', '-'])?;
+    let (local, offset) = text.split_at(sign_at);
+    let naive = NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S%.f")
+        .or_else(|_| NaiveDateTime::parse_from_str(local, "%Y-%m-%dT%H:%M:%S%.f"))
+        .ok()?;
+    let offset = parse_offset(offset)?;
+    offset
+        .from_local_datetime(&naive)
+        .single()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// `+05`, `-08:00`, `+00:01:15` (historical zones print seconds).
+fn parse_offset(text: &str) -> Option<FixedOffset> {
+    let (sign, rest) = match text.as_bytes().first()? {
+        b'+' => (1, &text[1..]),
+        b'-' => (-1, &text[1..]),
+        _ => return None,
+    };
+    let mut seconds = 0i32;
+    let mut parts = 0;
+    for (part, scale) in rest.split(':').zip([3600, 60, 1]) {
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        seconds += part.parse::<i32>().ok()? * scale;
+        parts += 1;
+    }
+    if parts == 0 || rest.split(':').count() != parts {
+        return None;
+    }
+    FixedOffset::east_opt(sign * seconds)
+}
+
+/// A header value: RFC 3339, PostgreSQL text or an epoch integer (unit guessed).
+pub(crate) fn parse_header(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    if let Ok(value) = text.parse::<i64>() {
+        return from_epoch(value, EpochUnit::guess(value));
+    }
+    parse_postgres(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        match DateTime::parse_from_rfc3339(text) {
+            Ok(t) => t.with_timezone(&Utc),
+            Err(err) => panic!("{text}: {err}"),
+        }
+    }
+
+    #[test]
+    fn zoned_timestamps_of_both_debezium_generations() {
+        assert_eq!(
+            parse_rfc3339("2026-09-15T09:41:07.509871Z"),
+            Some(utc("2026-09-15T09:41:07.509871Z"))
+        );
+        // Before 2.2 the fraction had a variable width.
+        assert_eq!(
+            parse_rfc3339("2026-09-15T09:41:07Z"),
+            Some(utc("2026-09-15T09:41:07Z"))
+        );
+        assert_eq!(parse_rfc3339("infinity"), None);
+    }
+
+    #[test]
+    fn postgres_text_output() {
+        let cases = [
+            (
+                "2026-11-25 10:52:19.123456+00",
+                "2026-11-25T10:52:19.123456Z",
+            ),
+            ("2026-11-25 10:52:19+00", "2026-11-25T10:52:19Z"),
+            ("2026-11-25 16:22:19.5+05:30", "2026-11-25T10:52:19.5Z"),
+            ("2026-11-25 02:52:19-08", "2026-11-25T10:52:19Z"),
+            ("1890-01-01 00:01:15+00:01:15", "1890-01-01T00:00:00Z"),
+            ("2026-11-25T10:52:19.1Z", "2026-11-25T10:52:19.1Z"),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_postgres(text), Some(utc(expected)), "{text}");
+        }
+        for bad in [
+            "",
+            "infinity",
+            "2026-11-25",
+            "2026-11-25 10:52:19",
+            "2026-11-25 10:52:19+5",
+            "2026-11-25 10:52:19+05:",
+            "2026-13-25 10:52:19+00",
+            "2026-11-25 10:52:19+99",
+        ] {
+            assert_eq!(parse_postgres(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn epoch_integers() {
+        let t = utc("2026-09-15T09:41:07.509871Z");
+        assert_eq!(
+            from_epoch(1_789_465_267_509_871, EpochUnit::Micros),
+            Some(t)
+        );
+        assert_eq!(EpochUnit::guess(1_789_465_267_509), EpochUnit::Millis);
+        assert_eq!(EpochUnit::guess(1_789_465_267_509_871), EpochUnit::Micros);
+        assert_eq!(
+            EpochUnit::guess(1_789_465_267_509_871_000),
+            EpochUnit::Nanos
+        );
+        assert_eq!(EpochUnit::guess(i64::MIN), EpochUnit::Nanos);
+        assert_eq!(from_epoch(i64::MAX, EpochUnit::Millis), None);
+        assert_eq!(
+            EpochUnit::from_schema_name("io.debezium.time.MicroTimestamp"),
+            Some(EpochUnit::Micros)
+        );
+        assert_eq!(
+            parse_header("1789465267509"),
+            Some(utc("2026-09-15T09:41:07.509Z"))
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! A whole pipeline under test: its own PostgreSQL database with the outbox,
+//! its own MongoDB database, and the real binary run against both.
+
+use super::mongo::TestMongo;
+use super::TestDb;
+use activity_event_processor::decode::OutboxEvent;
+use activity_event_processor::outbox::load::copy_events;
+use activity_event_processor::projection::fold::ReferenceFold;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Stage {
+    pub pg: TestDb,
+    pub mongo: TestMongo,
+    pub slot: String,
+}
+
+impl Stage {
+    pub async fn new() -> Stage {
+        let pg = TestDb::migrated().await;
+        let mongo = TestMongo::create().await;
+        let slot = format!("aep_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        Stage { pg, mongo, slot }
+    }
+
+    pub async fn load(&self, events: &[OutboxEvent]) {
+        let client = self.pg.client().await;
+        copy_events(&client, events).await.expect("copy events");
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.pg.env();
+        env.push(("MONGODB_URI", super::mongo::mongodb_uri()));
+        env.push(("MONGODB_DB", self.mongo.name.clone()));
+        env.push(("REPLICATION_SLOT", self.slot.clone()));
+        env.push(("PUBLICATION", self.slot.clone()));
+        env.push(("POLL_LEASE", "10s".into()));
+        env.push(("BATCH_SIZE", "200".into()));
+        env.push(("POLL_INTERVAL", "50ms".into()));
+        env.push(("RETRY_BACKOFF_MAX", "1s".into()));
+        env.push(("LOG_LEVEL", "warn".into()));
+        env
+    }
+
+    /// Starts `event-processor run <args>` in the background; its log goes to
+    /// a file (a pipe nobody reads would fill up and stall it).
+    pub fn spawn(&self, args: &[&str], extra: &[(&'static str, String)]) -> Child {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_event-processor"));
+        command.arg("run").args(args).env_clear();
+        for key in ["PATH", "HOME"] {
+            if let Ok(value) = std::env::var(key) {
+                command.env(key, value);
+            }
+        }
+        for (key, value) in self.env().into_iter().chain(extra.iter().cloned()) {
+            command.env(key, value);
+        }
+        command
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(self.log_file())
+            .spawn()
+            .expect("spawn event-processor run")
+    }
+
+    pub fn log_path(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("{}.log", self.mongo.name))
+    }
+
+    fn log_file(&self) -> Stdio {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        Stdio::from(file)
+    }
+
+    /// The last lines the processes of this stage logged.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `run --until-caught-up <args>`, which must exit 0 within `limit`.
+    pub fn run_until_caught_up(
+        &self,
+        args: &[&str],
+        extra: &[(&'static str, String)],
+        limit: Duration,
+    ) {
+        let mut all = vec!["--until-caught-up"];
+        all.extend_from_slice(args);
+        let child = self.spawn(&all, extra);
+        let status = wait_with_timeout(child, limit, self);
+        assert!(
+            status.success(),
+            "run {all:?} failed: {status}\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// The read models equal the fold, and every outbox row is finished:
+    /// processed, or failed exactly when the fold dead-letters it.
+    pub async fn assert_converged(&self, history: &[OutboxEvent], check_outbox: bool) {
+        let expected = ReferenceFold::of(history).read_models();
+        let actual = self.mongo.read_models().await;
+        assert_eq!(
+            actual.dead_letters.len(),
+            expected.dead_letters.len(),
+            "dead letter count"
+        );
+        assert_eq!(actual.dead_letters, expected.dead_letters, "dead letters");
+        assert_eq!(
+            actual.activities.len(),
+            expected.activities.len(),
+            "activity count"
+        );
+        for (id, doc) in &expected.activities {
+            assert_eq!(actual.activities.get(id), Some(doc), "activity {id}");
+        }
+        assert_eq!(actual.users.len(), expected.users.len(), "user count");
+        for (id, doc) in &expected.users {
+            assert_eq!(actual.users.get(id), Some(doc), "user {id}");
+        }
+        if check_outbox {
+            let client = self.pg.client().await;
+            let rows = client
+                .query("SELECT event_id::text, status FROM event_outbox", &[])
+                .await
+                .expect("outbox");
+            let mut failed = std::collections::BTreeSet::new();
+            for row in &rows {
+                let status: String = row.get(1);
+                assert!(
+                    status == "processed" || status == "failed",
+                    "row {} is {status}",
+                    row.get::<_, String>(0)
+                );
+                if status == "failed" {
+                    failed.insert(row.get::<_, String>(0));
+                }
+            }
+            assert_eq!(
+                failed, expected.dead_letters,
+                "failed rows are the dead letters"
+            );
+        }
+    }
+}
+
+pub fn wait_with_timeout(
+    mut child: Child,
+    limit: Duration,
+    stage: &Stage,
+) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        match child.try_wait().expect("wait") {
+            Some(status) => return status,
+            None if start.elapsed() > limit => {
+                kill_9(&mut child);
+                panic!(
+                    "event-processor did not finish within {limit:?}\n{}",
+                    stage.log_tail()
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// SIGKILL: no chance to finish anything.
+pub fn kill_9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
