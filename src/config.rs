@@ -655,6 +655,14 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        for (key, _, _) in KEYS {
+            assert!(readme.contains(&format!("| `{key}` |")), "README lacks {key}");
+        }
+    }
+
+    #[test]
     fn env_example_documents_every_key() {
         let example = include_str!("../.env.example");
         for (key, default, _) in KEYS {

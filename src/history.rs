@@ -88,9 +88,17 @@ pub fn generate(seed: u64, options: &HistoryOptions) -> Vec<OutboxEvent> {
                     json!({"avatarUrl": "https://img.example.com/a.png"}),
                 )
             } else {
+                // Creations take the next aggregate never created (the pools
+                // are random already), a re-creation once none is left.
                 let fresh = (
-                    users[rng.gen_range(0..users.len())],
-                    activities[rng.gen_range(0..activities.len())],
+                    users
+                        .get(created_users.len())
+                        .copied()
+                        .unwrap_or_else(|| users[rng.gen_range(0..users.len())]),
+                    activities
+                        .get(created_activities.len())
+                        .copied()
+                        .unwrap_or_else(|| activities[rng.gen_range(0..activities.len())]),
                 );
                 pick(&mut rng, (user, activity), fresh, &users, created_at)
             };
