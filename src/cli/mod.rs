@@ -181,7 +181,16 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         }
         Command::Status { json } => {
             let client = outbox::connect(&config.postgres).await?;
-            let status = outbox::status::read(&client, &config.postgres.display_target()).await?;
+            let mut status = outbox::status::read(
+                &client,
+                &config.postgres.display_target(),
+                &config.replication.slot,
+            )
+            .await?;
+            match read_model_status(&config).await {
+                Ok(models) => status.read_models = Some(models),
+                Err(err) => status.read_models_error = Some(err.to_string()),
+            }
             if json {
                 println!("{}", serde_json::to_string(&status)?);
             } else {
@@ -218,6 +227,30 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         Command::Decode(_) => unreachable_decode(),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Counts of the read models and the highest applied `sequence_id`.
+async fn read_model_status(
+    config: &Config,
+) -> Result<outbox::status::ReadModelStatus, crate::store::mongo::StoreError> {
+    use crate::store::mongo::{MongoStore, ACTIVITIES, DEAD_LETTERS, USERS};
+    let store = MongoStore::connect_within(
+        config.mongodb.uri.expose(),
+        &config.mongodb.database,
+        Some(std::time::Duration::from_secs(3)),
+    )
+    .await?;
+    let mut last = None;
+    for collection in [USERS, ACTIVITIES] {
+        let top = store.max_field(collection, "_seq").await?;
+        last = last.max(top);
+    }
+    Ok(outbox::status::ReadModelStatus {
+        users: store.count(USERS).await?,
+        activities: store.count(ACTIVITIES).await?,
+        dead_letters: store.count(DEAD_LETTERS).await?,
+        last_applied_sequence_id: last,
+    })
 }
 
 /// `decode` needs no configuration and returns before the runtime starts.

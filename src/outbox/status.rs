@@ -17,11 +17,43 @@ pub struct OutboxStatus {
     pub total: i64,
     pub oldest_pending_age_seconds: Option<f64>,
     pub max_sequence_id: Option<i64>,
+    /// The replication slot, when it exists.
+    pub slot: Option<SlotStatus>,
+    /// The read models, when MongoDB answered.
+    pub read_models: Option<ReadModelStatus>,
+    /// Why the read models are missing, when MongoDB did not answer.
+    pub read_models_error: Option<String>,
+}
+
+/// The capture slot's position against the database's.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct SlotStatus {
+    pub name: String,
+    pub active: bool,
+    /// WAL the slot still retains past its confirmed position, in bytes.
+    pub lag_bytes: Option<i64>,
+    /// Outbox rows not yet applied (pending or retry): the lag in events
+    /// (meaningful with MARK_PROCESSED on).
+    pub lag_events: i64,
+}
+
+/// What the read models hold.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ReadModelStatus {
+    pub users: u64,
+    pub activities: u64,
+    pub dead_letters: u64,
+    /// Highest `sequence_id` applied to any aggregate.
+    pub last_applied_sequence_id: Option<i64>,
 }
 
 pub const STATUSES: [&str; 5] = ["pending", "processing", "processed", "retry", "failed"];
 
-pub async fn read(client: &Client, database: &str) -> Result<OutboxStatus, OutboxError> {
+pub async fn read(
+    client: &Client,
+    database: &str,
+    slot_name: &str,
+) -> Result<OutboxStatus, OutboxError> {
     let settings = client
         .query_one(
             "SELECT current_setting('server_version'), current_setting('wal_level')",
@@ -55,7 +87,25 @@ pub async fn read(client: &Client, database: &str) -> Result<OutboxStatus, Outbo
         )
         .await
         .map_err(|e| OutboxError::query("cannot summarize event_outbox", e))?;
+    let slot = client
+        .query_opt(
+            "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot_name],
+        )
+        .await
+        .map_err(|e| OutboxError::query("cannot read the replication slot", e))?
+        .map(|row| SlotStatus {
+            name: slot_name.to_string(),
+            active: row.get(0),
+            lag_bytes: row.get(1),
+            lag_events: counts.get("pending").copied().unwrap_or(0)
+                + counts.get("retry").copied().unwrap_or(0),
+        });
     Ok(OutboxStatus {
+        slot,
+        read_models: None,
+        read_models_error: None,
         database: database.to_string(),
         server_version: settings.get(0),
         wal_level: settings.get(1),
@@ -94,6 +144,38 @@ impl OutboxStatus {
             self.max_sequence_id
                 .map_or("none".to_string(), |s| s.to_string())
         );
+        match &self.slot {
+            Some(slot) => {
+                let _ = writeln!(
+                    out,
+                    "slot {}: {}, lag {} bytes, {} events not yet applied",
+                    slot.name,
+                    if slot.active { "active" } else { "inactive" },
+                    slot.lag_bytes.map_or("?".into(), |b| b.to_string()),
+                    slot.lag_events
+                );
+            }
+            None => {
+                let _ = writeln!(out, "slot: none yet (created by the first `run`)");
+            }
+        }
+        match (&self.read_models, &self.read_models_error) {
+            (Some(m), _) => {
+                let _ = writeln!(
+                    out,
+                    "read models: {} users, {} activities, {} dead letters; last applied sequence_id {}",
+                    m.users,
+                    m.activities,
+                    m.dead_letters,
+                    m.last_applied_sequence_id
+                        .map_or("none".to_string(), |s| s.to_string())
+                );
+            }
+            (None, Some(err)) => {
+                let _ = writeln!(out, "read models: unavailable ({err})");
+            }
+            (None, None) => {}
+        }
         if self.wal_level == "logical" {
             let _ = writeln!(out, "wal_level: logical (replication capture available)");
         } else {

@@ -1,27 +1,38 @@
 //! Step 3 of a batch: bring the denormalized copies up to date, after the
 //! batch's own writes are durable.
 //!
-//! It first reads what it needs (the activities naming users renamed or
-//! created here; the users named by activities touched here), then writes
-//! only the copies that are behind. Every statement is still guarded by the
-//! version of its source, so it is idempotent, never moves a copy backwards,
-//! and loses nothing to a concurrent writer: whoever writes a source after our
-//! read refreshes the copies itself, after its own write.
+//! Read, compute, compare-and-set: it reads the documents holding copies (the
+//! activities touched here or naming a user renamed here; the users those
+//! name), computes each document's copies in memory, and writes each changed
+//! document once, conditioned on the revision it read. A document someone
+//! else changed in between matches nothing, and the round is redone from fresh
+//! reads. Every copy carries its source's version and only moves forward, and
+//! every source write is followed by its own refresh, so whoever writes a
+//! source after our read refreshes the copies itself.
 
-use super::state::{bson_time, read_i64, ActivityDoc, NameCopy};
-use super::{doc_id, BatchReport, Work};
+use super::state::{bson_time, new_revision, read_i64, ActivityDoc, NameCopy};
+use super::{corrupt, doc_id, BatchReport, Work};
 use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, USERS};
 use mongodb::bson::{doc, Bson, Document};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
-/// What the refresh needs to know of a user.
-struct UserView {
+/// Rounds before a refresh that keeps losing races gives up (the batch is
+/// then retried as a whole, which is safe).
+const MAX_ROUNDS: usize = 8;
+
+/// An activity as the refresh reads it.
+struct StoredActivity {
+    doc: ActivityDoc,
+    rev: Option<String>,
+}
+
+/// A user as the refresh reads it: its name, and its `activities` entries.
+struct StoredUser {
     name: NameCopy,
-    /// Version of each activity entry the user holds (`_av`), and which
-    /// entries are present.
-    entry_versions: BTreeMap<String, i64>,
-    entries: BTreeSet<String>,
+    entries: Vec<Document>,
+    versions: BTreeMap<String, i64>,
+    rev: Option<String>,
 }
 
 pub(super) async fn run(
@@ -29,98 +40,226 @@ pub(super) async fn run(
     work: &Work,
     report: &mut BatchReport,
 ) -> Result<(), StoreError> {
-    // Activities naming users renamed or created here (after our writes).
-    let naming = activities_naming(store, &work.renamed, report).await?;
-    // Users named by the activities touched here, plus the created and departed.
+    for _ in 0..MAX_ROUNDS {
+        if round(store, work, report).await? {
+            return Ok(());
+        }
+        tracing::debug!("copy refresh lost a race; redoing it from fresh reads");
+    }
+    Err(StoreError::Transient(
+        "copies keep changing under the refresh; will retry".into(),
+    ))
+}
+
+/// One read-compute-write round; `false` when a write lost a race.
+async fn round(
+    store: &MongoStore,
+    work: &Work,
+    report: &mut BatchReport,
+) -> Result<bool, StoreError> {
+    let mut activities = read_activities(store, &work.touched, "_id", report).await?;
+    for field in ["organizer.user_id", "participants.user_id"] {
+        activities.extend(read_activities(store, &work.renamed, field, report).await?);
+    }
     let mut wanted: BTreeSet<Uuid> = work.created.clone();
-    for id in &work.touched {
-        if let Some(Some(activity)) = work.activities.get(id) {
-            wanted.extend(activity.members().into_iter().map(|(u, _)| u));
+    for (id, stored) in &activities {
+        if work.touched.contains(id) {
+            wanted.extend(stored.doc.members().into_iter().map(|(u, _)| u));
         }
     }
     wanted.extend(work.departed.iter().map(|(_, u)| *u));
-    let users = read_users(store, &wanted, report).await?;
+    let mut users = read_users(store, &wanted, report).await?;
 
-    let mut names = Vec::new();
-    for (activity_id, activity) in &naming {
-        for user in &work.renamed {
-            if let Some(copy) = work.names.get(user) {
-                names.extend(name_fixes(activity_id, activity, user, copy));
-            }
+    let name_of = |user: &Uuid| -> Option<NameCopy> {
+        if work.renamed.contains(user) {
+            work.names.get(user).cloned()
+        } else {
+            users.get(user).map(|u| u.name.clone())
+        }
+    };
+    let mut name_writes = Vec::new();
+    for (id, stored) in &activities {
+        let mut doc = stored.doc.clone();
+        if refresh_names(&mut doc, &name_of) {
+            name_writes.push(activity_write(id, &doc, stored.rev.as_deref()));
         }
     }
-    for id in &work.touched {
-        let Some(Some(activity)) = work.activities.get(id) else {
-            continue;
-        };
-        for (user, _) in activity.members() {
-            if work.renamed.contains(&user) {
+
+    let mut changed_users = BTreeSet::new();
+    for (id, stored) in &activities {
+        let a = &stored.doc;
+        let everyone = work.resummarize.contains(id);
+        for (user, role) in a.members() {
+            let wanted_here =
+                work.touched.contains(id) && (everyone || work.joined.contains(&(*id, user)));
+            let created_here = work.created.contains(&user);
+            if !(wanted_here || created_here) {
                 continue;
             }
-            let current = users.get(&user).map(|u| u.name.clone()).unwrap_or_default();
-            names.extend(name_fixes(id, activity, &user, &current));
+            if let Some(view) = users.get_mut(&user) {
+                if set_entry(view, id, a, Some(role)) {
+                    changed_users.insert(user);
+                }
+            }
+        }
+        for (activity_id, user) in &work.departed {
+            if activity_id == id && !a.members().iter().any(|(u, _)| u == user) {
+                if let Some(view) = users.get_mut(user) {
+                    if set_entry(view, id, a, None) {
+                        changed_users.insert(*user);
+                    }
+                }
+            }
         }
     }
-    write(store, ACTIVITIES, names, report).await?;
+    let entry_writes: Vec<Document> = changed_users
+        .iter()
+        .filter_map(|u| users.get(u).map(|view| user_write(u, view)))
+        .collect();
 
-    let mut entries = Vec::new();
-    for id in &work.touched {
-        let Some(Some(activity)) = work.activities.get(id) else {
-            continue;
-        };
-        let everyone = work.resummarize.contains(id);
-        for (user, role) in activity.members() {
-            if everyone || work.joined.contains(&(*id, user)) {
-                entries.extend(entry_upsert(id, activity, &user, role, users.get(&user)));
-            }
-        }
-    }
-    for (activity_id, user) in &work.departed {
-        let Some(Some(activity)) = work.activities.get(activity_id) else {
-            continue;
-        };
-        if !activity.members().iter().any(|(u, _)| u == user) {
-            entries.extend(entry_removal(
-                activity_id,
-                activity.seq,
-                user,
-                users.get(user),
-            ));
-        }
-    }
-    for (id, activity) in &naming {
-        for (user, role) in activity.members() {
-            if work.created.contains(&user) {
-                entries.extend(entry_upsert(id, activity, &user, role, users.get(&user)));
-            }
-        }
-    }
-    write(store, USERS, entries, report).await
+    let names_ok = write(store, ACTIVITIES, name_writes, report).await?;
+    let entries_ok = write(store, USERS, entry_writes, report).await?;
+    Ok(names_ok && entries_ok)
 }
 
-/// The activities that name any of `users`, as stored now. Two indexed finds
-/// rather than one `$or`, which some servers answer with a collection scan.
-async fn activities_naming(
+/// Brings every name copy of `doc` forward to its source; `true` if any moved.
+fn refresh_names(doc: &mut ActivityDoc, name_of: &dyn Fn(&Uuid) -> Option<NameCopy>) -> bool {
+    let mut changed = false;
+    if let Some(copy) = name_of(&doc.organizer) {
+        if copy.version > doc.organizer_name_version {
+            doc.organizer_name = copy.name;
+            doc.organizer_name_version = copy.version;
+            changed = true;
+        }
+    }
+    for p in &mut doc.participants {
+        if let Some(copy) = name_of(&p.user_id) {
+            if copy.version > p.name_version {
+                p.display_name = copy.name;
+                p.name_version = copy.version;
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// Sets (role `Some`) or removes (`None`) `activity`'s entry in a user's
+/// `activities`, unless the user already holds a newer one; `true` if it changed.
+fn set_entry(view: &mut StoredUser, id: &Uuid, activity: &ActivityDoc, role: Option<&str>) -> bool {
+    let key = id.to_string();
+    if view.versions.get(&key).is_some_and(|v| *v >= activity.seq) {
+        return false;
+    }
+    view.versions.insert(key.clone(), activity.seq);
+    let position = view
+        .entries
+        .iter()
+        .position(|e| e.get_str("activity_id") == Ok(key.as_str()));
+    match (role, position) {
+        (Some(role), position) => {
+            let (title, starts_at, status) = activity.summary();
+            let entry = doc! {
+                "activity_id": &key,
+                "title": title,
+                "starts_at": bson_time(&starts_at),
+                "status": status,
+                "role": role,
+            };
+            match position {
+                Some(at) => view.entries[at] = entry,
+                None => view.entries.push(entry),
+            }
+        }
+        (None, Some(at)) => {
+            view.entries.remove(at);
+        }
+        (None, None) => {}
+    }
+    true
+}
+
+/// Compare-and-set on a revision: the stored one, or "none yet".
+fn revision_guard(id: String, field: &str, rev: Option<&str>) -> Document {
+    let current = match rev {
+        Some(rev) => Bson::String(rev.to_string()),
+        None => Bson::Document(doc! { "$exists": false }),
+    };
+    doc! { "_id": id, field: current }
+}
+
+fn activity_write(id: &Uuid, doc: &ActivityDoc, rev: Option<&str>) -> Document {
+    let versions: Document = doc
+        .participants
+        .iter()
+        .map(|p| (p.user_id.to_string(), Bson::Int64(p.name_version)))
+        .collect();
+    let participants: Vec<Bson> = doc
+        .participants
+        .iter()
+        .map(|p| {
+            Bson::Document(doc! {
+                "user_id": p.user_id.to_string(),
+                "display_name": p.display_name.clone().map_or(Bson::Null, Bson::String),
+                "joined_at": bson_time(&p.joined_at),
+            })
+        })
+        .collect();
+    doc! {
+        "q": revision_guard(id.to_string(), "_rev", rev),
+        "u": { "$set": {
+            "participants": participants,
+            "organizer.display_name": doc.organizer_name.clone().map_or(Bson::Null, Bson::String),
+            "_uv": versions,
+            "_ov": doc.organizer_name_version,
+            "_rev": new_revision(),
+        } },
+    }
+}
+
+fn user_write(id: &Uuid, view: &StoredUser) -> Document {
+    let versions: Document = view
+        .versions
+        .iter()
+        .map(|(k, v)| (k.clone(), Bson::Int64(*v)))
+        .collect();
+    doc! {
+        "q": revision_guard(id.to_string(), "_erev", view.rev.as_deref()),
+        "u": { "$set": {
+            "activities": view.entries.iter().cloned().map(Bson::Document).collect::<Vec<_>>(),
+            "_av": versions,
+            "_erev": new_revision(),
+        } },
+    }
+}
+
+/// Activities whose `field` is one of `ids` (an indexed `$in`; no `$or`, which
+/// some servers answer with a collection scan).
+async fn read_activities(
     store: &MongoStore,
-    users: &BTreeSet<Uuid>,
+    ids: &BTreeSet<Uuid>,
+    field: &str,
     report: &mut BatchReport,
-) -> Result<BTreeMap<Uuid, ActivityDoc>, StoreError> {
+) -> Result<BTreeMap<Uuid, StoredActivity>, StoreError> {
     let mut found = BTreeMap::new();
-    if users.is_empty() {
+    if ids.is_empty() {
         return Ok(found);
     }
-    let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
-    for field in ["organizer.user_id", "participants.user_id"] {
-        let docs = store
-            .find(ACTIVITIES, doc! { field: { "$in": ids.clone() } }, None)
-            .await?;
-        report.round_trips += 1;
-        for doc in &docs {
-            let id = doc_id(doc)?;
-            let activity =
-                ActivityDoc::from_bson(doc).map_err(|e| super::corrupt(ACTIVITIES, id, &e))?;
-            found.insert(id, activity);
-        }
+    let list: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    let docs = store
+        .find(ACTIVITIES, doc! { field: { "$in": list } }, None)
+        .await?;
+    report.round_trips += 1;
+    for doc in &docs {
+        let id = doc_id(doc)?;
+        let activity = ActivityDoc::from_bson(doc).map_err(|e| corrupt(ACTIVITIES, id, &e))?;
+        found.insert(
+            id,
+            StoredActivity {
+                doc: activity,
+                rev: doc.get_str("_rev").ok().map(str::to_string),
+            },
+        );
     }
     Ok(found)
 }
@@ -129,23 +268,23 @@ async fn read_users(
     store: &MongoStore,
     users: &BTreeSet<Uuid>,
     report: &mut BatchReport,
-) -> Result<BTreeMap<Uuid, UserView>, StoreError> {
-    let mut views = BTreeMap::new();
+) -> Result<BTreeMap<Uuid, StoredUser>, StoreError> {
+    let mut found = BTreeMap::new();
     if users.is_empty() {
-        return Ok(views);
+        return Ok(found);
     }
     let docs = store
         .find_by_ids(
             USERS,
             users.iter().map(Uuid::to_string).collect(),
-            Some(doc! { "display_name": 1, "_seq": 1, "_av": 1, "activities.activity_id": 1 }),
+            Some(doc! { "display_name": 1, "_seq": 1, "_av": 1, "_erev": 1, "activities": 1 }),
         )
         .await?;
     report.round_trips += 1;
     for doc in docs {
         let id = doc_id(&doc)?;
-        let version = read_i64(&doc, "_seq").map_err(|e| super::corrupt(USERS, id, &e))?;
-        let entry_versions = doc
+        let version = read_i64(&doc, "_seq").map_err(|e| corrupt(USERS, id, &e))?;
+        let versions = doc
             .get_document("_av")
             .map(|av| {
                 av.iter()
@@ -160,157 +299,45 @@ async fn read_users(
         let entries = match doc.get("activities") {
             Some(Bson::Array(items)) => items
                 .iter()
-                .filter_map(|e| {
-                    e.as_document()?
-                        .get_str("activity_id")
-                        .ok()
-                        .map(str::to_string)
-                })
+                .filter_map(|e| e.as_document().cloned())
                 .collect(),
-            _ => BTreeSet::new(),
+            _ => Vec::new(),
         };
-        views.insert(
+        found.insert(
             id,
-            UserView {
+            StoredUser {
                 name: NameCopy {
                     name: doc.get_str("display_name").ok().map(str::to_string),
                     version,
                 },
-                entry_versions,
                 entries,
+                versions,
+                rev: doc.get_str("_erev").ok().map(str::to_string),
             },
         );
     }
-    Ok(views)
+    Ok(found)
 }
 
-/// "Older than `version`, or never copied": the guard of every copy. (`$not`
-/// rather than an `$or` with `$exists`, which some servers answer with a
-/// collection scan even beside an `_id`.)
-fn older(field: String, version: i64) -> Document {
-    doc! { field: { "$not": { "$gte": version } } }
-}
-
-fn name_bson(copy: &NameCopy) -> Bson {
-    copy.name.clone().map_or(Bson::Null, Bson::String)
-}
-
-/// Statements bringing `activity`'s copies of `user`'s name to `copy`, for
-/// the copies that are behind it.
-fn name_fixes(id: &Uuid, activity: &ActivityDoc, user: &Uuid, copy: &NameCopy) -> Vec<Document> {
-    let u = user.to_string();
-    let mut statements = Vec::new();
-    let participant = activity.participants.iter().find(|p| p.user_id == *user);
-    if participant.is_some_and(|p| p.name_version < copy.version) {
-        let mut q = older(format!("_uv.{u}"), copy.version);
-        q.insert("_id", id.to_string());
-        q.insert("participants.user_id", &u);
-        statements.push(doc! {
-            "q": q,
-            "u": { "$set": { "participants.$[p].display_name": name_bson(copy), format!("_uv.{u}"): copy.version } },
-            "arrayFilters": [ { "p.user_id": &u } ],
-        });
-    }
-    if activity.organizer == *user && activity.organizer_name_version < copy.version {
-        let mut q = older("_ov".into(), copy.version);
-        q.insert("_id", id.to_string());
-        q.insert("organizer.user_id", &u);
-        statements.push(doc! {
-            "q": q,
-            "u": { "$set": { "organizer.display_name": name_bson(copy), "_ov": copy.version } },
-        });
-    }
-    statements
-}
-
-/// Whether `user` (as read) holds an entry of `activity` older than `version`.
-fn behind(user: Option<&UserView>, activity: &str, version: i64) -> bool {
-    user.is_some_and(|u| u.entry_versions.get(activity).is_none_or(|v| *v < version))
-}
-
-/// An activity's entry in a member's `activities`, when the member exists and
-/// its entry is behind: updated in place when present, appended when not.
-/// Both statements go out (exactly one can match), so a concurrent change of
-/// presence cannot make the refresh miss.
-fn entry_upsert(
-    id: &Uuid,
-    activity: &ActivityDoc,
-    user: &Uuid,
-    role: &str,
-    view: Option<&UserView>,
-) -> Vec<Document> {
-    let a = id.to_string();
-    if !behind(view, &a, activity.seq) {
-        return Vec::new();
-    }
-    let version_field = format!("_av.{a}");
-    let (title, starts_at, status) = activity.summary();
-    let entry = doc! {
-        "activity_id": &a,
-        "title": title,
-        "starts_at": bson_time(&starts_at),
-        "status": status,
-        "role": role,
-    };
-    let mut present = older(version_field.clone(), activity.seq);
-    present.insert("_id", user.to_string());
-    present.insert("activities.activity_id", &a);
-    let mut absent = older(version_field.clone(), activity.seq);
-    absent.insert("_id", user.to_string());
-    absent.insert("activities.activity_id", doc! { "$ne": &a });
-    let in_place = doc! {
-        "q": present,
-        "u": { "$set": { "activities.$[e]": entry.clone(), &version_field: activity.seq } },
-        "arrayFilters": [ { "e.activity_id": &a } ],
-    };
-    let append = doc! {
-        "q": absent,
-        "u": { "$push": { "activities": entry }, "$set": { &version_field: activity.seq } },
-    };
-    // The likely one first (ordered: false, so the other still runs).
-    if view.is_some_and(|v| v.entries.contains(&a)) {
-        vec![in_place, append]
-    } else {
-        vec![append, in_place]
-    }
-}
-
-fn entry_removal(
-    id: &Uuid,
-    version: i64,
-    user: &Uuid,
-    view: Option<&UserView>,
-) -> Option<Document> {
-    let a = id.to_string();
-    if !behind(view, &a, version) {
-        return None;
-    }
-    let version_field = format!("_av.{a}");
-    let mut filter = older(version_field.clone(), version);
-    filter.insert("_id", user.to_string());
-    Some(doc! {
-        "q": filter,
-        "u": { "$pull": { "activities": { "activity_id": &a } }, "$set": { &version_field: version } },
-    })
-}
-
+/// Writes compare-and-set statements; `false` if any matched nothing.
 async fn write(
     store: &MongoStore,
     collection: &str,
     statements: Vec<Document>,
     report: &mut BatchReport,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     if statements.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
+    let expected = statements.len() as u64;
     let result = store.update(collection, statements, false).await?;
     report.round_trips += 1;
     report.documents_written += result.modified;
-    match result.errors.first() {
-        Some(err) => Err(StoreError::Permanent(format!(
+    if let Some(err) = result.errors.first() {
+        return Err(StoreError::Permanent(format!(
             "refreshing copies in {collection}: {} (code {})",
             err.message, err.code
-        ))),
-        None => Ok(()),
+        )));
     }
+    Ok(result.matched >= expected)
 }

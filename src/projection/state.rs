@@ -8,7 +8,9 @@
 //! - `_ov`, `_uv.<user>`: in an activity, the `_seq` of the user whose
 //!   display name the organizer / participant copy shows;
 //! - `_av.<activity>`: in a user, the `_seq` of the activity that user's
-//!   `activities` entry was copied from.
+//!   `activities` entry was copied from;
+//! - `_rev` (activities) and `_erev` (users' `activities`): revision tokens,
+//!   new on every write, that make a refresh a compare-and-set.
 //!
 //! Copies only move forward in version, so a late or repeated refresh can never
 //! put an older value back.
@@ -276,6 +278,13 @@ pub fn apply_activity(
     Ok(effect)
 }
 
+/// A fresh revision token: every write of an activity's participants (own
+/// write or name refresh) sets a new one, so a refresh based on an older read
+/// matches nothing and is redone.
+pub fn new_revision() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
 pub fn bson_time(t: &DateTime<Utc>) -> Bson {
     Bson::DateTime(mongodb::bson::DateTime::from_millis(t.timestamp_millis()))
 }
@@ -355,6 +364,7 @@ impl ActivityDoc {
             "_seq": self.seq,
             "_ov": self.organizer_name_version,
             "_uv": versions,
+            "_rev": new_revision(),
         }
     }
 

@@ -109,6 +109,16 @@ pub struct MongoStore {
 impl MongoStore {
     /// Connects (lazily, as the driver does) and checks the server answers.
     pub async fn connect(uri: &str, database: &str) -> Result<MongoStore, StoreError> {
+        Self::connect_within(uri, database, None).await
+    }
+
+    /// As [`MongoStore::connect`], giving up on finding a server after `wait`
+    /// (for commands that report rather than wait, like `status`).
+    pub async fn connect_within(
+        uri: &str,
+        database: &str,
+        wait: Option<std::time::Duration>,
+    ) -> Result<MongoStore, StoreError> {
         let mut options = ClientOptions::parse(uri).await.map_err(|err| {
             StoreError::Permanent(format!(
                 "invalid MONGODB_URI {}: {}",
@@ -117,6 +127,9 @@ impl MongoStore {
             ))
         })?;
         options.app_name = Some("activity-event-processor".into());
+        if wait.is_some() {
+            options.server_selection_timeout = wait;
+        }
         let client = Client::with_options(options)?;
         let store = MongoStore {
             db: client.database(database),
@@ -227,6 +240,25 @@ impl MongoStore {
         }
         let cursor = find.await?;
         Ok(cursor.try_collect().await?)
+    }
+
+    /// The highest integer value of `field` in `collection`.
+    pub async fn max_field(&self, collection: &str, field: &str) -> Result<Option<i64>, StoreError> {
+        let handle = self.db.collection::<Document>(collection);
+        let mut cursor = handle
+            .find(doc! { field: { "$exists": true } })
+            .sort(doc! { field: -1 })
+            .limit(1)
+            .projection(doc! { field: 1 })
+            .await?;
+        let Some(top) = cursor.try_next().await? else {
+            return Ok(None);
+        };
+        Ok(match top.get(field) {
+            Some(Bson::Int64(n)) => Some(*n),
+            Some(Bson::Int32(n)) => Some(i64::from(*n)),
+            _ => None,
+        })
     }
 
     pub async fn count(&self, collection: &str) -> Result<u64, StoreError> {
