@@ -22,11 +22,17 @@ fn required_env(key: &str) -> String {
 
 /// The cluster the services script started, as a config for database `database`.
 pub fn postgres_config(database: &str) -> PostgresConfig {
+    postgres_config_at(
+        &required_env("POSTGRES_HOST"),
+        &required_env("POSTGRES_PORT"),
+        database,
+    )
+}
+
+pub fn postgres_config_at(host: &str, port: &str, database: &str) -> PostgresConfig {
     PostgresConfig {
-        host: required_env("POSTGRES_HOST"),
-        port: required_env("POSTGRES_PORT")
-            .parse()
-            .expect("POSTGRES_PORT is a number"),
+        host: host.to_string(),
+        port: port.parse().expect("POSTGRES_PORT is a number"),
         database: database.to_string(),
         user: std::env::var("POSTGRES_USER").unwrap_or_else(|_| "postgres".into()),
         password: Secret::new(std::env::var("POSTGRES_PASSWORD").unwrap_or_default()),
@@ -57,7 +63,11 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create() -> TestDb {
-        let admin = postgres_config("postgres");
+        Self::create_on(postgres_config("postgres")).await
+    }
+
+    /// A fresh database on the cluster `admin` points at.
+    pub async fn create_on(admin: PostgresConfig) -> TestDb {
         let name = format!(
             "aep_test_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -67,10 +77,9 @@ impl TestDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
-        TestDb {
-            config: postgres_config(&name),
-            admin,
-        }
+        let mut config = admin.clone();
+        config.database = name;
+        TestDb { config, admin }
     }
 
     pub async fn client(&self) -> Client {
@@ -79,7 +88,10 @@ impl TestDb {
 
     /// A fresh database with the migrations applied.
     pub async fn migrated() -> TestDb {
-        let db = TestDb::create().await;
+        Self::migrate(TestDb::create().await).await
+    }
+
+    pub async fn migrate(db: TestDb) -> TestDb {
         let mut client = db.client().await;
         activity_event_processor::outbox::migrate::apply(
             &mut client,
@@ -120,6 +132,15 @@ impl Drop for TestDb {
             runtime.block_on(async move {
                 if let Ok((client, connection)) = admin.to_client_config().connect(NoTls).await {
                     tokio::spawn(connection);
+                    // A database with a logical slot cannot be dropped; the
+                    // slots would also keep WAL forever.
+                    let _ = client
+                        .execute(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                             WHERE database = $1 AND NOT active",
+                            &[&name],
+                        )
+                        .await;
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .await;
@@ -149,3 +170,4 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
 
 pub mod mongo;
 pub mod pipeline;
+pub mod services;

@@ -18,16 +18,20 @@ pub fn mongodb_uri() -> String {
 pub struct TestMongo {
     pub store: MongoStore,
     pub name: String,
+    pub uri: String,
 }
 
 impl TestMongo {
     pub async fn create() -> TestMongo {
+        Self::create_at(&mongodb_uri()).await
+    }
+
+    pub async fn create_at(uri: &str) -> TestMongo {
         let name = format!(
             "aep_test_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let uri = mongodb_uri();
-        let store = MongoStore::connect(&uri, &name)
+        let store = MongoStore::connect(uri, &name)
             .await
             .unwrap_or_else(|err| {
                 panic!(
@@ -36,7 +40,11 @@ impl TestMongo {
                 )
             });
         store.ensure_indexes().await.expect("indexes");
-        TestMongo { store, name }
+        TestMongo {
+            store,
+            name,
+            uri: uri.to_string(),
+        }
     }
 
     pub async fn drop(self) {

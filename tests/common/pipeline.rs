@@ -17,8 +17,22 @@ pub struct Stage {
 
 impl Stage {
     pub async fn new() -> Stage {
-        let pg = TestDb::migrated().await;
-        let mongo = TestMongo::create().await;
+        Self::assemble(TestDb::migrated().await, TestMongo::create().await)
+    }
+
+    /// A stage on a private set of services (for tests that crash a server).
+    pub async fn on(services: &super::services::OwnServices) -> Stage {
+        let admin = super::postgres_config_at(
+            &services.get("POSTGRES_HOST"),
+            &services.get("POSTGRES_PORT"),
+            "postgres",
+        );
+        let pg = TestDb::migrate(TestDb::create_on(admin).await).await;
+        let mongo = TestMongo::create_at(&services.get("MONGODB_URI")).await;
+        Self::assemble(pg, mongo)
+    }
+
+    fn assemble(pg: TestDb, mongo: TestMongo) -> Stage {
         let slot = format!("aep_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         Stage { pg, mongo, slot }
     }
@@ -30,7 +44,7 @@ impl Stage {
 
     pub fn env(&self) -> Vec<(&'static str, String)> {
         let mut env = self.pg.env();
-        env.push(("MONGODB_URI", super::mongo::mongodb_uri()));
+        env.push(("MONGODB_URI", self.mongo.uri.clone()));
         env.push(("MONGODB_DB", self.mongo.name.clone()));
         env.push(("REPLICATION_SLOT", self.slot.clone()));
         env.push(("PUBLICATION", self.slot.clone()));
@@ -168,6 +182,25 @@ pub fn wait_with_timeout(
             }
             None => std::thread::sleep(Duration::from_millis(50)),
         }
+    }
+}
+
+/// Waits for a child the test still owns.
+pub fn wait_with_timeout_child(
+    child: &mut Child,
+    limit: Duration,
+    stage: &Stage,
+) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            kill_9(child);
+            panic!("event-processor did not exit within {limit:?}\n{}", stage.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
