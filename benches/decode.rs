@@ -131,10 +131,13 @@ fn report(name: &str, n: u64, bytes_per_message: usize, elapsed: Duration) {
 }
 
 fn main() {
+    // `cargo bench` passes --bench; under `cargo test --all-targets` this runs as
+    // a quick smoke test of every case instead.
+    let benchmarking = std::env::args().any(|a| a == "--bench");
     let n: u64 = std::env::var("DECODE_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+        .unwrap_or(if benchmarking { 200_000 } else { 100 });
     println!("decode, {n} messages per kind, one thread");
     for case in cases() {
         let options = DecodeOptions {

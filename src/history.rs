@@ -32,12 +32,13 @@ pub struct HistoryOptions {
 }
 
 impl HistoryOptions {
-    /// Pools scaled to the number of events (about 8 events per aggregate).
+    /// Pools scaled to the number of events: every creation finds an aggregate
+    /// not created yet, and aggregates get several events each.
     pub fn realistic(events: usize) -> HistoryOptions {
         HistoryOptions {
             events,
-            users: (events / 12).max(3),
-            activities: (events / 25).max(2),
+            users: (events / 8).max(3),
+            activities: (events / 8).max(2),
             poison_per_mille: 10,
             unknown_per_mille: 10,
             first_sequence: 1,

@@ -31,14 +31,12 @@ impl TestMongo {
             "aep_test_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let store = MongoStore::connect(uri, &name)
-            .await
-            .unwrap_or_else(|err| {
-                panic!(
-                    "cannot reach MongoDB at MONGODB_URI: {err}\nstart it with\n    {}",
-                    super::START_SERVICES
-                )
-            });
+        let store = MongoStore::connect(uri, &name).await.unwrap_or_else(|err| {
+            panic!(
+                "cannot reach MongoDB at MONGODB_URI: {err}\nstart it with\n    {}",
+                super::START_SERVICES
+            )
+        });
         store.ensure_indexes().await.expect("indexes");
         TestMongo {
             store,

@@ -198,7 +198,10 @@ pub fn wait_with_timeout_child(
         }
         if start.elapsed() > limit {
             kill_9(child);
-            panic!("event-processor did not exit within {limit:?}\n{}", stage.log_tail());
+            panic!(
+                "event-processor did not exit within {limit:?}\n{}",
+                stage.log_tail()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

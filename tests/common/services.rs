@@ -20,7 +20,10 @@ impl OwnServices {
     pub fn up(services: &[&str]) -> OwnServices {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join(".services")
-            .join(format!("own-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+            .join(format!(
+                "own-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..10]
+            ));
         let output = Command::new("bash")
             .arg(script())
             .arg("up")

@@ -1,0 +1,107 @@
+//! The initial snapshot: every row of the outbox as of the slot's consistent
+//! point, read through the snapshot the slot exported, in `sequence_id` order,
+//! one chunk at a time from a server-side cursor (memory does not grow with the
+//! table).
+
+use super::setup::{connect, query_error};
+use super::{decode_row, EVENT_COLUMNS as COLUMNS};
+use crate::config::PostgresConfig;
+use crate::decode::OutboxEvent;
+use crate::projection::DeadLetter;
+use crate::source::SourceError;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// The most rows one chunk holds, whatever batch size is asked for.
+const MAX_FETCH: usize = 50_000;
+
+pub(super) struct Snapshot {
+    client: Client,
+    /// The slot's consistent point: the snapshot holds every transaction
+    /// committed before it, the stream every one committed after.
+    pub consistent_point: u64,
+    pub rows: u64,
+}
+
+/// One chunk of the snapshot.
+pub(super) struct Chunk {
+    pub events: Vec<OutboxEvent>,
+    pub malformed: Vec<DeadLetter>,
+    /// The cursor is exhausted: this was the last chunk.
+    pub last: bool,
+}
+
+impl Snapshot {
+    /// Imports the exported snapshot on a connection of its own and opens the
+    /// cursor. Once imported, the snapshot no longer depends on the
+    /// replication connection.
+    pub(super) async fn open(
+        pg: &PostgresConfig,
+        snapshot_name: &str,
+        consistent_point: u64,
+    ) -> Result<Snapshot, SourceError> {
+        let client = connect(pg).await?;
+        // Timestamps in the form the text decoder reads, whatever the server's defaults.
+        client
+            .batch_execute("SET DateStyle = ISO; SET TimeZone = 'UTC'")
+            .await
+            .map_err(|err| query_error("cannot open the initial snapshot", &err))?;
+        let sql = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET TRANSACTION SNAPSHOT '{}'; \
+             DECLARE aep_outbox_snapshot NO SCROLL CURSOR FOR \
+             SELECT {} FROM event_outbox ORDER BY sequence_id",
+            snapshot_name.replace('\'', "''"),
+            COLUMNS.join(", "),
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|err| query_error("cannot open the initial snapshot", &err))?;
+        Ok(Snapshot {
+            client,
+            consistent_point,
+            rows: 0,
+        })
+    }
+
+    /// The next at most `max` rows (at most [`MAX_FETCH`]).
+    pub(super) async fn fetch(&mut self, max: usize) -> Result<Chunk, SourceError> {
+        let max = max.clamp(1, MAX_FETCH);
+        let messages = self
+            .client
+            .simple_query(&format!("FETCH FORWARD {max} FROM aep_outbox_snapshot"))
+            .await
+            .map_err(|err| query_error("reading the initial snapshot", &err))?;
+        let mut events = Vec::with_capacity(messages.len());
+        let mut malformed = Vec::new();
+        let mut fetched = 0usize;
+        for message in &messages {
+            let SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            fetched += 1;
+            let mut columns = [("", None); COLUMNS.len()];
+            for (i, (slot, name)) in columns.iter_mut().zip(COLUMNS).enumerate() {
+                *slot = (name, row.try_get(i).ok().flatten());
+            }
+            match decode_row(&columns) {
+                Ok(event) => events.push(event),
+                Err(letter) => malformed.push(*letter),
+            }
+        }
+        self.rows += fetched as u64;
+        Ok(Chunk {
+            events,
+            malformed,
+            last: fetched < max,
+        })
+    }
+
+    /// Ends the snapshot's transaction.
+    pub(super) async fn finish(self) -> Result<(), SourceError> {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|err| query_error("closing the initial snapshot", &err))
+    }
+}
