@@ -658,7 +658,10 @@ mod tests {
     fn readme_documents_every_key() {
         let readme = include_str!("../README.md");
         for (key, _, _) in KEYS {
-            assert!(readme.contains(&format!("| `{key}` |")), "README lacks {key}");
+            assert!(
+                readme.contains(&format!("| `{key}` |")),
+                "README lacks {key}"
+            );
         }
     }
 

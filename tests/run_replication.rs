@@ -118,14 +118,23 @@ async fn a_late_commit_is_applied_not_skipped() {
 }
 
 /// Waits until the read models equal the fold of `history` (or panics).
-async fn wait_converged(stage: &Stage, history: &[activity_event_processor::decode::OutboxEvent], limit: Duration) {
-    let expected = activity_event_processor::projection::fold::ReferenceFold::of(history).read_models();
+async fn wait_converged(
+    stage: &Stage,
+    history: &[activity_event_processor::decode::OutboxEvent],
+    limit: Duration,
+) {
+    let expected =
+        activity_event_processor::projection::fold::ReferenceFold::of(history).read_models();
     let start = Instant::now();
     loop {
         if stage.mongo.read_models().await == expected {
             return;
         }
-        assert!(start.elapsed() < limit, "no convergence within {limit:?}\n{}", stage.log_tail());
+        assert!(
+            start.elapsed() < limit,
+            "no convergence within {limit:?}\n{}",
+            stage.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -143,9 +152,13 @@ async fn postgres_crashing_mid_stream_is_survived_and_sigterm_exits_cleanly() {
     wait_converged(&stage, &history, LIMIT).await;
     // SIGTERM: finish, acknowledge, exit 0.
     let pid = child.id().to_string();
-    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(status.success());
-    let exit = common::pipeline::wait_with_timeout_child(&mut child, Duration::from_secs(30), &stage);
+    let exit =
+        common::pipeline::wait_with_timeout_child(&mut child, Duration::from_secs(30), &stage);
     assert_eq!(exit.code(), Some(0), "graceful exit\n{}", stage.log_tail());
     stage.assert_converged(&history, true).await;
 }
@@ -157,12 +170,20 @@ async fn the_slot_never_passes_what_mongodb_holds_even_when_mongodb_stops() {
     let history = generate(31337, &HistoryOptions::realistic(4_000));
     // The slot first, so that everything after streams.
     stage.run_until_caught_up(&[], &[], LIMIT);
-    let mut child = stage.spawn(&[], &[("BATCH_SIZE", "100".into()), ("RETRY_BACKOFF_MAX", "500ms".into())]);
+    let mut child = stage.spawn(
+        &[],
+        &[
+            ("BATCH_SIZE", "100".into()),
+            ("RETRY_BACKOFF_MAX", "500ms".into()),
+        ],
+    );
     stage.load(&history[..2_000]).await;
     // While it streams: the slot is never ahead of the checkpoint in MongoDB.
     for _ in 0..10 {
         let slot = confirmed_flush(&stage).await.unwrap_or(0);
-        let held = mongo_checkpoint(&stage).await.expect("a checkpoint since the first run");
+        let held = mongo_checkpoint(&stage)
+            .await
+            .expect("a checkpoint since the first run");
         assert!(slot <= held, "slot {slot:X} ahead of MongoDB {held:X}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -172,7 +193,11 @@ async fn the_slot_never_passes_what_mongodb_holds_even_when_mongodb_stops() {
     let frozen_at = confirmed_flush(&stage).await;
     stage.load(&history[2_000..]).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(confirmed_flush(&stage).await, frozen_at, "the slot moved while MongoDB was down");
+    assert_eq!(
+        confirmed_flush(&stage).await,
+        frozen_at,
+        "the slot moved while MongoDB was down"
+    );
     services.control(&["thaw", "mongo"]);
     wait_converged(&stage, &history, LIMIT).await;
     kill_9(&mut child);

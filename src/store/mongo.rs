@@ -243,7 +243,11 @@ impl MongoStore {
     }
 
     /// The highest integer value of `field` in `collection`.
-    pub async fn max_field(&self, collection: &str, field: &str) -> Result<Option<i64>, StoreError> {
+    pub async fn max_field(
+        &self,
+        collection: &str,
+        field: &str,
+    ) -> Result<Option<i64>, StoreError> {
         let handle = self.db.collection::<Document>(collection);
         let mut cursor = handle
             .find(doc! { field: { "$exists": true } })
