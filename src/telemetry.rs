@@ -7,8 +7,9 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global `tracing` subscriber, writing to stderr so that stdout
 /// stays for command output (`status --json`, `decode`).
 pub fn init_logging(level: &str, format: LogFormat) {
-    // PostgreSQL NOTICEs ("relation already exists, skipping") are not news.
-    let directives = format!("{level},tokio_postgres=warn");
+    // PostgreSQL NOTICEs ("relation already exists, skipping") and the
+    // replication crate's per-acknowledgement chatter are not news.
+    let directives = format!("{level},tokio_postgres=warn,pg_walstream=warn");
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -9,6 +9,7 @@
 
 mod common;
 
+use activity_event_processor::config::PostgresConfig;
 use activity_event_processor::source::replication::{ReplicationOptions, ReplicationSource};
 use activity_event_processor::source::{AckToken, BatchOutcome, Source, SourceBatch, SourceError};
 use common::TestDb;
@@ -29,7 +30,7 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// database: declare it after the database and before the source).
 struct SlotGuard {
     name: String,
-    db: activity_event_processor::config::PostgresConfig,
+    db: PostgresConfig,
 }
 
 impl SlotGuard {
@@ -581,25 +582,28 @@ async fn other_tables_wal_moves_the_slot_while_no_outbox_events_come() {
     wait_confirmed(&mut source, &client, &slot.name, position).await;
 }
 
+/// `start` fails with a fatal error (no retry can fix it); its message.
+async fn start_fails(config: &PostgresConfig, slot: &SlotGuard) -> String {
+    let started = ReplicationSource::start(config, slot.options(), None);
+    match timeout(PATIENCE, started)
+        .await
+        .expect("start returns in time")
+    {
+        Ok(_) => panic!("started, but should not have"),
+        Err(err) => {
+            assert!(!err.is_transient(), "{err}");
+            err.to_string()
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_database_without_the_outbox_is_a_fatal_error_that_says_what_to_do() {
     let _shared = SERVER.read().await;
     let db = TestDb::create().await;
     let slot = SlotGuard::new(&db);
-    let started = timeout(
-        PATIENCE,
-        ReplicationSource::start(&db.config, slot.options(), None),
-    );
-    let Err(err) = started.await.expect("start returns in time") else {
-        panic!("started without an outbox");
-    };
-    eprintln!("{err}");
-    assert!(!err.is_transient(), "{err}");
-    assert!(
-        err.to_string()
-            .contains("run `event-processor migrate` first"),
-        "{err}"
-    );
+    let err = start_fails(&db.config, &slot).await;
+    assert!(err.contains("run `event-processor migrate` first"), "{err}");
 }
 
 #[tokio::test]
@@ -619,25 +623,13 @@ async fn a_user_without_the_replication_attribute_gets_a_fatal_error_that_says_w
         .expect("create the role");
     let mut config = db.config.clone();
     config.user = role.clone();
-    let started = timeout(
-        PATIENCE,
-        ReplicationSource::start(&config, slot.options(), None),
-    );
-    let result = started.await.expect("start returns in time");
+    let err = start_fails(&config, &slot).await;
     owner
         .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
         .await
         .expect("drop the role");
-    let Err(err) = result else {
-        panic!("started without the replication attribute");
-    };
-    eprintln!("{err}");
-    assert!(!err.is_transient(), "{err}");
-    let text = err.to_string();
-    assert!(
-        text.contains(&format!("ALTER ROLE {role} WITH REPLICATION")),
-        "{text}"
-    );
+    let wanted = format!("ALTER ROLE {role} WITH REPLICATION");
+    assert!(err.contains(&wanted), "{err}");
 }
 
 #[tokio::test]
@@ -667,23 +659,14 @@ async fn no_free_replication_slot_is_a_fatal_error_that_says_what_to_do() {
             .await
             .expect("fill a slot");
     }
-    let started = timeout(
-        PATIENCE,
-        ReplicationSource::start(&db.config, slot.options(), None),
-    );
-    let result = started.await.expect("start returns in time");
+    let err = start_fails(&db.config, &slot).await;
     for name in &fillers {
         client
             .execute("SELECT pg_drop_replication_slot($1)", &[name])
             .await
             .expect("drop a filler slot");
     }
-    let Err(err) = result else {
-        panic!("started with no free slot");
-    };
-    eprintln!("{err}");
-    assert!(!err.is_transient(), "{err}");
-    assert!(err.to_string().contains("max_replication_slots"), "{err}");
+    assert!(err.contains("max_replication_slots"), "{err}");
 }
 
 /// This process's resident memory, in kB.
