@@ -170,4 +170,5 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
 
 pub mod mongo;
 pub mod pipeline;
+pub mod replication;
 pub mod services;
