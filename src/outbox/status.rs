@@ -213,6 +213,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_wal_level_below_logical_is_said_plainly() {
+        let status = OutboxStatus {
+            database: "db:5432/activity".into(),
+            server_version: "15".into(),
+            wal_level: "replica".into(),
+            counts: STATUSES.iter().map(|s| (s.to_string(), 0)).collect(),
+            total: 0,
+            oldest_pending_age_seconds: None,
+            max_sequence_id: None,
+            slot: None,
+            read_models: None,
+            read_models_error: Some("mongodb unavailable".into()),
+        };
+        let text = status.render();
+        assert!(
+            text.contains("wal_level: replica - logical replication capture (the default source) needs wal_level=logical"),
+            "{text}"
+        );
+        assert!(text.contains("or run with --source polling"), "{text}");
+        assert!(
+            text.contains("read models: unavailable (mongodb unavailable)"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn ages_read_naturally() {
         assert_eq!(format_age(0.4), "0s");
         assert_eq!(format_age(59.0), "59s");
