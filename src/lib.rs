@@ -27,6 +27,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod policy;
 pub mod projection;
+pub mod relay;
 pub mod route;
 pub mod source;
 pub mod store;

@@ -223,7 +223,12 @@ impl<S: Source> Pipeline<S> {
         };
         let mut outcome = BatchOutcome {
             dead_letters: report.dead_letters.clone(),
-            retry: Vec::new(),
+            // Deferred (aggregate not created yet): the source tries them again.
+            retry: report
+                .deferred
+                .iter()
+                .map(|(event, err)| (event.clone(), err.to_string()))
+                .collect(),
         };
         if !batch.malformed.is_empty() {
             let malformed = &batch.malformed;

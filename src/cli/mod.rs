@@ -1,6 +1,7 @@
 //! The command line: parse, load and validate configuration, dispatch.
 
 pub mod decode;
+pub mod kafka;
 pub mod run;
 pub mod show;
 
@@ -88,6 +89,10 @@ pub enum Command {
     Show(show::ShowArgs),
     /// Decode one Kafka message (Debezium or Outbox Event Router) and print it as JSON.
     Decode(decode::DecodeArgs),
+    /// Publish the outbox to Kafka in Debezium's message format (no Kafka Connect needed).
+    Relay(kafka::RelayArgs),
+    /// Kafka administration: `kafka topics create [--partitions N] [TOPIC...]`.
+    Kafka(kafka::KafkaArgs),
 }
 
 /// Runs the parsed command line; the binary's whole body.
@@ -101,6 +106,7 @@ pub fn main(cli: Cli) -> ExitCode {
     }
     let extra = match &cli.command {
         Command::Run(args) => args.overrides(),
+        Command::Relay(args) => args.overrides(),
         _ => Vec::new(),
     };
     let config = match load_config(&cli.global, &extra) {
@@ -210,6 +216,20 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 _ = hard.cancelled() => return Ok(ExitCode::from(130)),
             }
         }
+        Command::Relay(args) => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let hard = tokio_util::sync::CancellationToken::new();
+            run::watch_signals(
+                shutdown.clone(),
+                hard.clone(),
+                config.pipeline.shutdown_timeout,
+            );
+            tokio::select! {
+                result = kafka::relay(config, &args, shutdown) => result?,
+                _ = hard.cancelled() => return Ok(ExitCode::from(130)),
+            }
+        }
+        Command::Kafka(args) => kafka::execute(&config, &args).await?,
         Command::Show(args) => {
             let store = crate::store::mongo::MongoStore::connect(
                 config.mongodb.uri.expose(),

@@ -11,6 +11,7 @@ use crate::config::{Config, SourceKind};
 use crate::pipeline::{OutboxMarker, Pipeline, Stats};
 use crate::policy::Backoff;
 use crate::projection::Projector;
+use crate::source::kafka::KafkaSource;
 use crate::source::polling::PollingSource;
 use crate::source::replication::{ReplicationOptions, ReplicationSource};
 use crate::store::mongo::{redact_uri, MongoStore};
@@ -78,6 +79,30 @@ async fn connect_store(
     }
 }
 
+/// Joins the consumer group, retrying while the brokers are unreachable;
+/// `None` when shutdown came first.
+async fn start_kafka(
+    config: &Config,
+    store: &MongoStore,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<KafkaSource>> {
+    let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
+    loop {
+        match KafkaSource::start(&config.kafka, &config.pipeline, Some(store.clone())).await {
+            Ok(source) => return Ok(Some(source)),
+            Err(err) if err.is_transient() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot start the kafka consumer; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(err) => anyhow::bail!("{err}"),
+        }
+    }
+}
+
 /// The identity polling workers write into `lock_id`.
 fn worker_identity(index: usize) -> String {
     let host = std::fs::read_to_string("/etc/hostname")
@@ -117,7 +142,8 @@ pub async fn run(
                 slot: config.replication.slot.clone(),
                 publication: config.replication.publication.clone(),
             };
-            let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
+            let mut backoff =
+                Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
             let source = loop {
                 match ReplicationSource::start(&config.postgres, options.clone(), resume).await {
                     Ok(source) => break source,
@@ -151,9 +177,13 @@ pub async fn run(
         SourceKind::Polling => {
             let mut workers = JoinSet::new();
             for index in 0..config.polling.workers {
-                let source = PollingSource::start(&config.postgres, config.polling.clone(), worker_identity(index))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let source = PollingSource::start(
+                    &config.postgres,
+                    config.polling.clone(),
+                    worker_identity(index),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
                 let pipeline = Pipeline {
                     source,
                     projector: projector.clone(),
@@ -174,9 +204,39 @@ pub async fn run(
                 }
             }
         }
-        SourceKind::Kafka => anyhow::bail!(
-            "SOURCE=kafka: the Kafka consumer is not part of this build yet; use replication or polling"
-        ),
+        SourceKind::Kafka => {
+            let Some(source) = start_kafka(&config, &store, &shutdown).await? else {
+                return Ok(());
+            };
+            let kafka_stats = source.stats();
+            let mut projector = projector;
+            // An aggregate's creation may still be on its way (another
+            // partition): the source retries such events, then dead-letters.
+            projector.dead_letter_races = false;
+            let pipeline = Pipeline {
+                source,
+                projector,
+                checkpoint: None,
+                marker: None,
+                config: config.pipeline.clone(),
+                shutdown,
+                stats: stats.clone(),
+                until_caught_up: args.until_caught_up,
+                report_progress: true,
+            };
+            pipeline.run().await?;
+            let relaxed = std::sync::atomic::Ordering::Relaxed;
+            tracing::info!(
+                records = kafka_stats.records.load(relaxed),
+                skipped = ?kafka_stats.skipped(),
+                malformed = kafka_stats.malformed.load(relaxed),
+                deferred = kafka_stats.deferred.load(relaxed),
+                retried = kafka_stats.retried.load(relaxed),
+                expired = kafka_stats.expired.load(relaxed),
+                out_of_order = kafka_stats.out_of_order.load(relaxed),
+                "kafka records"
+            );
+        }
     }
     tracing::info!(
         applied = stats.applied.load(std::sync::atomic::Ordering::Relaxed),

@@ -13,6 +13,7 @@
 //!   and the pipeline calls it, in batch order, only for batches whose effects
 //!   are durable.
 
+pub mod kafka;
 pub mod polling;
 pub mod replication;
 
@@ -29,6 +30,8 @@ pub enum AckToken {
         lock_id: String,
         event_ids: Vec<uuid::Uuid>,
     },
+    /// Kafka: per (topic, partition), the highest offset of the batch.
+    Kafka(kafka::KafkaAck),
 }
 
 /// A batch of events from a source.

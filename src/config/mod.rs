@@ -161,6 +161,7 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub polling: PollingConfig,
     pub pipeline: PipelineConfig,
+    pub kafka: KafkaConfig,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -240,6 +241,76 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "SHUTDOWN_TIMEOUT",
         "30s",
         "longest graceful shutdown before giving up on the batch in flight",
+    ),
+    (
+        "KAFKA_BROKERS",
+        "localhost:9092",
+        "Kafka bootstrap servers, comma-separated host:port",
+    ),
+    (
+        "KAFKA_TOPIC",
+        "postgres.activity.event_outbox",
+        "topics the kafka source consumes (comma-separated); the relay writes change events to the first",
+    ),
+    (
+        "KAFKA_GROUP_ID",
+        "activity-event-processor",
+        "consumer group of the kafka source: instances in one group share the partitions",
+    ),
+    (
+        "KAFKA_FORMAT",
+        "auto",
+        "message format on the topics: auto (per message), cdc or event-router",
+    ),
+    (
+        "KAFKA_EVENT_ROUTER_TOPIC_PREFIX",
+        "outbox.event.",
+        "Outbox Event Router topics are <prefix><aggregate type>",
+    ),
+    (
+        "KAFKA_SESSION_TIMEOUT",
+        "6s",
+        "consumer group session timeout: a dead instance's partitions move after this long",
+    ),
+    (
+        "KAFKA_TIMEOUT",
+        "10s",
+        "longest wait for the broker to answer a metadata, admin or commit request",
+    ),
+    (
+        "KAFKA_CONFIG",
+        "",
+        "extra librdkafka properties for every client, key=value,key=value (e.g. security settings; never logged)",
+    ),
+    (
+        "KAFKA_CONSUMER_CONFIG",
+        "",
+        "extra librdkafka properties for the consumer, key=value,...",
+    ),
+    (
+        "KAFKA_PRODUCER_CONFIG",
+        "",
+        "extra librdkafka properties for the relay's producer, key=value,... (e.g. batch.num.messages=1)",
+    ),
+    (
+        "RELAY_SLOT",
+        "",
+        "the relay's replication slot (empty: <REPLICATION_SLOT>_relay)",
+    ),
+    (
+        "RELAY_FORMAT",
+        "cdc",
+        "relay output: cdc (change events on one topic) or outbox (Event Router shape)",
+    ),
+    (
+        "RELAY_SCHEMAS",
+        "on",
+        "relay output with JsonConverter schemas (on) or bare payloads (off)",
+    ),
+    (
+        "RELAY_SOURCE",
+        "replication",
+        "how the relay reads the outbox: replication or polling",
     ),
     (
         "LOG_LEVEL",
@@ -433,6 +504,7 @@ impl Config {
             mark_processed: r.boolean("MARK_PROCESSED"),
             shutdown_timeout: r.duration("SHUTDOWN_TIMEOUT"),
         };
+        let kafka = kafka::kafka_config(&mut r, &replication.slot);
         let log_level = r.non_empty("LOG_LEVEL");
         let log_format = match r.string("LOG_FORMAT").to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
@@ -453,6 +525,7 @@ impl Config {
                 replication,
                 polling,
                 pipeline,
+                kafka,
                 log_level,
                 log_format,
             })
@@ -471,7 +544,7 @@ fn misspelt(key: &str) -> Option<&'static str> {
     let prefix = key.split('_').next().unwrap_or("");
     if !matches!(
         prefix,
-        "POSTGRES" | "MONGODB" | "KAFKA" | "POLL" | "REPLICATION" | "BATCH" | "RETRY"
+        "POSTGRES" | "MONGODB" | "KAFKA" | "POLL" | "REPLICATION" | "BATCH" | "RETRY" | "RELAY"
     ) {
         return None;
     }
@@ -537,143 +610,16 @@ fn is_ours(key: &str) -> bool {
             "REPLICATION_",
             "BATCH_",
             "RETRY_",
+            "RELAY_",
         ]
         .iter()
         .any(|p| key.starts_with(p))
 }
 
+mod kafka;
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    fn env(pairs: &[(&str, &str)]) -> EnvMap {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn defaults_apply_when_nothing_is_set() {
-        let config = Config::from_env(&EnvMap::new()).expect("defaults are valid");
-        assert_eq!(config.postgres.host, "localhost");
-        assert_eq!(config.postgres.port, 5432);
-        assert_eq!(config.postgres.database, "activity");
-        assert_eq!(config.postgres.password.expose(), "");
-        assert_eq!(config.log_format, LogFormat::Text);
-    }
-
-    #[test]
-    fn every_problem_is_reported_at_once() {
-        let err = Config::from_env(&env(&[
-            ("POSTGRES_PORT", "eighty"),
-            ("POSTGRES_HOST", ""),
-            ("LOG_FORMAT", "xml"),
-            ("POSTGRES_CONNECT_TIMEOUT", "soon"),
-        ]))
-        .expect_err("invalid");
-        let ConfigError::Invalid(problems) = err else {
-            panic!("expected Invalid, got {err:?}");
-        };
-        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(
-            keys,
-            [
-                "POSTGRES_HOST",
-                "POSTGRES_PORT",
-                "POSTGRES_CONNECT_TIMEOUT",
-                "LOG_FORMAT"
-            ]
-        );
-        let text = ConfigError::Invalid(problems).to_string();
-        assert_eq!(text.lines().count(), 4);
-        assert!(text.contains("POSTGRES_PORT: `eighty` is not a port number"));
-    }
-
-    #[test]
-    fn port_zero_and_out_of_range_are_rejected() {
-        for bad in ["0", "70000", "-1"] {
-            let err = Config::from_env(&env(&[("POSTGRES_PORT", bad)])).expect_err(bad);
-            assert!(err.to_string().starts_with("POSTGRES_PORT:"), "{err}");
-        }
-    }
-
-    #[test]
-    fn password_never_shows_in_debug() {
-        let config =
-            Config::from_env(&env(&[("POSTGRES_PASSWORD", "hunter2-secret")])).expect("valid");
-        let debug = format!("{config:?}");
-        assert!(!debug.contains("hunter2"), "{debug}");
-        assert!(debug.contains("***"));
-        assert_eq!(config.postgres.password.expose(), "hunter2-secret");
-    }
-
-    #[test]
-    fn misspelt_keys_are_named() {
-        let err = Config::from_env(&env(&[("POSTGRES_HOTS", "db")])).expect_err("typo");
-        assert_eq!(
-            err.to_string(),
-            "POSTGRES_HOTS: unknown key; did you mean POSTGRES_HOST?"
-        );
-    }
-
-    #[test]
-    fn edit_distance_counts_edits() {
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("POSTGRES_PASSWORD", "POSTGRES_PASWORD"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("same", "same"), 0);
-    }
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("fast"), None);
-        assert_eq!(parse_duration("5 parsecs"), None);
-        assert_eq!(parse_duration(""), None);
-    }
-
-    #[test]
-    fn env_file_values_load_and_process_env_wins() {
-        let dir = std::env::temp_dir().join(format!("aep-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("test.env");
-        std::fs::write(&path, "POSTGRES_CONNECT_TIMEOUT=7s\nUNRELATED=1\n").expect("write");
-        let map = env_map(Some(&path)).expect("loads");
-        assert_eq!(
-            map.get("POSTGRES_CONNECT_TIMEOUT").map(String::as_str),
-            Some("7s")
-        );
-        assert!(!map.contains_key("UNRELATED"));
-        let missing = env_map(Some(&dir.join("missing.env"))).expect_err("missing file");
-        assert!(missing.to_string().contains("missing.env"), "{missing}");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn readme_documents_every_key() {
-        let readme = include_str!("../README.md");
-        for (key, _, _) in KEYS {
-            assert!(
-                readme.contains(&format!("| `{key}` |")),
-                "README lacks {key}"
-            );
-        }
-    }
-
-    #[test]
-    fn env_example_documents_every_key() {
-        let example = include_str!("../.env.example");
-        for (key, default, _) in KEYS {
-            let line = format!("{key}={default}");
-            assert!(
-                example.lines().any(|l| l.trim_start_matches("# ") == line),
-                ".env.example lacks `{line}`"
-            );
-        }
-    }
-}
+pub use kafka::{
+    is_topic_name, KafkaConfig, KafkaProperties, RelayConfig, RelayFormat, RelaySource,
+};

@@ -1,0 +1,426 @@
+//! Debezium's message format, written byte for byte as Kafka Connect's
+//! `JsonConverter` writes it (compact JSON, schema field order, UTF-8, no
+//! trailing newline), for the PostgreSQL connector 3.x on the outbox table:
+//!
+//! * `cdc`: the change-event envelope (`op` `c` for streamed rows, `r` for the
+//!   rows of the initial snapshot), key `{"event_id":...}`;
+//! * `outbox`: what the Outbox Event Router SMT makes of it (value = the
+//!   payload's jsonb text, key = the aggregate id, headers `id`, `eventType`,
+//!   `sequenceId`), on `<prefix><aggregate type>`.
+//!
+//! Both with or without `schemas.enable`. See `tests/fixtures/debezium/README.md`
+//! for where each detail comes from. What the relay cannot know is written as
+//! Debezium writes an unknown: `txId`, `lsn` and `sequence` are `null` (the
+//! capture does not hand them out), `source.ts_*` is the event's `created_at`
+//! for streamed rows and the snapshot time for snapshot rows, and the row's
+//! bookkeeping columns (`status`, `retry_count`, `last_error`, `lock_id`,
+//! `published_at`) show their values at insert.
+
+use crate::decode::OutboxEvent;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+/// The Debezium release whose format is reproduced (`source.version`).
+pub const DEBEZIUM_VERSION: &str = "3.6.1.Final";
+
+const ROW_FIELDS: &str = r#"[{"type":"string","optional":false,"name":"io.debezium.data.Uuid","version":1,"field":"event_id"},{"type":"int64","optional":false,"default":0,"field":"sequence_id"},{"type":"string","optional":false,"name":"io.debezium.data.Uuid","version":1,"field":"aggregate_id"},{"type":"string","optional":false,"field":"aggregate_type"},{"type":"string","optional":false,"field":"event_type"},{"type":"string","optional":false,"name":"io.debezium.data.Json","version":1,"field":"payload"},{"type":"string","optional":false,"default":"pending","field":"status"},{"type":"int32","optional":false,"default":0,"field":"retry_count"},{"type":"string","optional":true,"field":"last_error"},{"type":"string","optional":true,"field":"lock_id"},{"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"default":"1970-01-01T00:00:00.000000Z","field":"created_at"},{"type":"string","optional":true,"name":"io.debezium.time.ZonedTimestamp","version":1,"field":"published_at"}]"#;
+
+const SOURCE_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"string","optional":false,"field":"version"},{"type":"string","optional":false,"field":"connector"},{"type":"string","optional":false,"field":"name"},{"type":"int64","optional":false,"field":"ts_ms"},{"type":"string","optional":true,"name":"io.debezium.data.Enum","version":1,"parameters":{"allowed":"true,first,first_in_data_collection,last_in_data_collection,last,false,incremental"},"default":"false","field":"snapshot"},{"type":"string","optional":false,"field":"db"},{"type":"string","optional":true,"field":"sequence"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"},{"type":"string","optional":false,"field":"schema"},{"type":"string","optional":false,"field":"table"},{"type":"int64","optional":true,"field":"txId"},{"type":"int64","optional":true,"field":"lsn"},{"type":"int64","optional":true,"field":"xmin"},{"type":"string","optional":true,"field":"origin"},{"type":"int64","optional":true,"field":"origin_lsn"}],"optional":false,"name":"io.debezium.connector.postgresql.Source","version":1,"field":"source"}"#;
+
+const TRANSACTION_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"string","optional":false,"field":"id"},{"type":"int64","optional":false,"field":"total_order"},{"type":"int64","optional":false,"field":"data_collection_order"}],"optional":true,"name":"event.block","version":1,"field":"transaction"}"#;
+
+const ENVELOPE_TAIL: &str = r#"{"type":"string","optional":false,"field":"op"},{"type":"int64","optional":true,"field":"ts_ms"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"}"#;
+
+const UUID_KEY_SCHEMA: &str =
+    r#"{"type":"string","optional":false,"name":"io.debezium.data.Uuid","version":1}"#;
+const JSON_VALUE_SCHEMA: &str =
+    r#"{"type":"string","optional":false,"name":"io.debezium.data.Json","version":1}"#;
+
+/// The table the relay reads (`source.schema`, `source.table`, schema names).
+const SCHEMA: &str = "public";
+const TABLE: &str = "event_outbox";
+
+/// Where a row comes from: a streamed insert, or the initial snapshot (with
+/// Debezium's `source.snapshot` marker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Create,
+    Read(SnapshotMark),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMark {
+    First,
+    Middle,
+    Last,
+}
+
+impl Op {
+    fn code(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Read(_) => "r",
+        }
+    }
+
+    fn snapshot(self) -> &'static str {
+        match self {
+            Op::Create => "false",
+            Op::Read(SnapshotMark::First) => "first",
+            Op::Read(SnapshotMark::Middle) => "true",
+            Op::Read(SnapshotMark::Last) => "last",
+        }
+    }
+}
+
+/// One Kafka record to produce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The record timestamp (ms); `None`: the producer's clock.
+    pub timestamp: Option<i64>,
+    /// The bytes whose murmur2 hash picks the partition: the aggregate id, so
+    /// that one aggregate's events stay in order on one partition.
+    pub partition_key: Vec<u8>,
+}
+
+/// Which shape the relay writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Cdc,
+    EventRouter,
+}
+
+/// Turns outbox events into Debezium records.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    shape: Shape,
+    schemas: bool,
+    /// Debezium's `topic.prefix`: `source.name` and the schema names' first part.
+    prefix: String,
+    database: String,
+    cdc_topic: String,
+    router_topic_prefix: String,
+    run_id: String,
+    value_schema: String,
+    key_schema: String,
+}
+
+impl Encoder {
+    /// `cdc_topic` is where change events go; its first dot-separated part is
+    /// taken as the connector's `topic.prefix` (`postgres` for
+    /// `postgres.activity.event_outbox`).
+    pub fn new(
+        shape: Shape,
+        schemas: bool,
+        cdc_topic: &str,
+        router_topic_prefix: &str,
+        database: &str,
+    ) -> Encoder {
+        let prefix = cdc_topic.split('.').next().unwrap_or(cdc_topic).to_string();
+        let names = format!("{prefix}.{SCHEMA}.{TABLE}");
+        let row = |field: &str| {
+            format!(
+                r#"{{"type":"struct","fields":{ROW_FIELDS},"optional":true,"name":"{names}.Value","field":"{field}"}}"#
+            )
+        };
+        let value_schema = format!(
+            r#"{{"type":"struct","fields":[{},{},{SOURCE_SCHEMA},{TRANSACTION_SCHEMA},{ENVELOPE_TAIL}],"optional":false,"name":"{names}.Envelope","version":2}}"#,
+            row("before"),
+            row("after")
+        );
+        let key_schema = format!(
+            r#"{{"type":"struct","fields":[{{"type":"string","optional":false,"name":"io.debezium.data.Uuid","version":1,"field":"event_id"}}],"optional":false,"name":"{names}.Key"}}"#
+        );
+        Encoder {
+            shape,
+            schemas,
+            prefix,
+            database: database.to_string(),
+            cdc_topic: cdc_topic.to_string(),
+            router_topic_prefix: router_topic_prefix.to_string(),
+            run_id: uuid::Uuid::new_v4().to_string(),
+            value_schema,
+            key_schema,
+        }
+    }
+
+    /// Debezium's per-task run id header (one per relay process).
+    pub fn with_run_id(mut self, run_id: &str) -> Encoder {
+        self.run_id = run_id.to_string();
+        self
+    }
+
+    /// The topic an event goes to.
+    pub fn topic_of(&self, event: &OutboxEvent) -> String {
+        match self.shape {
+            Shape::Cdc => self.cdc_topic.clone(),
+            Shape::EventRouter => format!("{}{}", self.router_topic_prefix, event.aggregate_type),
+        }
+    }
+
+    /// The record of one event; `now` is the relay's processing time
+    /// (envelope `ts_*`, the snapshot time of `r` rows).
+    pub fn encode(&self, event: &OutboxEvent, op: Op, now: DateTime<Utc>) -> Message {
+        match self.shape {
+            Shape::Cdc => self.change_event(event, op, now),
+            Shape::EventRouter => self.routed(event, now),
+        }
+    }
+
+    fn context_headers(&self) -> Vec<(String, Vec<u8>)> {
+        [
+            (
+                "__debezium.context.connectorLogicalName",
+                self.prefix.as_str(),
+            ),
+            ("__debezium.context.taskId", "0"),
+            ("__debezium.context.connectorName", "postgresql"),
+            ("__debezium.context.runId", self.run_id.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect()
+    }
+
+    fn wrap(&self, schema: &str, payload: &str) -> Vec<u8> {
+        if self.schemas {
+            format!(r#"{{"schema":{schema},"payload":{payload}}}"#).into_bytes()
+        } else {
+            payload.as_bytes().to_vec()
+        }
+    }
+
+    fn change_event(&self, event: &OutboxEvent, op: Op, now: DateTime<Utc>) -> Message {
+        let source_time = match op {
+            Op::Create => event.created_at.unwrap_or(now),
+            Op::Read(_) => now,
+        };
+        let envelope = Envelope {
+            before: None,
+            after: Some(Row::of(event)),
+            source: SourceInfo {
+                version: DEBEZIUM_VERSION,
+                connector: "postgresql",
+                name: &self.prefix,
+                ts_ms: source_time.timestamp_millis(),
+                snapshot: op.snapshot(),
+                db: &self.database,
+                sequence: None,
+                ts_us: source_time.timestamp_micros(),
+                ts_ns: nanos(source_time),
+                schema: SCHEMA,
+                table: TABLE,
+                tx_id: None,
+                lsn: None,
+                xmin: None,
+                origin: None,
+                origin_lsn: None,
+            },
+            transaction: None,
+            op: op.code(),
+            ts_ms: now.timestamp_millis(),
+            ts_us: now.timestamp_micros(),
+            ts_ns: nanos(now),
+        };
+        let payload = to_json(&envelope);
+        let key_payload = format!(r#"{{"event_id":"{}"}}"#, event.event_id);
+        Message {
+            topic: self.cdc_topic.clone(),
+            key: self.wrap(&self.key_schema, &key_payload),
+            value: self.wrap(&self.value_schema, &payload),
+            headers: self.context_headers(),
+            timestamp: None,
+            partition_key: event.aggregate_id.to_string().into_bytes(),
+        }
+    }
+
+    fn routed(&self, event: &OutboxEvent, now: DateTime<Utc>) -> Message {
+        let key = self.wrap(UUID_KEY_SCHEMA, &format!(r#""{}""#, event.aggregate_id));
+        let value = self.wrap(JSON_VALUE_SCHEMA, &to_json(&jsonb_text(&event.payload)));
+        let mut headers = self.context_headers();
+        headers.push(("id".into(), event.event_id.to_string().into_bytes()));
+        headers.push(("eventType".into(), event.event_type.clone().into_bytes()));
+        if let Some(seq) = event.sequence_id {
+            headers.push(("sequenceId".into(), seq.to_string().into_bytes()));
+        }
+        Message {
+            topic: self.topic_of(event),
+            partition_key: key.clone(),
+            key,
+            value,
+            headers,
+            timestamp: Some(now.timestamp_millis()),
+        }
+    }
+}
+
+fn nanos(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros().saturating_mul(1000)
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Serializing plain structs, strings and numbers cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct Row<'a> {
+    event_id: String,
+    sequence_id: i64,
+    aggregate_id: String,
+    aggregate_type: &'a str,
+    event_type: &'a str,
+    payload: String,
+    status: &'static str,
+    retry_count: i32,
+    last_error: Option<&'a str>,
+    lock_id: Option<&'a str>,
+    created_at: String,
+    published_at: Option<String>,
+}
+
+impl<'a> Row<'a> {
+    fn of(event: &'a OutboxEvent) -> Row<'a> {
+        Row {
+            event_id: event.event_id.to_string(),
+            sequence_id: event.sequence_id.unwrap_or(0),
+            aggregate_id: event.aggregate_id.to_string(),
+            aggregate_type: &event.aggregate_type,
+            event_type: &event.event_type,
+            payload: jsonb_text(&event.payload),
+            status: "pending",
+            retry_count: 0,
+            last_error: None,
+            lock_id: None,
+            created_at: event.created_at.map_or_else(
+                || "1970-01-01T00:00:00.000000Z".to_string(),
+                zoned_timestamp,
+            ),
+            published_at: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct SourceInfo<'a> {
+    version: &'static str,
+    connector: &'static str,
+    name: &'a str,
+    ts_ms: i64,
+    snapshot: &'static str,
+    db: &'a str,
+    sequence: Option<String>,
+    ts_us: i64,
+    ts_ns: i64,
+    schema: &'static str,
+    table: &'static str,
+    #[serde(rename = "txId")]
+    tx_id: Option<i64>,
+    lsn: Option<i64>,
+    xmin: Option<i64>,
+    origin: Option<String>,
+    origin_lsn: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    before: Option<Row<'a>>,
+    after: Option<Row<'a>>,
+    source: SourceInfo<'a>,
+    transaction: Option<()>,
+    op: &'static str,
+    ts_ms: i64,
+    ts_us: i64,
+    ts_ns: i64,
+}
+
+/// Debezium's `ZonedTimestamp` of a `timestamptz` column: UTC, six fraction digits.
+pub fn zoned_timestamp(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// A JSON value as PostgreSQL prints a `jsonb`: object keys shortest first,
+/// then bytewise; `", "` and `": "` separators. Numbers are printed from
+/// their parsed value, which is PostgreSQL's text for integers and for
+/// decimals without trailing zeros.
+pub fn jsonb_text(value: &Value) -> String {
+    let mut out = String::new();
+    write_jsonb(value, &mut out);
+    out
+}
+
+fn write_jsonb(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|(a, _), (b, _)| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&to_json(key));
+                out.push_str(": ");
+                write_jsonb(item, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_jsonb(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&to_json(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn jsonb_orders_keys_by_length_then_bytes() {
+        let value = json!({"displayName": "A", "email": "a@x", "roles": ["m", 1, null], "b": {"zz": true, "a": 1.5}, "userId": "u"});
+        assert_eq!(
+            jsonb_text(&value),
+            r#"{"b": {"a": 1.5, "zz": true}, "email": "a@x", "roles": ["m", 1, null], "userId": "u", "displayName": "A"}"#
+        );
+        assert_eq!(jsonb_text(&json!({})), "{}");
+        assert_eq!(jsonb_text(&json!([])), "[]");
+        assert_eq!(jsonb_text(&json!("a\"\n\u{1}é")), r#""a\"\n\u0001é""#);
+    }
+
+    #[test]
+    fn timestamps_have_six_fraction_digits() {
+        let t: DateTime<Utc> = "2026-09-15T09:41:07.50987Z".parse().unwrap_or_default();
+        assert_eq!(zoned_timestamp(t), "2026-09-15T09:41:07.509870Z");
+        let whole: DateTime<Utc> = "2026-09-15T09:41:07Z".parse().unwrap_or_default();
+        assert_eq!(zoned_timestamp(whole), "2026-09-15T09:41:07.000000Z");
+    }
+
+    #[test]
+    fn the_topic_prefix_names_the_schemas() {
+        let encoder = Encoder::new(
+            Shape::Cdc,
+            true,
+            "dbserver1.inventory.outbox",
+            "outbox.event.",
+            "db",
+        );
+        assert!(encoder
+            .value_schema
+            .ends_with(r#""name":"dbserver1.public.event_outbox.Envelope","version":2}"#));
+        assert_eq!(encoder.prefix, "dbserver1");
+    }
+}

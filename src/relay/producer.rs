@@ -1,0 +1,291 @@
+//! The relay's Kafka producer: idempotent, `acks=all`, no local message
+//! timeout (a timed-out message would leave a gap that later messages of its
+//! partition jump), partitions chosen by the aggregate id's murmur2 hash (the
+//! Java client's default partitioner), and a batch is done only when the
+//! broker acknowledged every message of it.
+
+use super::debezium::Message;
+use super::RelayError;
+use crate::config::KafkaConfig;
+use crate::source::kafka::{base_config, topic_partitions, QuietContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// Kafka's `Utils.murmur2` (the Java client's default partitioner hash).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let length = data.len();
+    let mut h: u32 = SEED ^ (length as u32);
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() == 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java client's default partitioner picks for `key`.
+pub fn partition_for(key: &[u8], partitions: usize) -> i32 {
+    let positive = (murmur2(key) & 0x7fff_ffff) as u32;
+    (positive % (partitions.max(1) as u32)) as i32
+}
+
+/// Why a batch was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// Send the whole batch again after a pause (duplicates are fine).
+    #[error("{0}")]
+    Retry(String),
+    /// Retrying cannot fix it.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+pub struct Producer {
+    config: KafkaConfig,
+    inner: FutureProducer<QuietContext>,
+    /// Partition counts of the topics seen, read once (partitions added to a
+    /// topic later move aggregates: restart the relay after adding them).
+    partitions: HashMap<String, usize>,
+}
+
+fn create(config: &KafkaConfig) -> Result<FutureProducer<QuietContext>, RelayError> {
+    let mut client = base_config(config);
+    client
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0")
+        .set("partitioner", "murmur2_random")
+        // A missing topic is an error, not a topic with the broker's default
+        // partition count: partitions decide how far consumers scale.
+        .set("allow.auto.create.topics", "false");
+    for (key, value) in &config.producer_config.0 {
+        client.set(key, value);
+    }
+    client
+        .create_with_context(QuietContext::default())
+        .map_err(|e| RelayError::Fatal(format!("invalid Kafka producer configuration: {e}")))
+}
+
+impl Producer {
+    pub fn new(config: &KafkaConfig) -> Result<Producer, RelayError> {
+        Ok(Producer {
+            config: config.clone(),
+            inner: create(config)?,
+            partitions: HashMap::new(),
+        })
+    }
+
+    /// Learns a topic's partition count; a missing topic or an unreachable
+    /// broker is an error (the second one transient).
+    pub async fn prepare(&mut self, topic: &str) -> Result<usize, RelayError> {
+        if let Some(count) = self.partitions.get(topic) {
+            return Ok(*count);
+        }
+        let producer = self.inner.clone();
+        let brokers = self.config.brokers.clone();
+        let timeout = self.config.timeout;
+        let topics = vec![topic.to_string()];
+        let counts = tokio::task::spawn_blocking(move || {
+            topic_partitions(producer.client(), &brokers, &topics, timeout)
+        })
+        .await
+        .map_err(|e| RelayError::Fatal(format!("kafka metadata task failed: {e}")))?
+        .map_err(|e| {
+            if e.is_transient() {
+                RelayError::Transient(e.to_string())
+            } else {
+                RelayError::Fatal(e.to_string())
+            }
+        })?;
+        let count = counts.first().map_or(1, |(_, n)| *n);
+        tracing::info!(topic, partitions = count, "relaying to topic");
+        self.partitions.insert(topic.to_string(), count);
+        Ok(count)
+    }
+
+    /// Produces `messages` in order and waits until the broker acknowledged
+    /// every one of them (`acks=all`).
+    pub async fn deliver(&mut self, messages: &[Message]) -> Result<(), DeliveryError> {
+        let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(messages.len());
+        let mut first_error: Option<KafkaError> = None;
+        for message in messages {
+            let count = self.partitions.get(&message.topic).copied().unwrap_or(1);
+            let partition = partition_for(&message.partition_key, count);
+            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+            for (name, value) in &message.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let mut record = FutureRecord::to(&message.topic)
+                .key(&message.key)
+                .payload(&message.value)
+                .partition(partition)
+                .headers(headers);
+            if let Some(at) = message.timestamp {
+                record = record.timestamp(at);
+            }
+            loop {
+                match self.inner.send_result(record) {
+                    Ok(future) => {
+                        pending.push_back(future);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        // The local queue is full: wait for the oldest delivery.
+                        match pending.pop_front() {
+                            Some(future) => {
+                                if let Err(err) = settle(future).await {
+                                    first_error.get_or_insert(err);
+                                }
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                    Err((err, _)) => return Err(self.classify(err)),
+                }
+            }
+        }
+        let total = messages.len();
+        let mut since = std::time::Instant::now();
+        while let Some(mut future) = pending.pop_front() {
+            // Messages never time out locally: while the broker is away this
+            // waits, saying so now and then.
+            let settled = loop {
+                match tokio::time::timeout(STILL_WAITING, &mut future).await {
+                    Ok(result) => break result,
+                    Err(_) => {
+                        tracing::warn!(
+                            unacknowledged = pending.len() + 1,
+                            batch = total,
+                            waiting_s = since.elapsed().as_secs(),
+                            brokers = %self.config.brokers,
+                            "kafka has not acknowledged the batch yet; waiting"
+                        );
+                    }
+                }
+            };
+            since = std::time::Instant::now();
+            if let Err(err) = settle_result(settled) {
+                first_error.get_or_insert(err);
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(err) => Err(self.classify(err)),
+        }
+    }
+
+    /// Sorts a delivery failure; a producer in a fatal state (e.g. the broker
+    /// forgot its producer id) is replaced, and the batch sent again.
+    fn classify(&mut self, err: KafkaError) -> DeliveryError {
+        if let Some((code, reason)) = self.inner.client().fatal_error() {
+            tracing::warn!(%code, reason, "the kafka producer failed fatally; starting a new one");
+            match create(&self.config) {
+                Ok(fresh) => self.inner = fresh,
+                Err(e) => return DeliveryError::Fatal(e.to_string()),
+            }
+            return DeliveryError::Retry(format!("kafka producer failed ({code}: {reason})"));
+        }
+        match err.rdkafka_error_code() {
+            Some(
+                RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition,
+            ) => DeliveryError::Fatal(format!("kafka refused a message: {err}")),
+            _ => DeliveryError::Retry(format!("kafka delivery failed: {err}")),
+        }
+    }
+
+    /// Waits (up to `timeout`) for what is still queued; for a clean exit.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.inner.flush(timeout);
+    }
+}
+
+/// How long a delivery may be outstanding before the relay says it waits.
+const STILL_WAITING: Duration = Duration::from_secs(30);
+
+async fn settle(future: DeliveryFuture) -> Result<(), KafkaError> {
+    settle_result(future.await)
+}
+
+fn settle_result(
+    result: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) -> Result<(), KafkaError> {
+    match result {
+        Ok(Ok(_delivery)) => Ok(()),
+        Ok(Err((err, _message))) => Err(err),
+        Err(_canceled) => Err(KafkaError::Canceled),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Kafka's own test vectors (clients UtilsTest.testMurmur2).
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ];
+        for (data, expected) in cases {
+            assert_eq!(murmur2(data), expected, "{}", String::from_utf8_lossy(data));
+        }
+    }
+
+    #[test]
+    fn partitions_are_in_range_and_stable() {
+        let key = b"7d3c9a52-1e4f-4b8a-9c61-2f5e8d7a4b10";
+        let p = partition_for(key, 4);
+        assert!((0..4).contains(&p));
+        assert_eq!(p, partition_for(key, 4));
+        assert_eq!(partition_for(key, 1), 0);
+        assert_eq!(partition_for(key, 0), 0);
+    }
+}
