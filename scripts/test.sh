@@ -40,4 +40,9 @@ banner "cargo clippy --all-targets ${locked[*]} -- -D warnings"
 cargo clippy --all-targets "${locked[@]}" -- -D warnings
 
 banner "cargo test --all-targets ${locked[*]} $*"
-cargo test --all-targets "${locked[@]}" "$@"
+log=$(mktemp)
+cargo test --all-targets "${locked[@]}" "$@" 2>&1 | tee "$log"
+# One closing line for the whole run (benches print their own figures last).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i == "passed;") p += $(i - 1); if ($i == "failed;") f += $(i - 1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
