@@ -204,30 +204,13 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             }
         }
         Command::Run(args) => {
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let hard = tokio_util::sync::CancellationToken::new();
-            run::watch_signals(
-                shutdown.clone(),
-                hard.clone(),
-                config.pipeline.shutdown_timeout,
-            );
-            tokio::select! {
-                result = run::run(config, &args, shutdown) => result?,
-                _ = hard.cancelled() => return Ok(ExitCode::from(130)),
-            }
+            let timeout = config.pipeline.shutdown_timeout;
+            return until_signalled(timeout, |shutdown| run::run(config, &args, shutdown)).await;
         }
         Command::Relay(args) => {
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let hard = tokio_util::sync::CancellationToken::new();
-            run::watch_signals(
-                shutdown.clone(),
-                hard.clone(),
-                config.pipeline.shutdown_timeout,
-            );
-            tokio::select! {
-                result = kafka::relay(config, &args, shutdown) => result?,
-                _ = hard.cancelled() => return Ok(ExitCode::from(130)),
-            }
+            let timeout = config.pipeline.shutdown_timeout;
+            return until_signalled(timeout, |shutdown| kafka::relay(config, &args, shutdown))
+                .await;
         }
         Command::Kafka(args) => kafka::execute(&config, &args).await?,
         Command::Show(args) => {
@@ -247,6 +230,23 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         Command::Decode(_) => unreachable_decode(),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a long job: the first SIGINT/SIGTERM cancels its token (it finishes
+/// the batch in flight and returns), a second one or the timeout abandons it
+/// with status 130 (safe: nothing is acknowledged before it is durable).
+async fn until_signalled<F, Fut>(timeout: std::time::Duration, job: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let hard = tokio_util::sync::CancellationToken::new();
+    run::watch_signals(shutdown.clone(), hard.clone(), timeout);
+    tokio::select! {
+        result = job(shutdown) => result.map(|()| ExitCode::SUCCESS),
+        _ = hard.cancelled() => Ok(ExitCode::from(130)),
+    }
 }
 
 /// Counts of the read models and the highest applied `sequence_id`.
