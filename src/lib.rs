@@ -18,6 +18,7 @@
 //! Delivery guarantee: the transport is at-least-once; the projections are
 //! idempotent and fenced per aggregate, so the effects are exactly-once.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod history;
 pub mod outbox;
 pub mod pipeline;
 pub mod policy;
+pub mod probe;
 pub mod projection;
 pub mod relay;
 pub mod route;

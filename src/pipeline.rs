@@ -14,7 +14,8 @@ use crate::checkpoint::{mark_error, mark_outbox, MongoCheckpoint};
 use crate::config::{PipelineConfig, PostgresConfig};
 use crate::outbox;
 use crate::policy::Backoff;
-use crate::projection::Projector;
+use crate::probe::Probe;
+use crate::projection::{BatchReport, Projector};
 use crate::source::{AckToken, BatchOutcome, Source, SourceBatch};
 use std::future::Future;
 use std::io::IsTerminal;
@@ -94,7 +95,9 @@ impl OutboxMarker {
 /// One worker's loop.
 pub struct Pipeline<S: Source> {
     pub source: S,
-    pub projector: Projector,
+    /// `None`: the no-op sink (`bench`): every event counts as applied and
+    /// nothing is written.
+    pub projector: Option<Projector>,
     pub checkpoint: Option<MongoCheckpoint>,
     pub marker: Option<OutboxMarker>,
     pub config: PipelineConfig,
@@ -103,6 +106,8 @@ pub struct Pipeline<S: Source> {
     pub until_caught_up: bool,
     /// This worker prints the progress line for the process.
     pub report_progress: bool,
+    /// Measurements for `bench`.
+    pub probe: Option<Arc<Probe>>,
 }
 
 enum Step<T> {
@@ -207,7 +212,9 @@ impl<S: Source> Pipeline<S> {
     async fn process(&mut self, batch: SourceBatch) -> Result<Step<()>, PipelineError> {
         let span = tracing::debug_span!("batch", events = batch.events.len());
         let _enter = span.enter();
-        let projector = self.projector.clone();
+        let Some(projector) = self.projector.clone() else {
+            return self.discard(batch).await;
+        };
         let events = &batch.events;
         let report = match self
             .retry("projecting a batch", || async {
@@ -291,6 +298,31 @@ impl<S: Source> Pipeline<S> {
             // only means the batch may come again, which changes nothing.
             tracing::warn!(error = %err, "acknowledgement failed; the batch may be delivered again");
         }
+        self.count(&batch, &report, &outcome);
+        for letter in &outcome.dead_letters {
+            tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
+        }
+        Ok(Step::Done(()))
+    }
+
+    /// The no-op sink: acknowledge at once, count every event as applied.
+    async fn discard(&mut self, batch: SourceBatch) -> Result<Step<()>, PipelineError> {
+        let outcome = BatchOutcome {
+            dead_letters: batch.malformed.clone(),
+            retry: Vec::new(),
+        };
+        if let Err(err) = self.source.ack(batch.ack.clone(), &outcome).await {
+            tracing::warn!(error = %err, "acknowledgement failed; the batch may be delivered again");
+        }
+        let report = BatchReport {
+            applied: batch.events.len(),
+            ..BatchReport::default()
+        };
+        self.count(&batch, &report, &outcome);
+        Ok(Step::Done(()))
+    }
+
+    fn count(&self, batch: &SourceBatch, report: &BatchReport, outcome: &BatchOutcome) {
         let stats = &self.stats;
         stats
             .applied
@@ -311,10 +343,9 @@ impl<S: Source> Pipeline<S> {
         stats
             .documents_written
             .fetch_add(report.documents_written, Ordering::Relaxed);
-        for letter in &outcome.dead_letters {
-            tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
+        if let Some(probe) = &self.probe {
+            probe.batch_done(&batch.events);
         }
-        Ok(Step::Done(()))
     }
 }
 

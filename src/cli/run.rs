@@ -10,10 +10,11 @@ use crate::checkpoint::MongoCheckpoint;
 use crate::config::{Config, SourceKind};
 use crate::pipeline::{OutboxMarker, Pipeline, Stats};
 use crate::policy::Backoff;
+use crate::probe::Probe;
 use crate::projection::Projector;
 use crate::source::kafka::KafkaSource;
 use crate::source::polling::PollingSource;
-use crate::source::replication::{ReplicationOptions, ReplicationSource};
+use crate::source::replication::{self, ReplicationOptions, ReplicationSource};
 use crate::store::mongo::{redact_uri, MongoStore};
 use clap::Args;
 use std::sync::Arc;
@@ -34,6 +35,16 @@ pub struct RunArgs {
     /// Exit 0 once every outbox row committed before the start is applied or dead-lettered.
     #[arg(long)]
     pub until_caught_up: bool,
+    /// `discard`: the no-op sink `bench` measures capture with (nothing is
+    /// written; replication resumes from the slot's own position).
+    #[arg(long, hide = true, value_name = "SINK", default_value = "project")]
+    pub sink: String,
+    /// Write `bench`'s measurements to this file while running.
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub bench_report: Option<std::path::PathBuf>,
+    /// With --bench-report: record each event's commit-to-durable latency.
+    #[arg(long, hide = true)]
+    pub bench_latency: bool,
 }
 
 impl RunArgs {
@@ -83,12 +94,12 @@ async fn connect_store(
 /// `None` when shutdown came first.
 async fn start_kafka(
     config: &Config,
-    store: &MongoStore,
+    store: Option<&MongoStore>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<KafkaSource>> {
     let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
     loop {
-        match KafkaSource::start(&config.kafka, &config.pipeline, Some(store.clone())).await {
+        match KafkaSource::start(&config.kafka, &config.pipeline, store.cloned()).await {
             Ok(source) => return Ok(Some(source)),
             Err(err) if err.is_transient() => {
                 let delay = backoff.next_delay();
@@ -119,11 +130,50 @@ pub async fn run(
     args: &RunArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Some(store) = connect_store(&config, &shutdown).await? else {
-        return Ok(());
+    let discard = match args.sink.as_str() {
+        "project" => false,
+        "discard" => true,
+        other => anyhow::bail!("--sink `{other}` is not one of: project, discard"),
     };
-    let projector = Projector::new(store.clone());
+    let store = if discard {
+        None
+    } else {
+        match connect_store(&config, &shutdown).await? {
+            Some(store) => Some(store),
+            None => return Ok(()),
+        }
+    };
+    let projector = store.clone().map(Projector::new);
     let stats = Arc::new(Stats::default());
+    let probe = args
+        .bench_report
+        .clone()
+        .map(|path| Probe::new(path, stats.clone(), args.bench_latency));
+    let probe_stop = CancellationToken::new();
+    let probe_writer = probe.as_ref().map(|p| p.spawn_writer(probe_stop.clone()));
+    let result = run_source(&config, args, shutdown, store, projector, &stats, &probe).await;
+    probe_stop.cancel();
+    if let Some(writer) = probe_writer {
+        let _ = writer.await;
+    }
+    if let Some(probe) = &probe {
+        probe
+            .write(true)
+            .map_err(|e| anyhow::anyhow!("cannot write the bench report: {e}"))?;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_source(
+    config: &Config,
+    args: &RunArgs,
+    shutdown: CancellationToken,
+    store: Option<MongoStore>,
+    projector: Option<Projector>,
+    stats: &Arc<Stats>,
+    probe: &Option<Arc<Probe>>,
+) -> anyhow::Result<()> {
     tracing::info!(
         source = ?config.source,
         postgres = %config.postgres.display_target(),
@@ -133,11 +183,19 @@ pub async fn run(
     );
     match config.source {
         SourceKind::Replication => {
-            let checkpoint = MongoCheckpoint::new(store.clone(), config.replication.slot.clone());
-            let resume = checkpoint
-                .load()
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot read the checkpoint: {e}"))?;
+            let checkpoint = store
+                .as_ref()
+                .map(|store| MongoCheckpoint::new(store.clone(), config.replication.slot.clone()));
+            let resume = match &checkpoint {
+                Some(checkpoint) => checkpoint
+                    .load()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot read the checkpoint: {e}"))?,
+                // No effects to protect: the slot's own position will do.
+                None => replication::slot_position(&config.postgres, &config.replication.slot)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            };
             let options = ReplicationOptions {
                 slot: config.replication.slot.clone(),
                 publication: config.replication.publication.clone(),
@@ -158,19 +216,19 @@ pub async fn run(
                     Err(err) => anyhow::bail!("{err}"),
                 }
             };
+            let marker = (config.pipeline.mark_processed && checkpoint.is_some())
+                .then(|| OutboxMarker::new(config.postgres.clone()));
             let pipeline = Pipeline {
                 source,
                 projector,
-                checkpoint: Some(checkpoint),
-                marker: config
-                    .pipeline
-                    .mark_processed
-                    .then(|| OutboxMarker::new(config.postgres.clone())),
+                checkpoint,
+                marker,
                 config: config.pipeline.clone(),
                 shutdown,
                 stats: stats.clone(),
                 until_caught_up: args.until_caught_up,
                 report_progress: true,
+                probe: probe.clone(),
             };
             pipeline.run().await?;
         }
@@ -194,6 +252,7 @@ pub async fn run(
                     stats: stats.clone(),
                     until_caught_up: args.until_caught_up,
                     report_progress: index == 0,
+                    probe: probe.clone(),
                 };
                 workers.spawn(pipeline.run());
             }
@@ -205,14 +264,16 @@ pub async fn run(
             }
         }
         SourceKind::Kafka => {
-            let Some(source) = start_kafka(&config, &store, &shutdown).await? else {
+            let Some(source) = start_kafka(config, store.as_ref(), &shutdown).await? else {
                 return Ok(());
             };
             let kafka_stats = source.stats();
             let mut projector = projector;
-            // An aggregate's creation may still be on its way (another
-            // partition): the source retries such events, then dead-letters.
-            projector.dead_letter_races = false;
+            if let Some(projector) = projector.as_mut() {
+                // An aggregate's creation may still be on its way (another
+                // partition): the source retries such events, then dead-letters.
+                projector.dead_letter_races = false;
+            }
             let pipeline = Pipeline {
                 source,
                 projector,
@@ -223,6 +284,7 @@ pub async fn run(
                 stats: stats.clone(),
                 until_caught_up: args.until_caught_up,
                 report_progress: true,
+                probe: probe.clone(),
             };
             pipeline.run().await?;
             let relaxed = std::sync::atomic::Ordering::Relaxed;

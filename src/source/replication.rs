@@ -59,6 +59,10 @@ const BATCH_CAPACITY: usize = 4_096;
 /// How much longer than `max_wait` a batch waits for the end of a transaction
 /// it holds rows of.
 const TRANSACTION_GRACE: Duration = Duration::from_secs(5);
+/// Once a batch holds a committed transaction, it ends when the stream has
+/// been quiet this long: a light load is applied at once, while a busy stream
+/// still fills whole batches (its next message is always already there).
+const LINGER: Duration = Duration::from_millis(2);
 
 /// Which slot and publication to use (both are created if missing).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +114,15 @@ pub struct ReplicationSource {
     target: u64,
     /// When a batch was last handed out.
     last_handout: Instant,
+}
+
+/// The slot's confirmed position, if the slot exists (for the no-op sink of
+/// `bench`, which keeps no checkpoint of its own).
+pub async fn slot_position(pg: &PostgresConfig, slot: &str) -> Result<Option<u64>, SourceError> {
+    let admin = setup::connect(pg).await?;
+    Ok(setup::slot_info(&admin, slot, &pg.database)
+        .await?
+        .and_then(|info| info.confirmed_flush))
 }
 
 impl ReplicationSource {
@@ -306,6 +319,8 @@ impl ReplicationSource {
         // that batches end at commits.
         let grace = tokio::time::sleep_until(deadline + TRANSACTION_GRACE);
         tokio::pin!(grace);
+        let linger = tokio::time::sleep_until(deadline);
+        tokio::pin!(linger);
         let mut events = Vec::with_capacity(max_events.min(BATCH_CAPACITY));
         let mut malformed = Vec::new();
         loop {
@@ -316,12 +331,16 @@ impl ReplicationSource {
             let item = match self.carry.take() {
                 Some(item) => *item,
                 None => {
-                    let until = if self.in_txn {
-                        grace.as_mut()
+                    let item = if self.in_txn {
+                        wal.next(grace.as_mut()).await?
+                    } else if events.is_empty() && malformed.is_empty() {
+                        wal.next(sleep.as_mut()).await?
                     } else {
-                        sleep.as_mut()
+                        let quiet = (tokio::time::Instant::now() + LINGER).min(deadline);
+                        linger.as_mut().reset(quiet);
+                        wal.next(linger.as_mut()).await?
                     };
-                    match wal.next(until).await? {
+                    match item {
                         Some(item) => item,
                         None => break,
                     }

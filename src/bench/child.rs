@@ -1,0 +1,144 @@
+//! `event-processor` started by `bench` as a child process (so its CPU time and
+//! peak RSS are its own), watched through its `--bench-report` file.
+
+use crate::probe::ProbeReport;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct Child {
+    name: String,
+    process: tokio::process::Child,
+    report: PathBuf,
+    log: PathBuf,
+}
+
+impl Child {
+    /// Starts `event-processor <args> --bench-report <dir>/<name>.json` with
+    /// `env` added; its stderr goes to `<dir>/<name>.log`.
+    pub fn spawn(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> Result<Child> {
+        let exe = std::env::current_exe().context("cannot find the event-processor binary")?;
+        let report = dir.join(format!("{name}.json"));
+        let log = dir.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&report);
+        let stderr = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let mut command = tokio::process::Command::new(exe);
+        command
+            .args(args)
+            .arg("--bench-report")
+            .arg(&report)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("LOG_FORMAT", "text")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        let process = command
+            .spawn()
+            .with_context(|| format!("cannot start `event-processor {}`", args.join(" ")))?;
+        Ok(Child {
+            name: name.to_string(),
+            process,
+            report,
+            log,
+        })
+    }
+
+    /// The latest report, if one was written.
+    pub fn report(&self) -> Option<ProbeReport> {
+        let bytes = std::fs::read(&self.report).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn failure(&self, what: &str) -> anyhow::Error {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        anyhow::anyhow!(
+            "{} {what}; its log ({}) ends with:\n{}",
+            self.name,
+            self.log.display(),
+            tail.join("\n")
+        )
+    }
+
+    /// Waits until the child reports `done >= expected`; `progress(done)` is
+    /// called every 250 ms. Fails if the child exits first or `timeout` passes.
+    pub async fn wait_done(
+        &mut self,
+        expected: u64,
+        timeout: Duration,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ProbeReport> {
+        let started = Instant::now();
+        loop {
+            if let Some(report) = self.report() {
+                progress(report.done);
+                if report.done >= expected {
+                    return Ok(report);
+                }
+            }
+            if let Ok(Some(status)) = self.process.try_wait() {
+                return Err(self.failure(&format!("exited ({status}) before finishing")));
+            }
+            if started.elapsed() > timeout {
+                return Err(self.failure(&format!(
+                    "did not handle {expected} events within {}s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits for the child to exit by itself (`--until-caught-up`).
+    pub async fn wait_exit(
+        mut self,
+        timeout: Duration,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ProbeReport> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.process.try_wait() {
+                if !status.success() {
+                    return Err(self.failure(&format!("failed ({status})")));
+                }
+                return self.final_report();
+            }
+            if let Some(report) = self.report() {
+                progress(report.done);
+            }
+            if started.elapsed() > timeout {
+                return Err(self.failure(&format!("did not finish within {}s", timeout.as_secs())));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, wait for a graceful exit, return the final report.
+    pub async fn stop(mut self) -> Result<ProbeReport> {
+        if let Some(pid) = self.process.id() {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        match tokio::time::timeout(Duration::from_secs(60), self.process.wait()).await {
+            Ok(Ok(status)) if status.success() => self.final_report(),
+            Ok(Ok(status)) => Err(self.failure(&format!("failed on SIGTERM ({status})"))),
+            Ok(Err(err)) => Err(err.into()),
+            Err(_) => {
+                let _ = self.process.start_kill();
+                Err(self.failure("did not stop within 60 s of SIGTERM"))
+            }
+        }
+    }
+
+    fn final_report(&self) -> Result<ProbeReport> {
+        match self.report() {
+            Some(report) if report.finished => Ok(report),
+            _ => Err(self.failure("exited without its final report")),
+        }
+    }
+}
