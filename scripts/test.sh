@@ -5,12 +5,9 @@
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-banner() { printf '\n==> %s\n' "$*"; }
-
-if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
-  export PATH="$HOME/.cargo/bin:$PATH"
-fi
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source scripts/lib.sh
+cargo_on_path
 
 banner "setup (scripts/setup.sh)"
 bash scripts/setup.sh

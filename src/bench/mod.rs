@@ -536,7 +536,6 @@ impl Bench {
             progress(done as u64);
         }
         let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-6);
-        let _ = store.database().drop().await;
         self.results.push(
             "sink.raw_upserts.docs_per_s",
             "5 sink limit",
@@ -545,6 +544,35 @@ impl Bench {
             "docs/s",
             Better::Higher,
         );
+        // The floor under any latency: one upsert of one document, round trip.
+        let mut single = Vec::with_capacity(200);
+        for i in 0..200u128 {
+            let statement = doc! {
+                "q": { "_id": uuid::Uuid::from_u128(i).to_string() },
+                "u": { "$set": { "name": "Single Upsert", "_seq": i as i64 } },
+                "upsert": true,
+            };
+            let started = Instant::now();
+            store
+                .update("raw_upserts", vec![statement], false)
+                .await
+                .map_err(|e| anyhow::anyhow!("single upsert failed: {e}"))?;
+            single.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        single.sort_by(f64::total_cmp);
+        let _ = store.database().drop().await;
+        for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+            if let Some(ms) = percentile(&single, p) {
+                self.results.push(
+                    &format!("sink.single_upsert.{name}_ms"),
+                    "5 sink limit",
+                    &format!("one-document upsert round trip, {name}"),
+                    ms,
+                    "ms",
+                    Better::Lower,
+                );
+            }
+        }
         Ok(())
     }
 

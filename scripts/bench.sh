@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The benchmark in one command: installs prerequisites, builds the release binary,
+# starts its own fresh services (PostgreSQL, MongoDB-wire SecantusDB, Kafka-API tansu)
+# in a private state dir, runs `event-processor bench` and stops the services again.
+# Results: bench/results/<timestamp>.json, -latency.svg, -throughput.svg.
+# Arguments go to `bench`, e.g. scripts/bench.sh --events 50000 --compare bench/results/X.json
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source scripts/lib.sh
+cargo_on_path
+
+banner "setup (scripts/setup.sh)"
+bash scripts/setup.sh
+
+banner "building event-processor (release)"
+cargo build --release --locked --quiet
+
+export SERVICES_DIR=${BENCH_SERVICES_DIR:-$PWD/.services/bench-$$}
+cleanup() {
+  banner "stopping services ($SERVICES_DIR)"
+  bash scripts/services.sh down || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+banner "starting fresh services ($SERVICES_DIR)"
+services_env=$(bash scripts/services.sh up pg mongo kafka)
+eval "$services_env"
+
+banner "event-processor bench $*"
+target/release/event-processor bench "$@"
