@@ -138,6 +138,7 @@ impl Projector {
             }
         }
 
+        work.bring_names_forward();
         if !self.write_own(&work, &mut report).await? {
             return Ok(Attempt::Conflict);
         }
@@ -198,7 +199,8 @@ impl Projector {
             .store
             .find_by_ids(ACTIVITIES, ids(&activity_ids), None)
             .await?;
-        report.round_trips += u32::from(!user_ids.is_empty()) + u32::from(!activity_ids.is_empty());
+        report.round_trips += MongoStore::find_in_round_trips(user_ids.len())
+            + MongoStore::find_in_round_trips(activity_ids.len());
         for id in &user_ids {
             work.users.insert(*id, None);
         }
@@ -329,6 +331,20 @@ impl Projector {
 }
 
 impl Work {
+    /// Brings the name copies of every activity the batch writes forward to
+    /// the latest version this batch knows (loaded, or set by its own user
+    /// events), so that the write carries them and the refresh after it has
+    /// nothing left to do for them unless another writer moved a name since.
+    fn bring_names_forward(&mut self) {
+        let names = &self.names;
+        let name_of = |user: &Uuid| names.get(user).cloned();
+        for id in &self.changed_activities {
+            if let Some(Some(activity)) = self.activities.get_mut(id) {
+                refresh::refresh_names(activity, &name_of);
+            }
+        }
+    }
+
     /// Folds one routed event into the documents; `Ok(false)` for an event
     /// that already took effect.
     fn apply(&mut self, event: &OutboxEvent, domain: DomainEvent) -> Result<bool, HandlerError> {
@@ -376,6 +392,7 @@ impl Work {
                     return Ok(false);
                 }
                 let before = doc.as_ref().map(ActivityDoc::summary);
+                let unchanged = doc.clone();
                 let names = &self.names;
                 let name_of = |user: Uuid| names.get(&user).cloned().unwrap_or_default();
                 let Effect { joined, left, .. } = state::apply_activity(
@@ -398,7 +415,21 @@ impl Work {
                     self.departed.insert((id, user));
                     self.joined.remove(&(id, user));
                 }
-                self.changed_activities.insert(id);
+                // An event that changed nothing but the fence (a join of a
+                // member, a leave of a non-member) needs no write: replayed
+                // on the same state it changes nothing again.
+                let moved = match (&unchanged, doc.as_ref()) {
+                    (Some(old), Some(new)) => {
+                        *old != ActivityDoc {
+                            seq: old.seq,
+                            ..new.clone()
+                        }
+                    }
+                    _ => true,
+                };
+                if moved {
+                    self.changed_activities.insert(id);
+                }
                 Ok(true)
             }
         }

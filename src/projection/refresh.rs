@@ -123,7 +123,10 @@ async fn round(
 }
 
 /// Brings every name copy of `doc` forward to its source; `true` if any moved.
-fn refresh_names(doc: &mut ActivityDoc, name_of: &dyn Fn(&Uuid) -> Option<NameCopy>) -> bool {
+pub(super) fn refresh_names(
+    doc: &mut ActivityDoc,
+    name_of: &dyn Fn(&Uuid) -> Option<NameCopy>,
+) -> bool {
     let mut changed = false;
     if let Some(copy) = name_of(&doc.organizer) {
         if copy.version > doc.organizer_name_version {
@@ -246,10 +249,8 @@ async fn read_activities(
         return Ok(found);
     }
     let list: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-    let docs = store
-        .find(ACTIVITIES, doc! { field: { "$in": list } }, None)
-        .await?;
-    report.round_trips += 1;
+    report.round_trips += MongoStore::find_in_round_trips(list.len());
+    let docs = store.find_in(ACTIVITIES, field, list, None).await?;
     for doc in &docs {
         let id = doc_id(doc)?;
         let activity = ActivityDoc::from_bson(doc).map_err(|e| corrupt(ACTIVITIES, id, &e))?;
@@ -280,7 +281,7 @@ async fn read_users(
             Some(doc! { "display_name": 1, "_seq": 1, "_av": 1, "_erev": 1, "activities": 1 }),
         )
         .await?;
-    report.round_trips += 1;
+    report.round_trips += MongoStore::find_in_round_trips(users.len());
     for doc in docs {
         let id = doc_id(&doc)?;
         let version = read_i64(&doc, "_seq").map_err(|e| corrupt(USERS, id, &e))?;
