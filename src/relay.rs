@@ -29,6 +29,7 @@ pub use producer::{murmur2, partition_for};
 
 use crate::checkpoint::mark_outbox;
 use crate::config::{Config, RelayFormat, RelaySource};
+use crate::decode::OutboxEvent;
 use crate::outbox;
 use crate::policy::Backoff;
 use crate::source::polling::PollingSource;
@@ -36,6 +37,7 @@ use crate::source::{BatchOutcome, SourceError};
 use capture::{Capture, Captured, SlotCapture};
 use producer::{DeliveryError, Producer};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -59,10 +61,25 @@ impl From<SourceError> for RelayError {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// Called once a batch is published (the broker acknowledged every message
+/// of it): the events relayed, and how many rows of the batch could not be.
+pub type OnPublished = Arc<dyn Fn(&[OutboxEvent], usize) + Send + Sync>;
+
+#[derive(Clone, Default)]
 pub struct RelayOptions {
     /// Stop once everything committed before the start is published.
     pub until_caught_up: bool,
+    /// Told of every published batch (`bench`'s measurements).
+    pub on_published: Option<OnPublished>,
+}
+
+impl std::fmt::Debug for RelayOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayOptions")
+            .field("until_caught_up", &self.until_caught_up)
+            .field("on_published", &self.on_published.is_some())
+            .finish()
+    }
 }
 
 /// What the relay did.
@@ -104,6 +121,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         marker: None,
         stats: RelayStats::default(),
+        on_published: options.on_published.clone(),
     };
     if shape == Shape::Cdc && !relay.prepare(&topic).await? {
         return Ok(relay.stats);
@@ -185,6 +203,7 @@ struct Relay<'a> {
     /// Marks relayed rows `processed` (replication capture with MARK_PROCESSED).
     marker: Option<Client>,
     stats: RelayStats,
+    on_published: Option<OnPublished>,
 }
 
 impl Relay<'_> {
@@ -309,6 +328,9 @@ impl Relay<'_> {
             .relayed
             .fetch_add(messages.len() as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(on_published) = &self.on_published {
+            on_published(&batch.events, batch.malformed.len());
+        }
         Ok(true)
     }
 

@@ -1,8 +1,496 @@
 //! Stage 9: the Kafka path beside the broker's own limits.
+//!
+//! - the relay (`relay --until-caught-up`, a child process) publishing a fresh
+//!   outbox of the generated history, beside raw produce: an in-process
+//!   producer with the relay's delivery settings sending as many messages of
+//!   the same sizes (encoded by the relay's own encoder) to a second topic;
+//! - the kafka source (`run --source kafka --sink discard`, a child process in
+//!   a fresh group) reading the relayed topic, beside raw consume: an
+//!   in-process consumer counting the same topic's messages.
+//!
+//! The topics have 4 partitions and a name unique to the run; they and the
+//! database are deleted at the end (best effort). End offsets are not used to
+//! tell when a reader is done (tansu's high watermarks come out low): the
+//! readers count messages.
 
-use super::Bench;
-use anyhow::Result;
+use super::child::Child;
+use super::report::{Better, Results};
+use super::{pg, rate_since, throughput, Bench};
+use crate::config::KafkaConfig;
+use crate::decode::OutboxEvent;
+use crate::probe::ProbeReport;
+use crate::relay::{partition_for, Encoder, Message, Op, Shape, SnapshotMark};
+use crate::source::kafka::{base_config, consumer_config, QuietContext};
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
-pub async fn stage(_bench: &mut Bench) -> Result<()> {
-    anyhow::bail!("the Kafka stage is not written yet")
+const STAGE: &str = "9 kafka";
+const PARTITIONS: i32 = 4;
+const DATABASE: &str = "aep_bench_kafka";
+/// Distinct messages the raw producer cycles through (their sizes follow the
+/// history's; holding all of them would cost ~3 KB per event).
+const POOL: usize = 10_000;
+
+/// Names unique to one run.
+struct Names {
+    relayed: String,
+    raw: String,
+    slot: String,
+    group: String,
+}
+
+pub async fn stage(bench: &mut Bench) -> Result<()> {
+    let secs = chrono::Utc::now().timestamp();
+    let names = Names {
+        relayed: format!("aep_bench_{secs}"),
+        raw: format!("aep_bench_{secs}_raw"),
+        slot: format!("aep_bench_relay_{secs}"),
+        group: format!("aep_bench_{secs}"),
+    };
+    let mut kafka = bench.config.kafka.clone();
+    kafka.topics = vec![names.relayed.clone()];
+    bench.say(&format!(
+        "[9/9] kafka: topics {} and {} ({PARTITIONS} partitions) at {}",
+        names.relayed, names.raw, kafka.brokers
+    ));
+    let outcome = measure(bench, &kafka, &names).await;
+    // Best effort: a failed stage leaves nothing behind either.
+    if let Err(err) = delete_topics(&kafka, &[&names.relayed, &names.raw]).await {
+        bench.say(&format!("  cannot delete the bench topics: {err:#}"));
+    }
+    let _ = pg::drop_database(&bench.admin, DATABASE).await;
+    outcome
+}
+
+async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Result<()> {
+    let n = bench.history.len() as u64;
+    bench.results.machine.kafka = Some(describe_broker(kafka).await?);
+    let lines = crate::cli::kafka::create_topics(
+        kafka,
+        &[names.relayed.clone(), names.raw.clone()],
+        PARTITIONS,
+        1,
+    )
+    .await?;
+    for line in lines {
+        bench.say(&format!("  {line}"));
+    }
+    let (pg, client) = pg::fresh_database(&bench.admin, &bench.config.postgres, DATABASE).await?;
+    bench.say(&format!("  COPY {n} events"));
+    pg::copy(&client, &bench.history).await?;
+    drop(client);
+
+    // The relay, from the snapshot of the outbox to the last acknowledged batch.
+    bench.say("[9/9] relay --until-caught-up (replication, initial snapshot)");
+    let mut env = bench.child_env(&pg, &names.slot, "replication");
+    env.extend([
+        ("KAFKA_BROKERS", kafka.brokers.clone()),
+        ("KAFKA_TOPIC", names.relayed.clone()),
+        ("RELAY_SLOT", names.slot.clone()),
+        ("RELAY_SOURCE", "replication".to_string()),
+        ("RELAY_FORMAT", "cdc".to_string()),
+    ]);
+    let started_ms = chrono::Utc::now().timestamp_millis();
+    let child = Child::spawn(
+        &bench.dir,
+        "kafka-relay",
+        &["relay", "--until-caught-up"],
+        &env,
+    )?;
+    let progress = bench.progress_fn("relay", n);
+    let report = child
+        .wait_exit(Duration::from_secs(300 + n / 100), progress)
+        .await?;
+    let relay_rate = rate_since(&report, started_ms, n)?;
+    let relay_context = ChildCost::of(&report, started_ms, n);
+    // What is on the topic: the rows that could be relayed.
+    let relayed = report.applied;
+    bench.say(&format!(
+        "  {relay_rate:.0} events/s ({relayed} messages, {} unpublishable)",
+        report.dead_lettered
+    ));
+
+    // Raw produce: as many messages of the same sizes, the relay's settings.
+    bench.say(&format!("[9/9] raw produce: {relayed} messages"));
+    let pool = message_pool(&bench.history, kafka, &names.raw, &pg.database);
+    let mean_bytes = pool
+        .iter()
+        .map(|m| (m.key.len() + m.value.len()) as f64)
+        .sum::<f64>()
+        / pool.len().max(1) as f64;
+    let progress = bench.progress_fn("raw produce", relayed);
+    let produce_rate = raw_produce(kafka, &pool, relayed, progress).await?;
+    drop(pool);
+    bench.say(&format!("  {produce_rate:.0} msgs/s"));
+
+    // The kafka source, from its start to its last durable batch.
+    bench.say("[9/9] run --source kafka --sink discard (fresh group)");
+    let mut env = bench.child_env(&pg, "unused", "kafka");
+    env.extend([
+        ("KAFKA_BROKERS", kafka.brokers.clone()),
+        ("KAFKA_TOPIC", names.relayed.clone()),
+        ("KAFKA_GROUP_ID", names.group.clone()),
+        ("KAFKA_SESSION_TIMEOUT", "6s".to_string()),
+    ]);
+    let started_ms = chrono::Utc::now().timestamp_millis();
+    let mut child = Child::spawn(
+        &bench.dir,
+        "kafka-source",
+        &["run", "--source", "kafka", "--sink", "discard"],
+        &env,
+    )?;
+    let progress = bench.progress_fn("kafka source", relayed);
+    child
+        .wait_done(relayed, Duration::from_secs(120 + relayed / 200), progress)
+        .await?;
+    let report = child.stop().await?;
+    let source_rate = rate_since(&report, started_ms, relayed)?;
+    let source_context = ChildCost::of(&report, started_ms, relayed);
+    bench.series.push((
+        "kafka source (no-op sink)".into(),
+        throughput(&report, started_ms, relayed),
+    ));
+    bench.say(&format!("  {source_rate:.0} events/s"));
+
+    // Raw consume of the same topic.
+    bench.say(&format!("[9/9] raw consume: {relayed} messages"));
+    let progress = bench.progress_fn("raw consume", relayed);
+    let consume_rate = raw_consume(kafka, &names.relayed, &names.group, relayed, progress).await?;
+    bench.say(&format!("  {consume_rate:.0} msgs/s"));
+
+    let r = &mut bench.results;
+    r.push(
+        "kafka.message_bytes",
+        STAGE,
+        "mean relayed message size (key + value)",
+        mean_bytes,
+        "bytes",
+        Better::Neither,
+    );
+    r.push(
+        "kafka.relay.events_per_s",
+        STAGE,
+        "relay: outbox snapshot to acknowledged messages",
+        relay_rate,
+        "events/s",
+        Better::Higher,
+    );
+    relay_context.push(r, "relay", "relay");
+    r.push(
+        "kafka.produce.msgs_per_s",
+        STAGE,
+        "raw produce, idempotent, acks=all",
+        produce_rate,
+        "msgs/s",
+        Better::Higher,
+    );
+    r.ratio(
+        "kafka.relay_vs_produce",
+        STAGE,
+        "relay vs raw produce",
+        "kafka.relay.events_per_s",
+        "kafka.produce.msgs_per_s",
+    );
+    r.push(
+        "kafka.source.events_per_s",
+        STAGE,
+        "kafka source, no-op sink, fresh group",
+        source_rate,
+        "events/s",
+        Better::Higher,
+    );
+    source_context.push(r, "source", "kafka source");
+    r.push(
+        "kafka.consume.msgs_per_s",
+        STAGE,
+        "raw consume, 4 partitions from the start",
+        consume_rate,
+        "msgs/s",
+        Better::Higher,
+    );
+    r.ratio(
+        "kafka.source_vs_consume",
+        STAGE,
+        "kafka source vs raw consume",
+        "kafka.source.events_per_s",
+        "kafka.consume.msgs_per_s",
+    );
+    let _ = pg;
+    Ok(())
+}
+
+/// What explains a child's rate: its start-up and its CPU.
+struct ChildCost {
+    /// Spawn to its first durable batch, seconds.
+    first_batch_s: Option<f64>,
+    cpu_us_per_event: f64,
+}
+
+impl ChildCost {
+    fn of(report: &ProbeReport, spawned_ms: i64, events: u64) -> ChildCost {
+        ChildCost {
+            first_batch_s: report
+                .first_done_unix_ms
+                .map(|at| (at - spawned_ms).max(0) as f64 / 1000.0),
+            cpu_us_per_event: (report.cpu_user_s + report.cpu_system_s) * 1e6
+                / events.max(1) as f64,
+        }
+    }
+
+    fn push(&self, r: &mut Results, id: &str, who: &str) {
+        if let Some(seconds) = self.first_batch_s {
+            r.push(
+                &format!("kafka.{id}.first_batch_s"),
+                STAGE,
+                &format!("{who}: start to first durable batch"),
+                seconds,
+                "s",
+                Better::Lower,
+            );
+        }
+        r.push(
+            &format!("kafka.{id}.cpu_us_per_event"),
+            STAGE,
+            &format!("{who}: CPU per event"),
+            self.cpu_us_per_event,
+            "µs",
+            Better::Lower,
+        );
+    }
+}
+
+/// "host:port (N broker(s): id@host:port, ...; cluster <id>)", or an error
+/// when the brokers cannot be reached.
+async fn describe_broker(kafka: &KafkaConfig) -> Result<String> {
+    let admin: AdminClient<QuietContext> = base_config(kafka)
+        .create_with_context(QuietContext::default())
+        .context("invalid Kafka configuration")?;
+    let timeout = kafka.timeout;
+    let brokers = kafka.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(None, timeout)
+            .with_context(|| format!("cannot reach the Kafka brokers at {brokers}"))?;
+        let list: Vec<String> = metadata
+            .brokers()
+            .iter()
+            .map(|b| format!("{}@{}:{}", b.id(), b.host(), b.port()))
+            .collect();
+        let mut text = format!("{brokers} ({} broker(s): {}", list.len(), list.join(", "));
+        if let Some(cluster) = admin.inner().fetch_cluster_id(timeout) {
+            text.push_str(&format!("; cluster {cluster}"));
+        }
+        text.push(')');
+        Ok(text)
+    })
+    .await
+    .context("kafka metadata task failed")?
+}
+
+async fn delete_topics(kafka: &KafkaConfig, topics: &[&str]) -> Result<()> {
+    let admin: AdminClient<QuietContext> = base_config(kafka)
+        .create_with_context(QuietContext::default())
+        .context("invalid Kafka configuration")?;
+    let options = AdminOptions::new()
+        .request_timeout(Some(kafka.timeout))
+        .operation_timeout(Some(kafka.timeout));
+    for result in admin.delete_topics(topics, &options).await? {
+        if let Err((topic, code)) = result {
+            if code != RDKafkaErrorCode::UnknownTopicOrPartition {
+                bail!("cannot delete topic {topic}: {code}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Up to [`POOL`] messages encoded as the relay encodes its snapshot rows,
+/// from events spread over the whole history, addressed to `topic`.
+fn message_pool(
+    history: &[OutboxEvent],
+    kafka: &KafkaConfig,
+    topic: &str,
+    database: &str,
+) -> Vec<Message> {
+    let encoder = Encoder::new(
+        Shape::Cdc,
+        kafka.relay.schemas,
+        topic,
+        &kafka.event_router_topic_prefix,
+        database,
+    );
+    let step = history.len().div_ceil(POOL).max(1);
+    let now = chrono::Utc::now();
+    history
+        .iter()
+        .step_by(step)
+        .map(|event| encoder.encode(event, Op::Read(SnapshotMark::Middle), now))
+        .collect()
+}
+
+/// The relay's producer settings (see `relay/producer.rs`): idempotent,
+/// `acks=all`, no local timeout, murmur2 partitions, default batching.
+fn producer(kafka: &KafkaConfig) -> Result<FutureProducer<QuietContext>> {
+    let mut client = base_config(kafka);
+    client
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0")
+        .set("partitioner", "murmur2_random")
+        .set("allow.auto.create.topics", "false");
+    for (key, value) in &kafka.producer_config.0 {
+        client.set(key, value);
+    }
+    client
+        .create_with_context(QuietContext::default())
+        .context("invalid Kafka producer configuration")
+}
+
+/// Sends `count` messages cycling through `pool` (each to the partition the
+/// relay would pick) and waits for every acknowledgement: msgs/s.
+async fn raw_produce(
+    kafka: &KafkaConfig,
+    pool: &[Message],
+    count: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<f64> {
+    if pool.is_empty() || count == 0 {
+        bail!("nothing to produce");
+    }
+    let producer = producer(kafka)?;
+    let started = Instant::now();
+    let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
+    let mut acknowledged = 0u64;
+    for i in 0..count {
+        let message = &pool[(i as usize) % pool.len()];
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+        for (name, value) in &message.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        let mut record = FutureRecord::to(&message.topic)
+            .key(&message.key)
+            .payload(&message.value)
+            .partition(partition_for(&message.partition_key, PARTITIONS as usize))
+            .headers(headers);
+        if let Some(at) = message.timestamp {
+            record = record.timestamp(at);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(future) => {
+                    pending.push_back(future);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    match pending.pop_front() {
+                        Some(future) => {
+                            settle(future).await?;
+                            acknowledged += 1;
+                            progress(acknowledged);
+                        }
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                Err((err, _)) => bail!("raw produce failed: {err}"),
+            }
+        }
+    }
+    while let Some(future) = pending.pop_front() {
+        settle(future).await?;
+        acknowledged += 1;
+        if acknowledged.is_multiple_of(1000) {
+            progress(acknowledged);
+        }
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64().max(1e-6))
+}
+
+async fn settle(future: DeliveryFuture) -> Result<()> {
+    match future.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((err, _))) => bail!("raw produce: a message was not delivered: {err}"),
+        Err(_) => bail!("raw produce: a delivery was cancelled"),
+    }
+}
+
+/// Reads `count` messages of `topic` from the start of its partitions
+/// (assigned, no group membership): msgs/s.
+async fn raw_consume(
+    kafka: &KafkaConfig,
+    topic: &str,
+    group: &str,
+    count: u64,
+    progress: impl FnMut(u64) + Send + 'static,
+) -> Result<f64> {
+    let mut config = kafka.clone();
+    config.group_id = format!("{group}_raw");
+    let consumer: BaseConsumer = consumer_config(&config)
+        .create()
+        .context("invalid Kafka consumer configuration")?;
+    let mut partitions = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        partitions.add_partition_offset(topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&partitions)?;
+    let timeout = Duration::from_secs(120 + count / 200);
+    tokio::task::spawn_blocking(move || {
+        let mut progress = progress;
+        let started = Instant::now();
+        let mut read = 0u64;
+        while read < count {
+            if started.elapsed() > timeout {
+                bail!("raw consume read {read} of {count} messages within {timeout:?}");
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(_message)) => {
+                    read += 1;
+                    if read.is_multiple_of(1000) {
+                        progress(read);
+                    }
+                }
+                Some(Err(err)) => tracing::debug!(error = %err, "raw consume poll"),
+                None => {}
+            }
+        }
+        Ok(count as f64 / started.elapsed().as_secs_f64().max(1e-6))
+    })
+    .await
+    .context("raw consume task failed")?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{generate, HistoryOptions};
+
+    #[test]
+    fn the_pool_samples_the_whole_history_as_the_relay_encodes_it() {
+        let config =
+            crate::config::Config::from_env(&crate::config::EnvMap::new()).expect("default config");
+        let history = generate(3, &HistoryOptions::realistic(25_000));
+        let pool = message_pool(&history, &config.kafka, "aep_bench_1_raw", "db");
+        assert_eq!(pool.len(), 8_334); // every 3rd event
+        assert!(pool.iter().all(|m| m.topic == "aep_bench_1_raw"));
+        let last = &history[24_999]; // 3 * 8_333
+        let last_pool = pool.last().expect("messages");
+        assert_eq!(
+            last_pool.partition_key,
+            last.aggregate_id.to_string().into_bytes()
+        );
+        assert!(String::from_utf8_lossy(&last_pool.value).contains(r#""op":"r""#));
+        let small = message_pool(&history[..10], &config.kafka, "t", "db");
+        assert_eq!(small.len(), 10);
+    }
 }

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Events in the generated history (stages 1-7 and 9).
     #[arg(long, default_value_t = 200_000, value_name = "N")]
     pub events: usize,
+    /// Events written through the MongoDB-wire server (stages 5 and 6): kept
+    /// apart because the test server is slow (a few hundred events/s).
+    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    pub sink_events: usize,
     /// Events in the backlog of the memory stage (no-op sink).
     #[arg(long, default_value_t = 1_000_000, value_name = "N")]
     pub backlog: usize,
@@ -113,6 +117,7 @@ pub async fn run(config: Config, args: BenchArgs) -> Result<PathBuf> {
             started_at: started_at.to_rfc3339(),
             options: serde_json::json!({
                 "events": args.events,
+                "sink_events": args.sink_events,
                 "backlog": args.backlog,
                 "latency_seconds": args.latency_seconds,
                 "seed": args.seed,
@@ -498,7 +503,7 @@ impl Bench {
     /// Stage 5: raw batched upserts of as many documents as there are events,
     /// shaped like a user read model, one `update` command per batch.
     async fn sink_limit(&mut self) -> Result<()> {
-        let n = self.history.len();
+        let n = self.args.sink_events;
         let batch = self.config.pipeline.batch_size.max(1);
         self.say(&format!(
             "[5/9] sink limit: {n} raw upserts, {batch} per command"
@@ -597,15 +602,78 @@ impl Bench {
         Ok((child, pg, client))
     }
 
+    /// Stage 5, like for like: the documents the projections wrote, upserted
+    /// raw by `_id` into collections with the same indexes. Its rate in
+    /// documents/s, divided by the documents written per event, is what the
+    /// sink allows for these documents; the gap to end to end is what the
+    /// projections' reads, fences and copies cost.
+    async fn same_documents(&mut self, from: &str) -> Result<()> {
+        let source = MongoStore::connect(self.config.mongodb.uri.expose(), from)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach MongoDB: {e}"))?;
+        let target = self.mongo("aep_bench_same").await?;
+        target
+            .ensure_indexes()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create indexes: {e}"))?;
+        let batch = self.config.pipeline.batch_size.max(1);
+        let mut written = 0usize;
+        let mut elapsed = 0.0;
+        for collection in [crate::store::mongo::USERS, crate::store::mongo::ACTIVITIES] {
+            let docs = source
+                .find(collection, doc! {}, None)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read {collection}: {e}"))?;
+            self.say(&format!("  same documents: {} {collection}", docs.len()));
+            for chunk in docs.chunks(batch) {
+                let statements = chunk
+                    .iter()
+                    .map(|d| {
+                        let mut fields = d.clone();
+                        let id = fields.remove("_id").unwrap_or(mongodb::bson::Bson::Null);
+                        doc! { "q": { "_id": id }, "u": { "$set": fields }, "upsert": true }
+                    })
+                    .collect();
+                let started = Instant::now();
+                let report = target
+                    .update(collection, statements, false)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("same-document upserts failed: {e}"))?;
+                elapsed += started.elapsed().as_secs_f64();
+                if let Some(err) = report.errors.first() {
+                    anyhow::bail!("same-document upsert failed: {}", err.message);
+                }
+                written += chunk.len();
+            }
+        }
+        let _ = target.database().drop().await;
+        let _ = source.database().drop().await;
+        if written > 0 {
+            self.results.push(
+                "sink.same_documents.docs_per_s",
+                "5 sink limit",
+                "the projections' documents upserted raw, same indexes",
+                written as f64 / elapsed.max(1e-6),
+                "docs/s",
+                Better::Higher,
+            );
+        }
+        Ok(())
+    }
+
     /// Stage 6: outbox to read models with the real projections.
     async fn end_to_end(&mut self) -> Result<()> {
-        let n = self.history.len() as u64;
+        let history = generate(
+            self.args.seed,
+            &HistoryOptions::realistic(self.args.sink_events),
+        );
+        let n = history.len() as u64;
         let stage = "6 end to end";
         self.say(&format!(
             "[6/9] end to end: {n} events into the read models"
         ));
         let (mut child, _pg, client) = self.follower("end-to-end", &[]).await?;
-        pg::copy(&client, &self.history).await?;
+        pg::copy(&client, &history).await?;
         let committed_ms = chrono::Utc::now().timestamp_millis();
         let timeout = Duration::from_secs(120 + n / 50);
         let progress = self.progress_fn("end to end", n);
@@ -613,6 +681,7 @@ impl Bench {
         let report = child.stop().await?;
         pg::drop_database(&self.admin, "aep_bench_end_to_end").await?;
         let rate = rate_since(&report, committed_ms, n)?;
+        self.same_documents("aep_bench_end_to_end").await?;
         self.series
             .push(("end to end".into(), throughput(&report, committed_ms, n)));
         let r = &mut self.results;
@@ -665,6 +734,26 @@ impl Bench {
             "docs",
             Better::Lower,
         );
+        if let (Some(same), Some(per_event)) = (
+            r.get("sink.same_documents.docs_per_s"),
+            r.get("e2e.docs_per_event"),
+        ) {
+            r.push(
+                "e2e.same_documents_limit",
+                stage,
+                "sink limit for these documents (same docs/s / docs per event)",
+                same / per_event,
+                "events/s",
+                Better::Neither,
+            );
+            r.ratio(
+                "e2e.vs_same_documents",
+                stage,
+                "end to end vs the sink limit for these documents",
+                "e2e.events_per_s",
+                "e2e.same_documents_limit",
+            );
+        }
         r.push(
             "e2e.batches",
             stage,

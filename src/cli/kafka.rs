@@ -1,12 +1,15 @@
 //! `relay` (outbox -> Kafka in Debezium's format) and `kafka topics create`.
 
 use crate::config::{Config, KafkaConfig};
-use crate::relay::{self, RelayOptions};
+use crate::pipeline::Stats;
+use crate::probe::Probe;
+use crate::relay::{self, OnPublished, RelayOptions};
 use crate::source::kafka::{base_config, is_unreachable, topic_partitions, QuietContext};
 use clap::{Args, Subcommand};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug, Default)]
@@ -30,6 +33,10 @@ pub struct RelayArgs {
     /// Exit 0 once every outbox row committed before the start is published.
     #[arg(long)]
     pub until_caught_up: bool,
+    /// Write `bench`'s measurements to this file while running (published
+    /// events count as applied, unpublishable rows as dead-lettered).
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub bench_report: Option<std::path::PathBuf>,
 }
 
 impl RelayArgs {
@@ -84,12 +91,30 @@ pub async fn relay(
     args: &RelayArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let probe_stats = Arc::new(Stats::default());
+    let probe = args
+        .bench_report
+        .clone()
+        .map(|path| Probe::new(path, probe_stats.clone(), false));
     let options = RelayOptions {
         until_caught_up: args.until_caught_up,
+        on_published: probe
+            .as_ref()
+            .map(|p| probe_hook(p.clone(), probe_stats.clone())),
     };
-    let stats = relay::run(&config, &options, shutdown)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let probe_stop = CancellationToken::new();
+    let probe_writer = probe.as_ref().map(|p| p.spawn_writer(probe_stop.clone()));
+    let result = relay::run(&config, &options, shutdown).await;
+    probe_stop.cancel();
+    if let Some(writer) = probe_writer {
+        let _ = writer.await;
+    }
+    if let Some(probe) = &probe {
+        probe
+            .write(true)
+            .map_err(|e| anyhow::anyhow!("cannot write the bench report: {e}"))?;
+    }
+    let stats = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(
         relayed = stats.relayed.load(Ordering::Relaxed),
         batches = stats.batches.load(Ordering::Relaxed),
@@ -97,6 +122,21 @@ pub async fn relay(
         "relay stopped"
     );
     Ok(())
+}
+
+/// Feeds `probe` from the relay: published events count as applied,
+/// unpublishable rows as dead-lettered.
+fn probe_hook(probe: Arc<Probe>, stats: Arc<Stats>) -> OnPublished {
+    Arc::new(move |events, unpublishable| {
+        stats
+            .applied
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        stats
+            .dead_lettered
+            .fetch_add(unpublishable as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        probe.batch_done(events);
+    })
 }
 
 /// `kafka ...`: one line per topic on stdout; errors as one line.
@@ -199,4 +239,32 @@ pub async fn create_topics(
         }
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_report_counts_published_batches() {
+        let dir = std::env::temp_dir().join(format!("relay-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("report.json");
+        let stats = Arc::new(Stats::default());
+        let probe = Probe::new(path.clone(), stats.clone(), false);
+        let hook = probe_hook(probe.clone(), stats);
+        let events = crate::history::generate(1, &crate::history::HistoryOptions::realistic(3));
+        hook(&events, 0);
+        hook(&events[..1], 2);
+        probe.write(true).expect("write");
+        let report: crate::probe::ProbeReport =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
+        assert_eq!(report.applied, 4);
+        assert_eq!(report.dead_lettered, 2);
+        assert_eq!(report.done, 6);
+        assert_eq!(report.batches, 2);
+        assert!(report.last_done_unix_ms.is_some());
+        assert!(report.latencies_us.is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
