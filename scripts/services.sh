@@ -109,7 +109,8 @@ fail_with_log() { # fail_with_log NAME LOGFILE MESSAGE
 wait_tcp() {
   local name=$1 port=$2 logf=$3 deadline=$((SECONDS + WAIT_SECS))
   until tcp_open "$port"; do
-    pid_of "$name" >/dev/null || fail_with_log "$name" "$logf" "the process exited during start"
+    # Only alive: until the launcher's exec, its command line is still bash's.
+    alive "$(state_get "$name.pid")" || fail_with_log "$name" "$logf" "the process exited during start"
     ((SECONDS < deadline)) || fail_with_log "$name" "$logf" "no answer on port $port after ${WAIT_SECS}s"
     sleep 0.1
   done

@@ -228,6 +228,9 @@ impl<S: Source> Pipeline<S> {
             Step::Done(report) => report,
             Step::Interrupted => return Ok(Step::Interrupted),
         };
+        if let Some(probe) = &self.probe {
+            probe.durable(events);
+        }
         let mut outcome = BatchOutcome {
             dead_letters: report.dead_letters.clone(),
             // Deferred (aggregate not created yet): the source tries them again.
@@ -298,7 +301,7 @@ impl<S: Source> Pipeline<S> {
             // only means the batch may come again, which changes nothing.
             tracing::warn!(error = %err, "acknowledgement failed; the batch may be delivered again");
         }
-        self.count(&batch, &report, &outcome);
+        self.count(&report, &outcome);
         for letter in &outcome.dead_letters {
             tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
         }
@@ -318,11 +321,11 @@ impl<S: Source> Pipeline<S> {
             applied: batch.events.len(),
             ..BatchReport::default()
         };
-        self.count(&batch, &report, &outcome);
+        self.count(&report, &outcome);
         Ok(Step::Done(()))
     }
 
-    fn count(&self, batch: &SourceBatch, report: &BatchReport, outcome: &BatchOutcome) {
+    fn count(&self, report: &BatchReport, outcome: &BatchOutcome) {
         let stats = &self.stats;
         stats
             .applied
@@ -344,7 +347,7 @@ impl<S: Source> Pipeline<S> {
             .documents_written
             .fetch_add(report.documents_written, Ordering::Relaxed);
         if let Some(probe) = &self.probe {
-            probe.batch_done(&batch.events);
+            probe.batch_done();
         }
     }
 }

@@ -79,23 +79,29 @@ impl Probe {
         })
     }
 
-    /// A batch's effects are durable.
-    pub fn batch_done(&self, events: &[OutboxEvent]) {
-        let now = chrono::Utc::now();
-        let now_ms = now.timestamp_millis();
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
-        state.first_done_unix_ms.get_or_insert(now_ms);
-        state.last_done_unix_ms = Some(now_ms);
+    /// The effects of these events are durable in MongoDB: their latency.
+    pub fn durable(&self, events: &[OutboxEvent]) {
         if !self.latency {
             return;
         }
+        let now = chrono::Utc::now();
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
         for event in events {
             if let Some(created) = event.created_at {
                 let micros = (now - created).num_microseconds().unwrap_or(i64::MAX);
                 state.latencies_us.push(micros.max(0) as u64);
             }
+        }
+    }
+
+    /// A batch is finished (effects, checkpoint, acknowledgement).
+    pub fn batch_done(&self) {
+        let now_ms = now_unix_ms();
+        if let Ok(mut state) = self.state.lock() {
+            state.first_done_unix_ms.get_or_insert(now_ms);
+            state.last_done_unix_ms = Some(now_ms);
         }
     }
 
@@ -225,7 +231,8 @@ mod tests {
             crate::history::generate(1, &crate::history::HistoryOptions::realistic(1)).remove(0);
         event.created_at = Some(chrono::Utc::now() - chrono::Duration::milliseconds(20));
         stats.applied.fetch_add(1, Ordering::Relaxed);
-        probe.batch_done(&[event]);
+        probe.durable(&[event]);
+        probe.batch_done();
         probe.write(true).expect("write");
         let report: ProbeReport =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");

@@ -135,7 +135,8 @@ fn probe_hook(probe: Arc<Probe>, stats: Arc<Stats>) -> OnPublished {
             .dead_lettered
             .fetch_add(unpublishable as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
-        probe.batch_done(events);
+        probe.durable(events);
+        probe.batch_done();
     })
 }
 

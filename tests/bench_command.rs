@@ -1,0 +1,251 @@
+//! `event-processor bench` end to end on the real services, at a small size:
+//! every stage runs, every figure is there and sane, the ratios are the
+//! quotients of their figures, the charts are written, `--compare` reads an
+//! earlier file, and bad arguments are refused. (How fast things are is the
+//! benchmark's business, never a test's: nothing here asserts a speed.)
+
+mod common;
+
+use activity_event_processor::bench::report::Results;
+use std::path::{Path, PathBuf};
+
+fn env() -> Vec<(&'static str, String)> {
+    let pg = common::postgres_config("postgres");
+    vec![
+        ("POSTGRES_HOST", pg.host.clone()),
+        ("POSTGRES_PORT", pg.port.to_string()),
+        ("POSTGRES_DB", "postgres".to_string()),
+        ("POSTGRES_USER", pg.user.clone()),
+        ("MONGODB_URI", common::mongo::mongodb_uri()),
+        ("KAFKA_BROKERS", common::kafka::brokers()),
+        ("LOG_LEVEL", "warn".to_string()),
+    ]
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aep-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("out dir");
+    dir
+}
+
+/// The one result file in `dir`.
+fn result_file(dir: &Path) -> PathBuf {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read out dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "one result file in {}: {files:?}",
+        dir.display()
+    );
+    files[0].clone()
+}
+
+fn figure(results: &Results, id: &str) -> f64 {
+    let value = results
+        .get(id)
+        .unwrap_or_else(|| panic!("figure {id} missing; figures: {:#?}", results.figures));
+    assert!(value.is_finite() && value > 0.0, "{id} = {value}");
+    value
+}
+
+#[test]
+fn bench_measures_every_stage_and_writes_its_results() {
+    let dir = out_dir("full");
+    let out = dir.to_string_lossy().to_string();
+    let output = common::run_binary(
+        &[
+            "bench",
+            "--events",
+            "3000",
+            "--sink-events",
+            "2000",
+            "--backlog",
+            "6000",
+            "--latency-seconds",
+            "3",
+            "--out",
+            &out,
+        ],
+        &env(),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    let path = result_file(&dir);
+    let results: Results = serde_json::from_slice(&std::fs::read(&path).expect("read results"))
+        .expect("parse results");
+    assert!(results.skipped.is_empty(), "skipped: {:?}", results.skipped);
+
+    for id in [
+        "load.copy.rows_per_s",
+        "capture.peek.events_per_s",
+        "capture.recvlogical.events_per_s",
+        "capture.ours.events_per_s",
+        "capture.ours.cpu_us_per_event",
+        "polling.claim.events_per_s",
+        "polling.w1.events_per_s",
+        "polling.w4.events_per_s",
+        "sink.raw_upserts.docs_per_s",
+        "e2e.events_per_s",
+        "e2e.round_trips_per_event",
+        "e2e.docs_per_event",
+        "latency.p50_ms",
+        "memory.backlog.peak_rss_mb",
+        "memory.e2e.peak_rss_mb",
+        "kafka.relay.events_per_s",
+        "kafka.produce.msgs_per_s",
+        "kafka.source.events_per_s",
+        "kafka.consume.msgs_per_s",
+    ] {
+        figure(&results, id);
+    }
+    // Ratios are the quotients of the figures they name.
+    for (ratio, numerator, denominator) in [
+        (
+            "capture.ours_vs_recvlogical",
+            "capture.ours.events_per_s",
+            "capture.recvlogical.events_per_s",
+        ),
+        (
+            "polling.w4_vs_claim",
+            "polling.w4.events_per_s",
+            "polling.claim.events_per_s",
+        ),
+        ("e2e.vs_limit", "e2e.events_per_s", "e2e.limit"),
+        (
+            "kafka.relay_vs_produce",
+            "kafka.relay.events_per_s",
+            "kafka.produce.msgs_per_s",
+        ),
+        (
+            "kafka.source_vs_consume",
+            "kafka.source.events_per_s",
+            "kafka.consume.msgs_per_s",
+        ),
+    ] {
+        let expected = figure(&results, numerator) / figure(&results, denominator);
+        let actual = figure(&results, ratio);
+        assert!(
+            (actual - expected).abs() < 1e-9 * expected,
+            "{ratio}: {actual} != {expected}"
+        );
+    }
+    // The end-to-end limit is the slowest of the limits measured.
+    let limit = figure(&results, "e2e.limit");
+    for id in [
+        "capture.peek.events_per_s",
+        "capture.recvlogical.events_per_s",
+        "sink.raw_upserts.docs_per_s",
+    ] {
+        assert!(limit <= figure(&results, id), "limit {limit} above {id}");
+    }
+    let p: Vec<f64> = ["p50", "p95", "p99", "max"]
+        .iter()
+        .map(|name| figure(&results, &format!("latency.{name}_ms")))
+        .collect();
+    assert!(
+        p.windows(2).all(|w| w[0] <= w[1]),
+        "percentiles out of order: {p:?}"
+    );
+    // Every offered event was measured, once.
+    let offered = figure(&results, "latency.samples");
+    assert!(offered >= 3.0, "latency samples {offered}");
+    let docs = figure(&results, "e2e.docs_per_event");
+    assert!((0.1..5.0).contains(&docs), "documents per event {docs}");
+    let rss = figure(&results, "memory.backlog.peak_rss_mb");
+    assert!((1.0..2048.0).contains(&rss), "peak RSS {rss} MB");
+
+    let machine = &results.machine;
+    assert!(
+        machine.cores >= 1 && machine.memory_bytes > 0,
+        "{machine:?}"
+    );
+    assert!(
+        machine
+            .postgres_version
+            .starts_with(|c: char| c.is_ascii_digit()),
+        "{machine:?}"
+    );
+    assert!(!machine.git_commit.is_empty());
+    assert_eq!(results.targets.len(), 4, "{:?}", results.targets);
+    assert!(stdout.contains("targets"), "{stdout}");
+    assert!(stdout.contains("3 our capture"), "{stdout}");
+
+    let stem = path.with_extension("");
+    for chart in ["latency", "throughput"] {
+        let svg_path = PathBuf::from(format!("{}-{chart}.svg", stem.display()));
+        let svg = std::fs::read_to_string(&svg_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", svg_path.display()));
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    }
+
+    // --compare: a quick second run shows the change against the first.
+    let again = out_dir("again");
+    let output = common::run_binary(
+        &[
+            "bench",
+            "--events",
+            "500",
+            "--skip",
+            "capture,polling,sink,end-to-end,latency,memory,kafka",
+            "--out",
+            &again.to_string_lossy(),
+            "--compare",
+            &path.to_string_lossy(),
+        ],
+        &env(),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("earlier") && stdout.contains('%'),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(again);
+}
+
+#[test]
+fn bench_refuses_bad_arguments_before_touching_anything() {
+    let dir = out_dir("bad");
+    let out = dir.to_string_lossy().to_string();
+    let output = common::run_binary(&["bench", "--skip", "warp-drive", "--out", &out], &env());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`warp-drive` is not a stage"), "{stderr}");
+
+    let missing = dir.join("nope.json");
+    let output = common::run_binary(
+        &[
+            "bench",
+            "--compare",
+            &missing.to_string_lossy(),
+            "--out",
+            &out,
+        ],
+        &env(),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read") && stderr.contains("nope.json"),
+        "{stderr}"
+    );
+    // Nothing was written.
+    let written: Vec<_> = std::fs::read_dir(&dir).expect("dir").collect();
+    assert!(written.is_empty(), "{written:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
