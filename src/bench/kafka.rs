@@ -15,7 +15,7 @@
 
 use super::child::Child;
 use super::report::{Better, Results};
-use super::{pg, rate_since, throughput, Bench};
+use super::{pg, rate_since, Bench};
 use crate::config::KafkaConfig;
 use crate::decode::OutboxEvent;
 use crate::probe::ProbeReport;
@@ -153,10 +153,6 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
     let report = child.stop().await?;
     let source_rate = rate_since(&report, started_ms, relayed)?;
     let source_context = ChildCost::of(&report, started_ms, relayed);
-    bench.series.push((
-        "kafka source (no-op sink)".into(),
-        throughput(&report, started_ms, relayed),
-    ));
     bench.say(&format!("  {source_rate:.0} events/s"));
 
     // Raw consume of the same topic.
