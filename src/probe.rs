@@ -23,6 +23,8 @@ pub struct ProbeReport {
     /// Events handled (applied, duplicate, unmatched or dead-lettered).
     pub done: u64,
     pub applied: u64,
+    /// Events delivered again (after a reconnect) that had already taken effect.
+    pub duplicates: u64,
     pub dead_lettered: u64,
     pub batches: u64,
     pub round_trips: u64,
@@ -111,6 +113,7 @@ impl Probe {
         let mut report = ProbeReport {
             done: stats.done(),
             applied: stats.applied.load(Ordering::Relaxed),
+            duplicates: stats.duplicates.load(Ordering::Relaxed),
             dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
             batches: stats.batches.load(Ordering::Relaxed),
             round_trips: stats.round_trips.load(Ordering::Relaxed),

@@ -63,7 +63,8 @@ impl Child {
         )
     }
 
-    /// Waits until the child reports `done >= expected`; `progress(done)` is
+    /// Waits until the child has handled `expected` distinct events (events
+    /// delivered again after a reconnect do not count); `progress(done)` is
     /// called every 250 ms. Fails if the child exits first or `timeout` passes.
     pub async fn wait_done(
         &mut self,
@@ -74,8 +75,9 @@ impl Child {
         let started = Instant::now();
         loop {
             if let Some(report) = self.report() {
-                progress(report.done);
-                if report.done >= expected {
+                let distinct = report.done.saturating_sub(report.duplicates);
+                progress(distinct);
+                if distinct >= expected {
                     return Ok(report);
                 }
             }

@@ -755,6 +755,14 @@ impl Bench {
             );
         }
         r.push(
+            "e2e.redelivered",
+            stage,
+            "events delivered twice (after a reconnect)",
+            report.duplicates as f64,
+            "",
+            Better::Lower,
+        );
+        r.push(
             "e2e.batches",
             stage,
             "batches",

@@ -311,6 +311,9 @@ impl ReplicationSource {
         let Phase::Streaming(wal) = &mut self.phase else {
             return Ok(None);
         };
+        // A backlog keeps us from ever being idle: tell the server we are
+        // alive between batches too.
+        wal.keep_alive().await?;
         let deadline = tokio::time::Instant::now() + max_wait;
         let sleep = tokio::time::sleep_until(deadline);
         tokio::pin!(sleep);

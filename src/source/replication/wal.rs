@@ -28,7 +28,16 @@ pub(super) struct Wal {
     never: CancellationToken,
     decoder: Decoder,
     user: String,
+    /// When we last told the server our position.
+    last_feedback: std::time::Instant,
 }
+
+/// Longest time without a status update to the server while streaming (as
+/// `pg_recvlogical --status-interval`): the walsender drops a client that
+/// stays silent for `wal_sender_timeout` (60 s by default), and while a large
+/// backlog is worked off its keep-alive requests sit behind megabytes of
+/// unread data in the socket.
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Wal {
     /// Opens the replication connection (it does not create or start anything).
@@ -62,6 +71,7 @@ impl Wal {
             never: CancellationToken::new(),
             decoder: Decoder::default(),
             user: pg.user.clone(),
+            last_feedback: std::time::Instant::now(),
         })
     }
 
@@ -128,10 +138,19 @@ impl Wal {
 
     /// Sends a status update with our acknowledged position.
     pub(super) async fn feedback(&mut self) -> Result<(), SourceError> {
+        self.last_feedback = std::time::Instant::now();
         self.stream
             .send_feedback()
             .await
             .map_err(|err| classify(&self.user, "cannot send replication feedback", err))
+    }
+
+    /// Sends a status update when none went out for [`STATUS_INTERVAL`].
+    pub(super) async fn keep_alive(&mut self) -> Result<(), SourceError> {
+        if self.last_feedback.elapsed() >= STATUS_INTERVAL {
+            self.feedback().await?;
+        }
+        Ok(())
     }
 }
 
