@@ -22,7 +22,7 @@
 
 mod capture;
 pub mod debezium;
-mod producer;
+pub(crate) mod producer;
 
 pub use debezium::{jsonb_text, zoned_timestamp, Encoder, Message, Op, Shape, SnapshotMark};
 pub use producer::{murmur2, partition_for};

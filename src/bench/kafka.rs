@@ -332,22 +332,9 @@ fn message_pool(
         .collect()
 }
 
-/// The relay's producer settings (see `relay/producer.rs`): idempotent,
-/// `acks=all`, no local timeout, murmur2 partitions, default batching.
+/// The relay's own producer settings.
 fn producer(kafka: &KafkaConfig) -> Result<FutureProducer<QuietContext>> {
-    let mut client = base_config(kafka);
-    client
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "0")
-        .set("partitioner", "murmur2_random")
-        .set("allow.auto.create.topics", "false");
-    for (key, value) in &kafka.producer_config.0 {
-        client.set(key, value);
-    }
-    client
-        .create_with_context(QuietContext::default())
-        .context("invalid Kafka producer configuration")
+    crate::relay::producer::create(kafka).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Sends `count` messages cycling through `pool` (each to the partition the

@@ -1,0 +1,279 @@
+//! The PostgreSQL side of `bench`: stage 1 (COPY), 2-3 (the capture limits
+//! and our capture over one WAL range), 4 (polling) and 8 (the backlog).
+
+use super::*;
+
+impl Bench {
+    /// Stage 1 alone (when capture is skipped): the COPY rate.
+    pub(super) async fn load_only(&mut self) -> Result<()> {
+        let (_, client) =
+            pg::fresh_database(&self.admin, &self.config.postgres, "aep_bench_load").await?;
+        let rate = pg::copy(&client, &self.history).await?;
+        self.results.push(
+            "load.copy.rows_per_s",
+            "1 load",
+            "COPY into the outbox",
+            rate,
+            "rows/s",
+            Better::Higher,
+        );
+        Ok(())
+    }
+
+    /// Stages 1-3 over one WAL range: slots first, then COPY, then each reader.
+    pub(super) async fn capture(&mut self) -> Result<()> {
+        let n = self.history.len() as u64;
+        let (pg, client) =
+            pg::fresh_database(&self.admin, &self.config.postgres, "aep_bench_capture").await?;
+        let slots = ["peek", "recv_1", "ours_1", "recv_2", "ours_2"].map(|s| format!("bench_{s}"));
+        for slot in &slots {
+            pg::create_slot(&client, slot).await?;
+        }
+        self.say(&format!("  COPY {n} events"));
+        let rate = pg::copy(&client, &self.history).await?;
+        let end = pg::current_lsn(&client).await?;
+        self.results.push(
+            "load.copy.rows_per_s",
+            "1 load",
+            "COPY into the outbox",
+            rate,
+            "rows/s",
+            Better::Higher,
+        );
+        self.say(&format!("  {rate:.0} rows/s"));
+
+        self.say("[2/9] capture limits: server-side decoding, pg_recvlogical");
+        let peek = pg::peek_rate(&client, &slots[0], n).await?;
+        self.results.push(
+            "capture.peek.events_per_s",
+            "2 capture limits",
+            "server-side pgoutput decoding, no client",
+            peek,
+            "events/s",
+            Better::Higher,
+        );
+        // Two rounds, alternating, best of each: the first reader of a WAL
+        // range pays for reading it from disk.
+        let mut recv = Vec::new();
+        let mut ours = Vec::new();
+        for round in 0..2 {
+            self.say(&format!("[2/9] pg_recvlogical, round {}", round + 1));
+            recv.push(pg::recvlogical(&pg, &slots[1 + 2 * round], &end, n).await?);
+            self.say(&format!(
+                "[3/9] our replication capture, round {}",
+                round + 1
+            ));
+            let started_ms = chrono::Utc::now().timestamp_millis();
+            let child = Child::spawn(
+                &self.dir,
+                &format!("capture-{}", round + 1),
+                &["run", "--sink", "discard", "--until-caught-up"],
+                &self.child_env(&pg, &slots[2 + 2 * round], "replication"),
+            )?;
+            let progress = self.progress_fn("capture", n);
+            let report = child.wait_exit(Duration::from_secs(600), progress).await?;
+            ours.push((
+                rate_since(&report, started_ms, n)?,
+                report.cpu_user_s + report.cpu_system_s,
+            ));
+        }
+        let best = |v: &[(f64, f64)]| {
+            v.iter()
+                .copied()
+                .fold((0.0f64, f64::INFINITY), |(r, c), (rate, cpu)| {
+                    (r.max(rate), c.min(cpu))
+                })
+        };
+        let (recv_rate, recv_cpu) = best(&recv);
+        let (our_rate, our_cpu) = best(&ours);
+        let stage = "2 capture limits";
+        self.results.push(
+            "capture.recvlogical.events_per_s",
+            stage,
+            "pg_recvlogical to /dev/null (best of 2)",
+            recv_rate,
+            "events/s",
+            Better::Higher,
+        );
+        self.results.push(
+            "capture.recvlogical.cpu_us_per_event",
+            stage,
+            "pg_recvlogical CPU per event",
+            recv_cpu * 1e6 / n as f64,
+            "µs",
+            Better::Lower,
+        );
+        let stage = "3 our capture";
+        self.results.push(
+            "capture.ours.events_per_s",
+            stage,
+            "replication source, no-op sink (best of 2)",
+            our_rate,
+            "events/s",
+            Better::Higher,
+        );
+        self.results.push(
+            "capture.ours.cpu_us_per_event",
+            stage,
+            "our CPU per event",
+            our_cpu * 1e6 / n as f64,
+            "µs",
+            Better::Lower,
+        );
+        self.results.ratio(
+            "capture.ours_vs_recvlogical",
+            stage,
+            "events/s vs pg_recvlogical",
+            "capture.ours.events_per_s",
+            "capture.recvlogical.events_per_s",
+        );
+        self.results.ratio(
+            "capture.ours_vs_peek",
+            stage,
+            "events/s vs server-side decoding",
+            "capture.ours.events_per_s",
+            "capture.peek.events_per_s",
+        );
+        if let (Some(o), Some(r)) = (
+            self.results.get("capture.ours.cpu_us_per_event"),
+            self.results.get("capture.recvlogical.cpu_us_per_event"),
+        ) {
+            if r > 0.0 {
+                self.results.push(
+                    "capture.cpu_vs_recvlogical",
+                    stage,
+                    "CPU per event vs pg_recvlogical",
+                    o / r,
+                    "x",
+                    Better::Lower,
+                );
+            }
+        }
+        drop(client);
+        pg::drop_database(&self.admin, "aep_bench_capture").await?;
+        Ok(())
+    }
+
+    /// Stage 4: the polling source (1 and 4 workers) and the bare claim query.
+    pub(super) async fn polling(&mut self) -> Result<()> {
+        let n = self.history.len() as u64;
+        let stage = "4 polling";
+        let db = "aep_bench_polling";
+        self.say("[4/9] polling: the bare claim query");
+        let (pg, client) = pg::fresh_database(&self.admin, &self.config.postgres, db).await?;
+        pg::copy(&client, &self.history).await?;
+        let batch = self.config.pipeline.batch_size as i64;
+        let claim = pg::bare_claim_rate(&client, batch, n).await?;
+        self.results.push(
+            "polling.claim.events_per_s",
+            stage,
+            &format!("bare claim + mark query, batch {batch}"),
+            claim,
+            "events/s",
+            Better::Higher,
+        );
+        drop(client);
+        for workers in [1usize, 4] {
+            self.say(&format!(
+                "[4/9] polling source, {workers} worker(s), no-op sink"
+            ));
+            let (pg, client) = pg::fresh_database(&self.admin, &self.config.postgres, db).await?;
+            pg::copy(&client, &self.history).await?;
+            drop(client);
+            let started_ms = chrono::Utc::now().timestamp_millis();
+            let child = Child::spawn(
+                &self.dir,
+                &format!("polling-{workers}"),
+                &[
+                    "run",
+                    "--source",
+                    "polling",
+                    "--workers",
+                    &workers.to_string(),
+                    "--sink",
+                    "discard",
+                    "--until-caught-up",
+                ],
+                &self.child_env(&pg, "unused", "polling"),
+            )?;
+            let progress = self.progress_fn("polling", n);
+            let report = child.wait_exit(Duration::from_secs(900), progress).await?;
+            let rate = rate_since(&report, started_ms, n)?;
+            self.results.push(
+                &format!("polling.w{workers}.events_per_s"),
+                stage,
+                &format!("polling source, {workers} worker(s), no-op sink"),
+                rate,
+                "events/s",
+                Better::Higher,
+            );
+            self.results.ratio(
+                &format!("polling.w{workers}_vs_claim"),
+                stage,
+                &format!("{workers} worker(s) vs the bare claim query"),
+                &format!("polling.w{workers}.events_per_s"),
+                "polling.claim.events_per_s",
+            );
+        }
+        let _ = pg;
+        pg::drop_database(&self.admin, db).await?;
+        Ok(())
+    }
+
+    /// Stage 8: peak RSS of `run` draining a large backlog, no-op sink.
+    pub(super) async fn memory(&mut self) -> Result<()> {
+        let n = self.args.backlog;
+        let db = "aep_bench_backlog";
+        self.say(&format!(
+            "[8/9] memory: a backlog of {n} events, no-op sink"
+        ));
+        let (pg, client) = pg::fresh_database(&self.admin, &self.config.postgres, db).await?;
+        pg::create_slot(&client, "bench_backlog").await?;
+        let chunk = 100_000usize;
+        let mut loaded = 0usize;
+        let mut progress = self.progress_fn("loading the backlog", n as u64);
+        while loaded < n {
+            let size = chunk.min(n - loaded);
+            let events = generate(
+                self.args.seed + 100 + loaded as u64,
+                &HistoryOptions {
+                    first_sequence: loaded as i64 + 1,
+                    ..HistoryOptions::realistic(size)
+                },
+            );
+            crate::outbox::load::copy_events(&client, &events).await?;
+            loaded += size;
+            progress(loaded as u64);
+        }
+        drop(client);
+        let started_ms = chrono::Utc::now().timestamp_millis();
+        let child = Child::spawn(
+            &self.dir,
+            "memory-backlog",
+            &["run", "--sink", "discard", "--until-caught-up"],
+            &self.child_env(&pg, "bench_backlog", "replication"),
+        )?;
+        let progress = self.progress_fn("draining the backlog", n as u64);
+        let report = child.wait_exit(Duration::from_secs(1800), progress).await?;
+        let rate = rate_since(&report, started_ms, n as u64)?;
+        let stage = "8 memory";
+        self.results.push(
+            "memory.backlog.peak_rss_mb",
+            stage,
+            &format!("peak RSS, no-op sink, {n}-event backlog"),
+            report.peak_rss_bytes as f64 / 1048576.0,
+            "MB",
+            Better::Lower,
+        );
+        self.results.push(
+            "memory.backlog.events_per_s",
+            stage,
+            "backlog drain rate, no-op sink",
+            rate,
+            "events/s",
+            Better::Higher,
+        );
+        pg::drop_database(&self.admin, db).await?;
+        Ok(())
+    }
+}
