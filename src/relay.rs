@@ -33,6 +33,7 @@ use crate::decode::OutboxEvent;
 use crate::outbox;
 use crate::policy::Backoff;
 use crate::source::polling::PollingSource;
+use crate::source::replication::SlotOwner;
 use crate::source::{BatchOutcome, SourceError};
 use capture::{Capture, Captured, SlotCapture};
 use producer::{DeliveryError, Producer};
@@ -242,13 +243,21 @@ impl Relay<'_> {
             Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
         loop {
             let started = match config.kafka.relay.source {
-                RelaySource::Replication => SlotCapture::start(
-                    &config.postgres,
-                    &config.kafka.relay.slot,
-                    &config.replication.publication,
-                )
-                .await
-                .map(Capture::Replication),
+                RelaySource::Replication => {
+                    let owner = SlotOwner::new(&config.postgres, &config.kafka.relay.slot);
+                    match owner.acquire(&self.shutdown).await {
+                        Ok(false) => return Ok(None),
+                        Ok(true) => SlotCapture::start(
+                            &config.postgres,
+                            owner,
+                            &config.kafka.relay.slot,
+                            &config.replication.publication,
+                        )
+                        .await
+                        .map(Capture::Replication),
+                        Err(err) => Err(err),
+                    }
+                }
                 RelaySource::Polling => {
                     PollingSource::start(&config.postgres, config.polling.clone(), identity())
                         .await

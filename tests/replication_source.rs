@@ -143,8 +143,8 @@ async fn resume_redelivers_nothing_acknowledged_and_loses_nothing_unacknowledged
     drop(source);
 
     // A position older than the slot's (say, a checkpoint restored from
-    // before the slot was made again): streaming could skip rows, so the slot
-    // is made again and every row comes from a new snapshot.
+    // before the slot was made again): streaming could skip rows, so every
+    // row comes again from a snapshot taken at the slot's position.
     let all = all_ids(&client).await;
     let mut source = start(&db, &slot, Some(1)).await;
     drain(&mut source, &mut Seen::default(), &all).await;

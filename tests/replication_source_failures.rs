@@ -6,7 +6,7 @@
 mod common;
 
 use activity_event_processor::config::PostgresConfig;
-use activity_event_processor::source::replication::ReplicationSource;
+use activity_event_processor::source::replication::{ReplicationSource, Resume, SlotOwner};
 use common::replication::*;
 use common::TestDb;
 use std::time::Duration;
@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 /// `start` fails with a fatal error (no retry can fix it); its message.
 async fn start_fails(config: &PostgresConfig, slot: &SlotGuard) -> String {
-    let started = ReplicationSource::start(config, slot.options(), None);
+    let owner = SlotOwner::new(config, &slot.name);
+    let started = ReplicationSource::start(config, slot.options(), owner, Resume::At(None));
     match timeout(PATIENCE, started)
         .await
         .expect("start returns in time")

@@ -11,7 +11,7 @@ use common::services::OwnServices;
 use mongodb::bson::doc;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(900);
 
@@ -117,28 +117,6 @@ async fn a_late_commit_is_applied_not_skipped() {
     assert_eq!(models.users[&late.to_string()]["display_name"], "Late");
 }
 
-/// Waits until the read models equal the fold of `history` (or panics).
-async fn wait_converged(
-    stage: &Stage,
-    history: &[activity_event_processor::decode::OutboxEvent],
-    limit: Duration,
-) {
-    let expected =
-        activity_event_processor::projection::fold::ReferenceFold::of(history).read_models();
-    let start = Instant::now();
-    loop {
-        if stage.mongo.read_models().await == expected {
-            return;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "no convergence within {limit:?}\n{}",
-            stage.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_crashing_mid_stream_is_survived_and_sigterm_exits_cleanly() {
     let services = OwnServices::up(&["pg", "mongo"]);
@@ -149,7 +127,7 @@ async fn postgres_crashing_mid_stream_is_survived_and_sigterm_exits_cleanly() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     services.control(&["pg-restart", "immediate"]);
     stage.load(&history[2_000..]).await;
-    wait_converged(&stage, &history, LIMIT).await;
+    stage.wait_converged(&history, LIMIT).await;
     // SIGTERM: finish, acknowledge, exit 0.
     let pid = child.id().to_string();
     let status = std::process::Command::new("kill")
@@ -199,7 +177,7 @@ async fn the_slot_never_passes_what_mongodb_holds_even_when_mongodb_stops() {
         "the slot moved while MongoDB was down"
     );
     services.control(&["thaw", "mongo"]);
-    wait_converged(&stage, &history, LIMIT).await;
+    stage.wait_converged(&history, LIMIT).await;
     kill_9(&mut child);
     // Nothing was dead-lettered for the outage: only the fold's poison.
     stage.assert_converged(&history, true).await;

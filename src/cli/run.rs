@@ -14,7 +14,10 @@ use crate::probe::Probe;
 use crate::projection::Projector;
 use crate::source::kafka::KafkaSource;
 use crate::source::polling::PollingSource;
-use crate::source::replication::{self, ReplicationOptions, ReplicationSource};
+use crate::source::replication::{
+    self, LoadPosition, ReplicationOptions, ReplicationSource, Resume, SlotOwner,
+};
+use crate::source::SourceError;
 use crate::store::mongo::{redact_uri, MongoStore};
 use clap::Args;
 use std::sync::Arc;
@@ -114,6 +117,47 @@ async fn start_kafka(
     }
 }
 
+/// Waits until this process owns the slot, retrying while PostgreSQL is
+/// unreachable; `false` when shutdown came first.
+pub(crate) async fn acquire(
+    owner: &SlotOwner,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
+    loop {
+        match owner.acquire(shutdown).await {
+            Ok(owned) => return Ok(owned),
+            Err(err) if err.is_transient() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot take the slot ownership; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(err) => anyhow::bail!("{err}"),
+        }
+    }
+}
+
+/// The replication position MongoDB holds, read on every (re)connect.
+fn checkpoint_loader(checkpoint: MongoCheckpoint) -> LoadPosition {
+    Arc::new(move || {
+        let checkpoint = checkpoint.clone();
+        Box::pin(async move {
+            checkpoint.load().await.map_err(|err| {
+                let text = format!("cannot read the checkpoint: {err}");
+                if err.is_transient() {
+                    SourceError::Transient(text)
+                } else {
+                    SourceError::Fatal(text)
+                }
+            })
+        })
+    })
+}
+
 /// The identity polling workers write into `lock_id`.
 fn worker_identity(index: usize) -> String {
     let host = std::fs::read_to_string("/etc/hostname")
@@ -186,24 +230,35 @@ async fn run_source(
             let checkpoint = store
                 .as_ref()
                 .map(|store| MongoCheckpoint::new(store.clone(), config.replication.slot.clone()));
+            let owner = SlotOwner::new(&config.postgres, &config.replication.slot);
+            if !acquire(&owner, config, &shutdown).await? {
+                return Ok(());
+            }
             let resume = match &checkpoint {
-                Some(checkpoint) => checkpoint
-                    .load()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot read the checkpoint: {e}"))?,
+                Some(checkpoint) => Resume::Load(checkpoint_loader(checkpoint.clone())),
                 // No effects to protect: the slot's own position will do.
-                None => replication::slot_position(&config.postgres, &config.replication.slot)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                None => Resume::At(
+                    replication::slot_position(&config.postgres, &config.replication.slot)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                ),
             };
             let options = ReplicationOptions {
                 slot: config.replication.slot.clone(),
                 publication: config.replication.publication.clone(),
+                sweep: config.pipeline.mark_processed && checkpoint.is_some(),
             };
             let mut backoff =
                 Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
             let source = loop {
-                match ReplicationSource::start(&config.postgres, options.clone(), resume).await {
+                let started = ReplicationSource::start(
+                    &config.postgres,
+                    options.clone(),
+                    owner.clone(),
+                    resume.clone(),
+                )
+                .await;
+                match started {
                     Ok(source) => break source,
                     Err(err) if err.is_transient() => {
                         let delay = backoff.next_delay();
@@ -230,7 +285,9 @@ async fn run_source(
                 report_progress: true,
                 probe: probe.clone(),
             };
-            pipeline.run().await?;
+            let result = pipeline.run().await;
+            owner.release().await;
+            result?;
         }
         SourceKind::Polling => {
             let mut workers = JoinSet::new();

@@ -10,12 +10,16 @@
 //! dropped. `<slot>` therefore exists only after its snapshot is published:
 //! at start, an existing `<slot>` is resumed from its position; otherwise the
 //! snapshot is taken (again).
+//!
+//! One owner: the relay owns `<slot>` (a [`SlotOwner`] lock, taken before
+//! anything here runs) for both slots, and drops or copies a slot only in the
+//! session that holds that lock. A second relay on the same slot waits.
 
 use super::debezium::{Op, SnapshotMark};
 use crate::config::PostgresConfig;
 use crate::outbox::{self, describe};
 use crate::source::polling::PollingSource;
-use crate::source::replication::{ReplicationOptions, ReplicationSource};
+use crate::source::replication::{ReplicationOptions, ReplicationSource, Resume, SlotOwner};
 use crate::source::{AckToken, BatchOutcome, Source, SourceBatch, SourceError};
 use std::time::{Duration, Instant};
 use tokio_postgres::types::PgLsn;
@@ -86,16 +90,17 @@ impl Capture {
 
 enum Phase {
     /// Taking the initial snapshot through `<slot>_init`.
-    Init(ReplicationSource),
+    Init(Box<ReplicationSource>),
     /// The snapshot is published up to `lsn`: `<slot>_init` becomes `<slot>`.
     Switching { lsn: u64 },
     /// Streaming from `<slot>`.
-    Main(ReplicationSource),
+    Main(Box<ReplicationSource>),
 }
 
 /// The replication source, on the relay's own slot.
 pub struct SlotCapture {
     pg: PostgresConfig,
+    owner: SlotOwner,
     slot: String,
     init_slot: String,
     publication: String,
@@ -133,8 +138,8 @@ async fn connect(pg: &PostgresConfig) -> Result<Client, SourceError> {
 }
 
 /// Drops a slot once no backend uses it (a closed stream's backend may take
-/// a moment to go).
-async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
+/// a moment to go), in the session that owns the relay's slots.
+async fn drop_slot(client: &Client, owner: &SlotOwner, slot: &str) -> Result<(), SourceError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match slot_state(client, slot).await? {
@@ -149,16 +154,13 @@ async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
                 )))
             }
             Some((_, None)) => {
-                client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                    .await
-                    .map_err(|e| {
-                        SourceError::Transient(format!(
-                            "cannot drop replication slot `{slot}`: {}",
-                            describe(&e)
-                        ))
-                    })?;
-                return Ok(());
+                return owner
+                    .fenced(
+                        &format!("cannot drop replication slot `{slot}`"),
+                        "SELECT pg_drop_replication_slot($1)",
+                        &[&slot],
+                    )
+                    .await;
             }
         }
     }
@@ -166,13 +168,17 @@ async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
 
 impl SlotCapture {
     /// Resumes `<slot>` if it exists, else starts the initial snapshot.
+    /// `owner` must own `<slot>` already.
     pub async fn start(
         pg: &PostgresConfig,
+        owner: SlotOwner,
         slot: &str,
         publication: &str,
     ) -> Result<SlotCapture, SourceError> {
+        owner.ensure_held().await?;
         let mut capture = SlotCapture {
             pg: pg.clone(),
+            owner,
             slot: slot.to_string(),
             init_slot: format!("{slot}_init"),
             publication: publication.to_string(),
@@ -184,7 +190,7 @@ impl SlotCapture {
         match slot_state(&client, slot).await? {
             Some((lsn, _)) => {
                 if slot_state(&client, &capture.init_slot).await?.is_some() {
-                    drop_slot(&client, &capture.init_slot).await?;
+                    drop_slot(&client, &capture.owner, &capture.init_slot).await?;
                 }
                 tracing::info!(slot, lsn = %PgLsn::from(lsn), "relay resuming from its slot");
                 capture.phase = Phase::Main(capture.open(slot, Some(lsn)).await?);
@@ -202,16 +208,19 @@ impl SlotCapture {
         &self,
         slot: &str,
         resume: Option<u64>,
-    ) -> Result<ReplicationSource, SourceError> {
+    ) -> Result<Box<ReplicationSource>, SourceError> {
         ReplicationSource::start(
             &self.pg,
             ReplicationOptions {
                 slot: slot.to_string(),
                 publication: self.publication.clone(),
+                sweep: false,
             },
-            resume,
+            self.owner.clone(),
+            Resume::At(resume),
         )
         .await
+        .map(Box::new)
     }
 
     /// `<slot>_init` -> `<slot>`, then stream from it.
@@ -226,22 +235,18 @@ impl SlotCapture {
                 return Ok(());
             }
             drop_slot_backend_wait(&client, &self.init_slot).await?;
-            client
-                .execute(
+            self.owner
+                .fenced(
+                    &format!(
+                        "cannot copy replication slot `{}` to `{}`",
+                        self.init_slot, self.slot
+                    ),
                     "SELECT pg_copy_logical_replication_slot($1, $2)",
                     &[&self.init_slot, &self.slot],
                 )
-                .await
-                .map_err(|e| {
-                    SourceError::Transient(format!(
-                        "cannot copy replication slot `{}` to `{}`: {}",
-                        self.init_slot,
-                        self.slot,
-                        describe(&e)
-                    ))
-                })?;
+                .await?;
         }
-        drop_slot(&client, &self.init_slot).await?;
+        drop_slot(&client, &self.owner, &self.init_slot).await?;
         let slot = self.slot.clone();
         let main = self.open(&slot, Some(lsn)).await?;
         tracing::info!(slot = %self.slot, lsn = %PgLsn::from(lsn), "initial snapshot relayed; streaming");

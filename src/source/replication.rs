@@ -1,16 +1,23 @@
 //! Logical replication capture: the outbox's inserts, decoded from `pgoutput`.
 //!
-//! Start-up, on the first call and after every transient error:
+//! One owner per slot: nothing below runs before this process owns the slot
+//! ([`SlotOwner`]), and a lost ownership stops the capture until it is owned
+//! again. Start-up, on the first call and after every transient error:
 //! 1. check the server (`wal_level`), the outbox table, and create the
 //!    publication of outbox inserts if it is missing;
-//! 2. if the caller holds a position for this slot (`resume`) and the slot is
-//!    usable, stream from that position: ours, not the slot's, because the
-//!    slot's `confirmed_flush_lsn` can go backwards after a crash;
-//! 3. otherwise (no slot, no position, a lost slot, or a slot ahead of our
-//!    position) drop the slot, create it again with an exported snapshot, read
-//!    every existing row through that snapshot in `sequence_id` order, then
-//!    stream from the slot's consistent point: no gap and no duplicate between
-//!    the two.
+//! 2. if the caller holds a position for this slot ([`Resume`], read again
+//!    after every take-over) and the slot is not ahead of it, stream from that
+//!    position: ours, not the slot's, because the slot's `confirmed_flush_lsn`
+//!    can go backwards after a crash;
+//! 3. if there is no slot, create it with an exported snapshot, read every
+//!    existing row through that snapshot in `sequence_id` order, then stream
+//!    from the slot's consistent point: no gap and no duplicate between the two;
+//! 4. if the slot exists but we hold no position for it (or it is ahead of
+//!    ours), read every row in a snapshot taken *after* reading the slot's
+//!    position, then stream from that position: no gap (every row committed
+//!    before the position is in the snapshot), and the rows in both are
+//!    duplicates the fenced projections absorb. A slot is never dropped; one
+//!    PostgreSQL has invalidated stops the process with what to do.
 //!
 //! Batches: a snapshot batch is acknowledged with `Lsn(0)` (nothing to move)
 //! except the last, which carries the consistent point. A streamed batch
@@ -21,34 +28,32 @@
 //! The slot's position moves only on [`Source::ack`], so it never passes what
 //! the caller holds durably. When no outbox events come but the database
 //! writes other WAL, an empty batch every [`POSITION_INTERVAL`] hands out the
-//! stream's position, so that the slot does not hold that WAL forever.
+//! stream's position, so that the slot does not hold that WAL forever. While
+//! streaming, a sweep ([`sweep`]) looks for rows the capture passed without
+//! applying them and delivers them again.
 
+mod owner;
 mod pgoutput;
+mod rows;
 mod setup;
 mod snapshot;
+mod sweep;
 mod wal;
+
+pub use owner::SlotOwner;
 
 use super::{AckToken, BatchOutcome, Source, SourceBatch, SourceError};
 use crate::config::{PostgresConfig, ReplicationConfig};
-use crate::decode::{decode_text_row, DecodeError, OutboxEvent};
+use crate::decode::OutboxEvent;
 use crate::projection::DeadLetter;
+use futures::future::BoxFuture;
 use pgoutput::WalItem;
+use rows::{decode_row, EVENT_COLUMNS};
 use snapshot::Snapshot;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
-use uuid::Uuid;
 use wal::Wal;
-
-/// The outbox columns an event is made of (the others are never read).
-const EVENT_COLUMNS: [&str; 7] = [
-    "event_id",
-    "sequence_id",
-    "aggregate_id",
-    "aggregate_type",
-    "event_type",
-    "payload",
-    "created_at",
-];
 
 /// How often, at most, an empty batch hands out the stream's position.
 const POSITION_INTERVAL: Duration = Duration::from_secs(10);
@@ -69,6 +74,9 @@ const LINGER: Duration = Duration::from_millis(2);
 pub struct ReplicationOptions {
     pub slot: String,
     pub publication: String,
+    /// Look for rows the capture passed without applying ([`sweep`]); only
+    /// where the pipeline marks applied rows `processed`.
+    pub sweep: bool,
 }
 
 impl From<&ReplicationConfig> for ReplicationOptions {
@@ -76,6 +84,30 @@ impl From<&ReplicationConfig> for ReplicationOptions {
         ReplicationOptions {
             slot: config.slot.clone(),
             publication: config.publication.clone(),
+            sweep: false,
+        }
+    }
+}
+
+/// Reads the position the caller durably holds for the slot.
+pub type LoadPosition =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<Option<u64>, SourceError>> + Send + Sync>;
+
+/// Where streaming resumes.
+#[derive(Clone)]
+pub enum Resume {
+    /// This position (`None`: none; a snapshot is taken).
+    At(Option<u64>),
+    /// The caller's durable position, read again on every (re)connect once
+    /// the slot is owned: another owner may have moved it meanwhile.
+    Load(LoadPosition),
+}
+
+impl std::fmt::Debug for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resume::At(position) => f.debug_tuple("At").field(position).finish(),
+            Resume::Load(_) => f.write_str("Load"),
         }
     }
 }
@@ -95,6 +127,8 @@ enum Phase {
 pub struct ReplicationSource {
     pg: PostgresConfig,
     options: ReplicationOptions,
+    owner: SlotOwner,
+    load_position: Option<LoadPosition>,
     phase: Phase,
     /// Where a reconnect streams from: the last acknowledged position, or the
     /// one given to `start`. `None` until a snapshot has been acknowledged
@@ -114,6 +148,10 @@ pub struct ReplicationSource {
     target: u64,
     /// When a batch was last handed out.
     last_handout: Instant,
+    /// The last batch handed out was full: the stream has a backlog.
+    busy: bool,
+    /// The stuck-row sweep (boxed: the source is moved around).
+    sweeper: Box<sweep::Sweeper>,
 }
 
 /// The slot's confirmed position, if the slot exists (for the no-op sink of
@@ -126,14 +164,16 @@ pub async fn slot_position(pg: &PostgresConfig, slot: &str) -> Result<Option<u64
 }
 
 impl ReplicationSource {
-    /// Connects, creates what is missing, and gets ready to stream.
+    /// Connects, creates what is missing, and gets ready to stream. `owner`
+    /// must already own the slot ([`SlotOwner::acquire`]).
     ///
-    /// `resume` is the last position the caller holds durably for this slot
-    /// (`None`: it never finished a snapshot with it, and one is taken).
+    /// `resume`: where the caller's durable position for this slot comes from
+    /// (no position: it never finished a snapshot with it, and one is taken).
     pub async fn start(
         pg: &PostgresConfig,
         options: ReplicationOptions,
-        resume: Option<u64>,
+        owner: SlotOwner,
+        resume: Resume,
     ) -> Result<ReplicationSource, SourceError> {
         for (key, name) in [
             ("slot", &options.slot),
@@ -145,10 +185,16 @@ impl ReplicationSource {
                 )));
             }
         }
+        let (resume, load_position) = match resume {
+            Resume::At(position) => (position, None),
+            Resume::Load(load) => (None, Some(load)),
+        };
         let position = resume.unwrap_or(0);
         let mut source = ReplicationSource {
             pg: pg.clone(),
             options,
+            owner,
+            load_position,
             phase: Phase::Down,
             resume,
             acked: position,
@@ -158,6 +204,8 @@ impl ReplicationSource {
             carry: None,
             target: 0,
             last_handout: Instant::now(),
+            busy: false,
+            sweeper: Box::default(),
         };
         let admin = setup::connect(pg).await?;
         source.connect_with(&admin).await?;
@@ -171,60 +219,84 @@ impl ReplicationSource {
     }
 
     async fn connect_with(&mut self, admin: &Client) -> Result<(), SourceError> {
+        // Nothing below runs for a slot this process does not own.
+        self.owner.ensure_held().await?;
+        if let Some(load) = &self.load_position {
+            self.move_to(load().await?);
+        }
         let slot = self.options.slot.as_str();
         setup::preflight(admin).await?;
         setup::ensure_publication(admin, &self.options.publication).await?;
         let info = setup::slot_info(admin, slot, &self.pg.database).await?;
-        let resume = match (&info, self.resume) {
-            (Some(info), Some(_)) if info.lost => {
-                tracing::warn!(
-                    slot,
-                    "the replication slot was invalidated (its WAL was removed): \
-                     taking a new snapshot"
-                );
-                None
-            }
-            (Some(info), Some(resume)) if info.confirmed_flush.is_some_and(|c| c > resume) => {
-                // The slot is newer than our position (recreated since, or our
-                // position was restored from an older backup): streaming from
-                // it could skip events.
-                tracing::warn!(
-                    slot,
-                    resume = %lsn_text(resume),
-                    confirmed = %lsn_text(info.confirmed_flush.unwrap_or(0)),
-                    "the replication slot is ahead of the recorded position: taking a new snapshot"
-                );
-                None
-            }
-            (Some(_), resume) => resume,
-            (None, _) => None,
-        };
         self.in_txn = false;
         self.carry = None;
-        if let Some(from) = resume {
-            let mut wal = Wal::connect(&self.pg, slot, &self.options.publication, false).await?;
-            wal.start(Some(from)).await?;
-            self.last_commit = self.last_commit.max(from);
-            self.phase = Phase::Streaming(wal);
-            tracing::info!(slot, from = %lsn_text(from), "replication streaming");
-            return Ok(());
+        let Some(info) = info else {
+            return self.create_slot(admin).await;
+        };
+        if info.lost {
+            return Err(SourceError::Fatal(setup::lost_slot_message(slot)));
         }
-        if let Some(info) = info {
-            if let Some(pid) = info.active_pid {
-                return Err(SourceError::Transient(format!(
-                    "replication slot `{slot}` is in use by server process {pid}: \
-                     another processor, or a connection of ours the server has not noticed is gone"
-                )));
+        if let Some(pid) = info.active_pid {
+            return Err(SourceError::Transient(format!(
+                "replication slot `{slot}` is in use by server process {pid}: \
+                 a connection the server has not yet noticed is gone, or a process \
+                 that does not take the ownership lock"
+            )));
+        }
+        let confirmed = info.confirmed_flush.unwrap_or(0);
+        match self.resume {
+            Some(from) if confirmed <= from => {
+                let mut wal =
+                    Wal::connect(&self.pg, slot, &self.options.publication, false).await?;
+                wal.start(Some(from)).await?;
+                self.last_commit = self.last_commit.max(from);
+                self.phase = Phase::Streaming(wal);
+                tracing::info!(slot, from = %lsn_text(from), "replication streaming");
+                Ok(())
             }
-            setup::drop_slot(admin, slot).await?;
-            tracing::info!(slot, "dropped the replication slot to take a new snapshot");
+            resume => {
+                if let Some(from) = resume {
+                    // Recreated by someone else since, or our position was
+                    // restored from an older backup: streaming from ours
+                    // could skip events, so read everything up to the slot's.
+                    tracing::warn!(
+                        slot,
+                        resume = %lsn_text(from),
+                        confirmed = %lsn_text(confirmed),
+                        "the replication slot is ahead of the recorded position: \
+                         reading the outbox again up to the slot's position"
+                    );
+                }
+                self.snapshot_existing(confirmed).await
+            }
         }
+    }
+
+    /// Moves the resume position forward to `position` (another owner's
+    /// progress, read from where the caller keeps it).
+    fn move_to(&mut self, position: Option<u64>) {
+        let Some(position) = position else {
+            return;
+        };
+        if self.resume.is_none_or(|r| r < position) {
+            self.resume = Some(position);
+            self.acked = self.acked.max(position);
+            self.handed = self.handed.max(position);
+            self.last_commit = self.last_commit.max(position);
+        }
+    }
+
+    /// No slot: create it with an exported snapshot and read that snapshot.
+    async fn create_slot(&mut self, admin: &Client) -> Result<(), SourceError> {
+        let slot = self.options.slot.as_str();
         setup::check_slot_capacity(admin).await?;
         let mut wal = Wal::connect(&self.pg, slot, &self.options.publication, true).await?;
         tracing::info!(
             slot,
             "creating the replication slot (it waits for running transactions to end)"
         );
+        // Still ours right before the slot and its snapshot are made.
+        self.owner.ensure_held().await?;
         let snapshot_name = wal.create_slot().await?;
         // A new slot's position is its consistent point (read on another
         // connection: a command on the replication connection would end the
@@ -233,7 +305,7 @@ impl ReplicationSource {
             .await?
             .and_then(|info| info.confirmed_flush)
             .ok_or_else(|| SourceError::Transient(format!("replication slot `{slot}` vanished")))?;
-        let snapshot = Snapshot::open(&self.pg, &snapshot_name, consistent_point).await?;
+        let snapshot = Snapshot::open(&self.pg, Some(&snapshot_name), consistent_point).await?;
         tracing::info!(
             slot,
             consistent_point = %lsn_text(consistent_point),
@@ -247,10 +319,31 @@ impl ReplicationSource {
         Ok(())
     }
 
+    /// The slot exists and streaming from our position is not possible: read
+    /// every row in a snapshot taken now, then stream from `confirmed`.
+    async fn snapshot_existing(&mut self, confirmed: u64) -> Result<(), SourceError> {
+        let slot = self.options.slot.as_str();
+        let wal = Wal::connect(&self.pg, slot, &self.options.publication, false).await?;
+        // After `confirmed` was read: every row committed before it is in here.
+        let snapshot = Snapshot::open(&self.pg, None, confirmed).await?;
+        tracing::info!(
+            slot,
+            position = %lsn_text(confirmed),
+            "reading the outbox up to the replication slot's position"
+        );
+        self.resume = None;
+        self.phase = Phase::Snapshot {
+            wal,
+            snapshot: Box::new(snapshot),
+        };
+        Ok(())
+    }
+
     /// Forgets the connection and the transaction it was in the middle of:
     /// the reconnect starts at a transaction boundary.
     fn disconnect(&mut self) {
         self.phase = Phase::Down;
+        self.sweeper.admin = None;
         self.in_txn = false;
         self.carry = None;
     }
@@ -287,8 +380,7 @@ impl ReplicationSource {
         };
         let (consistent_point, rows) = (snapshot.consistent_point, snapshot.rows);
         snapshot.finish().await?;
-        // From the slot's own position: the consistent point.
-        wal.start(None).await?;
+        wal.start(Some(consistent_point)).await?;
         self.phase = Phase::Streaming(wal);
         self.last_commit = consistent_point;
         tracing::info!(
@@ -370,12 +462,91 @@ impl ReplicationSource {
             }
         }
         if events.is_empty() && malformed.is_empty() {
+            self.busy = false;
             return Ok(self.position_batch());
         }
+        self.busy = events.len() + malformed.len() >= max_events;
         // Events after the last commit belong to a transaction that is not
         // complete yet: they go out, but the position stays at that commit.
         let lsn = self.last_commit;
         Ok(Some(self.hand_out(events, malformed, lsn)))
+    }
+
+    /// Everything the stream carries up to `position` has been delivered, and
+    /// every batch handed out is acknowledged (so applied and marked).
+    fn durable_through(&self, position: u64) -> bool {
+        let Phase::Streaming(wal) = &self.phase else {
+            return false;
+        };
+        self.acked >= position
+            || (!self.in_txn
+                && self.carry.is_none()
+                && self.acked >= self.handed
+                && wal.received() >= position)
+    }
+
+    /// Drives the stuck-row sweep ([`sweep`]): finishes the running one once
+    /// the stream is past its watermark (a batch of the rows it found), or
+    /// starts one when due. Runs between batches, on its own connection.
+    async fn sweep_step(&mut self) -> Result<Option<SourceBatch>, SourceError> {
+        if !self.options.sweep {
+            return Ok(None);
+        }
+        let finishing = self
+            .sweeper
+            .running
+            .as_ref()
+            .is_some_and(|(sweep, _)| self.durable_through(sweep.watermark));
+        let starting = self.sweeper.running.is_none()
+            && (self.sweeper.want_verify || (self.sweeper.due() && !self.busy));
+        if !finishing && !starting {
+            return Ok(None);
+        }
+        let client = match self.sweeper.admin.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => setup::connect_text(&self.pg).await?,
+        };
+        let result = if finishing {
+            self.finish_sweep(&client).await
+        } else {
+            let sweep = sweep::start(&client).await;
+            sweep.map(|sweep| {
+                let verifies = std::mem::take(&mut self.sweeper.want_verify);
+                self.sweeper.running = Some((sweep, verifies));
+                self.sweeper.last_start = Some(Instant::now());
+                None
+            })
+        };
+        self.sweeper.admin = Some(client);
+        result
+    }
+
+    async fn finish_sweep(&mut self, client: &Client) -> Result<Option<SourceBatch>, SourceError> {
+        let Some((sweep, verifies)) = self.sweeper.running.take() else {
+            return Ok(None);
+        };
+        let stuck = sweep::finish(client, &sweep).await?;
+        if stuck.is_empty() {
+            self.sweeper.verified |= verifies;
+            return Ok(None);
+        }
+        self.sweeper.found += stuck.len() as u64;
+        let first = stuck.events.first().and_then(|e| e.sequence_id);
+        tracing::warn!(
+            slot = %self.options.slot,
+            rows = stuck.len(),
+            first_sequence_id = ?first,
+            found_so_far = self.sweeper.found,
+            "outbox rows committed before a position the capture has passed were never applied: \
+             delivering them again"
+        );
+        // Position 0: these rows move nothing; the stream's position is ahead.
+        Ok(Some(self.hand_out(stuck.events, stuck.malformed, 0)))
+    }
+
+    /// Rows the sweep found stuck (and delivered again) since the start.
+    pub fn stuck_found(&self) -> u64 {
+        self.sweeper.found
     }
 
     /// An empty batch with the stream's position, when it moved on without
@@ -403,6 +574,15 @@ impl Source for ReplicationSource {
         max_events: usize,
         max_wait: Duration,
     ) -> Result<Option<SourceBatch>, SourceError> {
+        if !matches!(self.phase, Phase::Down) && !self.owner.is_alive().await {
+            // The session holding the ownership ended: another process may
+            // own the slot by now. Stop, and own it again before going on.
+            self.disconnect();
+            return Err(SourceError::Transient(format!(
+                "lost the ownership of replication slot `{}` (its session ended)",
+                self.options.slot
+            )));
+        }
         if matches!(self.phase, Phase::Down) {
             self.connect().await?;
         }
@@ -410,7 +590,11 @@ impl Source for ReplicationSource {
         let result = match self.phase {
             Phase::Down => Ok(None),
             Phase::Snapshot { .. } => self.snapshot_batch(max_events).await,
-            Phase::Streaming(_) => self.stream_batch(max_events, max_wait).await,
+            Phase::Streaming(_) => match self.sweep_step().await {
+                Ok(Some(batch)) => Ok(Some(batch)),
+                Ok(None) => self.stream_batch(max_events, max_wait).await,
+                Err(err) => Err(err),
+            },
         };
         if matches!(&result, Err(err) if err.is_transient()) {
             // Whatever was read of this batch comes again after the reconnect.
@@ -449,48 +633,17 @@ impl Source for ReplicationSource {
         Ok(())
     }
 
+    /// Every row committed before the start is delivered and acknowledged,
+    /// and (where rows are marked) a sweep started since found none stuck.
     async fn caught_up(&mut self) -> Result<bool, SourceError> {
-        let Phase::Streaming(wal) = &self.phase else {
+        if self.resume.is_none() || !self.durable_through(self.target) {
             return Ok(false);
-        };
-        Ok(self.resume.is_some()
-            && !self.in_txn
-            && self.carry.is_none()
-            && self.acked >= self.handed
-            && wal.received() >= self.target)
-    }
-}
-
-/// A row of the outbox in text form, or the dead letter of one that does not
-/// decode (with whatever could be recovered, and the raw payload as a string).
-fn decode_row(columns: &[(&str, Option<&str>)]) -> Result<OutboxEvent, Box<DeadLetter>> {
-    decode_text_row(columns).map_err(|err| Box::new(malformed_row(columns, &err)))
-}
-
-fn malformed_row(columns: &[(&str, Option<&str>)], err: &DecodeError) -> DeadLetter {
-    let column = |wanted: &str| {
-        columns
-            .iter()
-            .find(|(name, _)| *name == wanted)
-            .and_then(|(_, value)| *value)
-    };
-    let uuid = |wanted: &str| {
-        column(wanted)
-            .and_then(|text| Uuid::parse_str(text.trim()).ok())
-            .unwrap_or_else(Uuid::nil)
-    };
-    DeadLetter {
-        event: OutboxEvent {
-            event_id: uuid("event_id"),
-            sequence_id: column("sequence_id").and_then(|text| text.trim().parse().ok()),
-            aggregate_id: uuid("aggregate_id"),
-            aggregate_type: column("aggregate_type").unwrap_or_default().to_string(),
-            event_type: column("event_type").unwrap_or_default().to_string(),
-            payload: serde_json::Value::String(column("payload").unwrap_or_default().to_string()),
-            created_at: None,
-        },
-        error: err.to_string(),
-        attempts: 1,
+        }
+        if !self.options.sweep || self.sweeper.verified {
+            return Ok(true);
+        }
+        self.sweeper.want_verify = true;
+        Ok(false)
     }
 }
 
@@ -510,61 +663,6 @@ fn lsn_text(lsn: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn row<'a>(payload: &'a str, created_at: &'a str) -> Vec<(&'a str, Option<&'a str>)> {
-        vec![
-            ("event_id", Some("0192f4b7-1c3d-7e4f-9a50-3b6c7d8e9f10")),
-            ("sequence_id", Some("7")),
-            ("aggregate_id", Some("7d3c9a52-1e4f-4b8a-9c61-2f5e8d7a4b10")),
-            ("aggregate_type", Some("User")),
-            ("event_type", Some("UserCreated")),
-            ("payload", Some(payload)),
-            ("status", Some("pending")),
-            ("created_at", Some(created_at)),
-        ]
-    }
-
-    #[test]
-    fn a_good_row_is_an_event() {
-        let event = decode_row(&row(r#"{"email": "a@b"}"#, "2026-01-02 03:04:05.123456+00"));
-        assert!(
-            matches!(
-                event,
-                Ok(OutboxEvent {
-                    sequence_id: Some(7),
-                    ..
-                })
-            ),
-            "{event:?}"
-        );
-    }
-
-    #[test]
-    fn a_bad_row_is_a_dead_letter_with_what_could_be_recovered() {
-        let Err(letter) = decode_row(&row("{not json", "2026-01-02 03:04:05+00")) else {
-            panic!("expected a dead letter");
-        };
-        assert_eq!(
-            letter.event.event_id.to_string(),
-            "0192f4b7-1c3d-7e4f-9a50-3b6c7d8e9f10"
-        );
-        assert_eq!(letter.event.sequence_id, Some(7));
-        assert_eq!(letter.event.event_type, "UserCreated");
-        assert_eq!(letter.event.payload, serde_json::json!("{not json"));
-        assert!(
-            letter.error.starts_with("payload is not valid json"),
-            "{}",
-            letter.error
-        );
-        assert_eq!(letter.attempts, 1);
-
-        let mut columns = row("{}", "2026-01-02 03:04:05+00");
-        columns[0].1 = Some("nope");
-        let Err(letter) = decode_row(&columns) else {
-            panic!("expected a dead letter");
-        };
-        assert!(letter.event.event_id.is_nil());
-    }
 
     #[test]
     fn names_and_positions() {

@@ -210,7 +210,7 @@ impl Drop for Slots {
 /// Starts the binary (`relay ...` or `run ...`) with `env` on a clean
 /// environment, its log appended to `log`.
 pub fn spawn(args: &[&str], env: &[(&'static str, String)], log: &Path) -> Proc {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_event-processor"));
+    let mut command = Command::new(super::pipeline::binary());
     command.args(args).env_clear();
     for key in ["PATH", "HOME"] {
         if let Ok(value) = std::env::var(key) {

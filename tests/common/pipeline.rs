@@ -59,7 +59,7 @@ impl Stage {
     /// Starts `event-processor run <args>` in the background; its log goes to
     /// a file (a pipe nobody reads would fill up and stall it).
     pub fn spawn(&self, args: &[&str], extra: &[(&'static str, String)]) -> Child {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_event-processor"));
+        let mut command = Command::new(binary());
         command.arg("run").args(args).env_clear();
         for key in ["PATH", "HOME"] {
             if let Ok(value) = std::env::var(key) {
@@ -115,6 +115,23 @@ impl Stage {
         );
     }
 
+    /// Waits until the read models equal the fold of `history` (or panics).
+    pub async fn wait_converged(&self, history: &[OutboxEvent], limit: Duration) {
+        let expected = ReferenceFold::of(history).read_models();
+        let start = Instant::now();
+        loop {
+            if self.mongo.read_models().await == expected {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no convergence within {limit:?}\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// The read models equal the fold, and every outbox row is finished:
     /// processed, or failed exactly when the fold dead-letters it.
     pub async fn assert_converged(&self, history: &[OutboxEvent], check_outbox: bool) {
@@ -162,6 +179,13 @@ impl Stage {
             );
         }
     }
+}
+
+/// The binary under test: this build's, or `EVENT_PROCESSOR_BIN` (to run a
+/// test against another build, e.g. an earlier commit's).
+pub fn binary() -> String {
+    std::env::var("EVENT_PROCESSOR_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_event-processor").to_string())
 }
 
 pub fn wait_with_timeout(

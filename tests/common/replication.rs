@@ -5,7 +5,9 @@
 
 use super::TestDb;
 use activity_event_processor::config::PostgresConfig;
-use activity_event_processor::source::replication::{ReplicationOptions, ReplicationSource};
+use activity_event_processor::source::replication::{
+    ReplicationOptions, ReplicationSource, Resume, SlotOwner,
+};
 use activity_event_processor::source::{AckToken, BatchOutcome, Source, SourceBatch, SourceError};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -39,7 +41,20 @@ impl SlotGuard {
         ReplicationOptions {
             slot: self.name.clone(),
             publication: "aep_outbox".to_string(),
+            sweep: false,
         }
+    }
+
+    /// The ownership of this slot, taken (waiting while another holds it).
+    pub async fn owner(&self) -> SlotOwner {
+        let owner = SlotOwner::new(&self.db, &self.name);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let owned = timeout(PATIENCE, owner.acquire(&shutdown))
+            .await
+            .expect("the slot ownership is taken in time")
+            .expect("take the slot ownership");
+        assert!(owned);
+        owner
     }
 }
 
@@ -133,10 +148,16 @@ pub async fn confirmed_flush(client: &Client, slot: &str) -> u64 {
 /// would: a dropped source's walsender may hold the slot for a moment).
 pub async fn start(db: &TestDb, slot: &SlotGuard, resume: Option<u64>) -> ReplicationSource {
     let deadline = Instant::now() + PATIENCE;
+    let owner = slot.owner().await;
     loop {
         let started = timeout(
             PATIENCE,
-            ReplicationSource::start(&db.config, slot.options(), resume),
+            ReplicationSource::start(
+                &db.config,
+                slot.options(),
+                owner.clone(),
+                Resume::At(resume),
+            ),
         )
         .await
         .expect("start returns in time");

@@ -156,7 +156,7 @@ impl Decoder {
                     what: format!("column `{name}`"),
                     cause,
                 };
-                Err(Box::new(super::malformed_row(row, &err)))
+                Err(Box::new(super::rows::malformed_row(row, &err)))
             }
         };
         Ok(WalItem::Insert(decoded))

@@ -63,6 +63,17 @@ pub(super) async fn connect(pg: &PostgresConfig) -> Result<Client, SourceError> 
     Ok(client)
 }
 
+/// A connection whose text output is what the row decoder reads: timestamps
+/// in ISO form and UTC, whatever the server's defaults.
+pub(super) async fn connect_text(pg: &PostgresConfig) -> Result<Client, SourceError> {
+    let client = connect(pg).await?;
+    client
+        .batch_execute("SET DateStyle = ISO; SET TimeZone = 'UTC'")
+        .await
+        .map_err(|err| query_error("setting the session's date style", &err))?;
+    Ok(client)
+}
+
 /// Server errors that a retry cannot cure: syntax, privileges, undefined objects
 /// (class 42), credentials (28), a missing database (3D).
 fn is_fatal(err: &tokio_postgres::Error) -> bool {
@@ -212,13 +223,17 @@ pub(super) async fn slot_info(
     }))
 }
 
-/// Drops our slot; it must not be in use.
-pub(super) async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
-    client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-        .await
-        .map(|_| ())
-        .map_err(|err| query_error("dropping the replication slot", &err))
+/// PostgreSQL invalidated the slot (its WAL was removed, e.g. past
+/// `max_slot_wal_keep_size`): it can never stream again, and only an operator
+/// may drop it.
+pub(super) fn lost_slot_message(slot: &str) -> String {
+    format!(
+        "replication slot `{slot}` was invalidated by PostgreSQL (the WAL it needed was removed, \
+         see max_slot_wal_keep_size): events committed since its last position may be missing \
+         from the stream; drop it (SELECT pg_drop_replication_slot('{slot}')) and start again: \
+         the processor creates a new slot and reads the whole outbox, which the read models \
+         absorb without double-applying anything"
+    )
 }
 
 /// A new slot needs a free one of `max_replication_slots`.

@@ -3,7 +3,7 @@
 //! one chunk at a time from a server-side cursor (memory does not grow with the
 //! table).
 
-use super::setup::{connect, query_error};
+use super::setup::{connect_text, query_error};
 use super::{decode_row, EVENT_COLUMNS as COLUMNS};
 use crate::config::PostgresConfig;
 use crate::decode::OutboxEvent;
@@ -31,26 +31,22 @@ pub(super) struct Chunk {
 }
 
 impl Snapshot {
-    /// Imports the exported snapshot on a connection of its own and opens the
-    /// cursor. Once imported, the snapshot no longer depends on the
-    /// replication connection.
+    /// Imports the exported snapshot (or, with `None`, takes one now) on a
+    /// connection of its own and opens the cursor. Once imported, the snapshot
+    /// no longer depends on the replication connection.
     pub(super) async fn open(
         pg: &PostgresConfig,
-        snapshot_name: &str,
+        snapshot_name: Option<&str>,
         consistent_point: u64,
     ) -> Result<Snapshot, SourceError> {
-        let client = connect(pg).await?;
-        // Timestamps in the form the text decoder reads, whatever the server's defaults.
-        client
-            .batch_execute("SET DateStyle = ISO; SET TimeZone = 'UTC'")
-            .await
-            .map_err(|err| query_error("cannot open the initial snapshot", &err))?;
+        let client = connect_text(pg).await?;
+        let import = snapshot_name
+            .map(|name| format!("SET TRANSACTION SNAPSHOT '{}'; ", name.replace('\'', "''")))
+            .unwrap_or_default();
         let sql = format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-             SET TRANSACTION SNAPSHOT '{}'; \
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {import}\
              DECLARE aep_outbox_snapshot NO SCROLL CURSOR FOR \
              SELECT {} FROM event_outbox ORDER BY sequence_id",
-            snapshot_name.replace('\'', "''"),
             COLUMNS.join(", "),
         );
         client
