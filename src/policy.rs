@@ -1,4 +1,4 @@
-//! Failure policy (DESIGN.md section 6): how each error is sorted, and the
+//! Failure policy (docs/design.md section 6): how each error is sorted, and the
 //! backoff between retries of transient ones.
 
 use rand::Rng;

@@ -1,5 +1,5 @@
 //! Route: the handler registry. Each known event type maps to the parser of its
-//! payload (DESIGN.md section 3), giving a typed [`DomainEvent`]; an unknown type
+//! payload (docs/design.md section 3), giving a typed [`DomainEvent`]; an unknown type
 //! takes the explicit, counted [`Routed::Unmatched`] path and has no effect.
 
 use crate::decode::OutboxEvent;

@@ -1,6 +1,6 @@
 //! The guarantee the product is sold on: whatever the batching, duplicates,
 //! redelivery, replays or interleaving across aggregates, the read models in a
-//! real MongoDB-wire server equal the reference fold of DESIGN.md section 4.
+//! real MongoDB-wire server equal the reference fold of docs/design.md section 4.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The reference fold: DESIGN.md section 4 in plain Rust, no MongoDB.
+//! The reference fold: docs/design.md section 4 in plain Rust, no MongoDB.
 //!
 //! It keeps only the normalized facts (users, activities, memberships), applies
 //! each distinct event once in `sequence_id` order, and derives the read models

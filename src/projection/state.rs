@@ -2,7 +2,7 @@
 //! batch's events in order, written back once each (successive changes to a
 //! document coalesce into one write).
 //!
-//! Bookkeeping fields (DESIGN.md section 4 allows them when they start with `_`):
+//! Bookkeeping fields (docs/design.md section 4 allows them when they start with `_`):
 //! - `_seq`: the highest `sequence_id` applied to the aggregate: the fence that
 //!   makes duplicates and replays change nothing;
 //! - `_ov`, `_uv.<user>`: in an activity, the `_seq` of the user whose

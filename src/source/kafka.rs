@@ -382,7 +382,8 @@ impl Source for KafkaSource {
 
     /// Every assigned partition is read up to the end it had when first
     /// checked, and everything read is settled. Against tansu the end offsets
-    /// can be wrong (SERVICES.md): tests there watch the read models instead.
+    /// can be wrong (the test broker, tansu): tests there watch the read models
+    /// instead.
     async fn caught_up(&mut self) -> Result<bool, SourceError> {
         if !self.in_flight.is_empty() || !self.retries.idle() {
             return Ok(false);

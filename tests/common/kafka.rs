@@ -1,6 +1,6 @@
 //! Shared by the `kafka_*` tests: the Kafka-API
 //! broker that `scripts/services.sh` starts (tansu), fresh topics, a test
-//! producer and consumer with the work-arounds of SERVICES.md
+//! producer and consumer with the work-arounds tansu needs
 //! (`batch.num.messages=1`, `session.timeout.ms=6000`, earliest offsets, never
 //! high watermarks as counts), and the binary run as relay or consumer.
 
@@ -50,7 +50,7 @@ pub async fn create_topic(name: &str, partitions: i32) {
     }
 }
 
-/// A producer as SERVICES.md says to use one against tansu in tests.
+/// A producer set up as tansu needs in tests (one message per batch).
 pub fn producer() -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers())
