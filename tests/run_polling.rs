@@ -102,3 +102,56 @@ async fn three_workers_keep_each_aggregates_order_and_take_over_dead_claims() {
     );
     stage.assert_converged(&history, true).await;
 }
+
+/// Rows in `processing` (claimed and not finished).
+async fn claimed(stage: &Stage) -> i64 {
+    stage
+        .pg
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM event_outbox WHERE status = 'processing'",
+            &[],
+        )
+        .await
+        .expect("count claims")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_gives_the_claims_back() {
+    let services = common::services::OwnServices::up(&["pg", "mongo"]);
+    let stage = Stage::on(&services).await;
+    let history = generate(78, &HistoryOptions::realistic(2_000));
+    stage.load(&history).await;
+    let mut child = stage.spawn(
+        &["--source", "polling", "--workers", "2"],
+        &[("BATCH_SIZE", "500".into()), ("POLL_LEASE", "300s".into())],
+    );
+    // MongoDB stops answering mid-run: the batches in flight cannot finish.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    services.control(&["freeze", "mongo"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        claimed(&stage).await > 0,
+        "nothing claimed\n{}",
+        stage.log_tail()
+    );
+    let pid = child.id().to_string();
+    for _ in 0..2 {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let exit =
+        common::pipeline::wait_with_timeout_child(&mut child, Duration::from_secs(30), &stage);
+    assert_eq!(exit.code(), Some(130), "hard stop\n{}", stage.log_tail());
+    // Released at once, not after the 300 s lease.
+    assert_eq!(claimed(&stage).await, 0, "{}", stage.log_tail());
+    services.control(&["thaw", "mongo"]);
+    stage.run_until_caught_up(&["--source", "polling"], &[], LIMIT);
+    stage.assert_converged(&history, true).await;
+}

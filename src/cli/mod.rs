@@ -218,7 +218,13 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         }
         Command::Run(args) => {
             let timeout = config.pipeline.shutdown_timeout;
-            return until_signalled(timeout, |shutdown| run::run(config, &args, shutdown)).await;
+            let after = config.clone();
+            let code =
+                until_signalled(timeout, |shutdown| run::run(config, &args, shutdown)).await?;
+            if code == ExitCode::from(130) {
+                run::release_after_hard_stop(&after).await;
+            }
+            return Ok(code);
         }
         Command::Relay(args) => {
             let timeout = config.pipeline.shutdown_timeout;

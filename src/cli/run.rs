@@ -158,14 +158,43 @@ fn checkpoint_loader(checkpoint: MongoCheckpoint) -> LoadPosition {
     })
 }
 
-/// The identity polling workers write into `lock_id`.
-fn worker_identity(index: usize) -> String {
+/// What every polling worker of this process starts its `lock_id` with.
+fn worker_prefix() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "host".into());
-    let mut id = format!("{host}:{}:w{index}", std::process::id());
-    id.truncate(80);
-    id
+    let mut prefix = format!("{host}:{}:w", std::process::id());
+    // Room for the worker index and the lease (`lock_id` is 100 characters).
+    while prefix.len() > 70 {
+        prefix.remove(0);
+    }
+    prefix
+}
+
+/// The identity polling workers write into `lock_id`.
+fn worker_identity(index: usize) -> String {
+    format!("{}{index}", worker_prefix())
+}
+
+/// After a hard stop (second signal, or the shutdown timeout): the polling
+/// claims of this process go back to `pending` rather than waiting for their
+/// lease. Bounded: a database that does not answer leaves them to the lease.
+pub async fn release_after_hard_stop(config: &Config) {
+    if config.source != SourceKind::Polling {
+        return;
+    }
+    let released = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        crate::source::polling::release_claims(&config.postgres, &worker_prefix()),
+    )
+    .await;
+    match released {
+        Ok(Ok(rows)) => tracing::warn!(rows, "hard stop: released the claimed rows"),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "hard stop: claims left to expire with their lease")
+        }
+        Err(_) => tracing::warn!("hard stop: claims left to expire with their lease"),
+    }
 }
 
 /// Runs the pipeline until done; `shutdown` stops intake gracefully.

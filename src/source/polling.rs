@@ -58,6 +58,24 @@ const COLUMNS: [&str; 7] = [
     "created_at",
 ];
 
+/// Gives the claims of the workers named `<prefix>...` back (`pending`), for a
+/// process stopping without finishing its batches: their rows are claimable
+/// at once instead of after the lease. Safe: an effect of those batches that
+/// still reaches MongoDB is fenced like any re-delivery.
+pub async fn release_claims(pg: &PostgresConfig, prefix: &str) -> Result<u64, SourceError> {
+    let client = outbox::connect(pg)
+        .await
+        .map_err(|e| SourceError::Transient(e.to_string()))?;
+    client
+        .execute(
+            "UPDATE event_outbox SET status = 'pending', lock_id = NULL
+             WHERE status = 'processing' AND left(lock_id, length($1)) = $1",
+            &[&prefix],
+        )
+        .await
+        .map_err(|e| transient("cannot release the claims", &e))
+}
+
 /// One polling worker.
 pub struct PollingSource {
     pg: PostgresConfig,
