@@ -121,7 +121,9 @@ impl<S: Source> Pipeline<S> {
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut progress = Progress::new(self.stats.clone());
         loop {
-            if self.shutdown.is_cancelled() {
+            // A transaction half applied is finished first, so that the last
+            // acknowledged position covers it (a second signal still stops at once).
+            if self.shutdown.is_cancelled() && !self.source.mid_transaction() {
                 tracing::info!("intake stopped");
                 break;
             }

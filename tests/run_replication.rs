@@ -182,3 +182,64 @@ async fn the_slot_never_passes_what_mongodb_holds_even_when_mongodb_stops() {
     // Nothing was dead-lettered for the outage: only the fold's poison.
     stage.assert_converged(&history, true).await;
 }
+
+/// `name=<n>` in the last log line that contains `message`.
+fn last_count(log: &str, message: &str, name: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(message))?;
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_mid_transaction_leaves_nothing_to_redeliver() {
+    let stage = Stage::new().await;
+    let history = generate(2718, &HistoryOptions::realistic(6_000));
+    stage.run_until_caught_up(&[], &[], LIMIT);
+    let info = [
+        ("BATCH_SIZE", "100".to_string()),
+        ("LOG_LEVEL", "info".to_string()),
+    ];
+    let mut child = stage.spawn(&[], &info);
+    // Transactions of 1,000 rows: most batches end inside one. The stop
+    // comes as soon as the first effects are in MongoDB.
+    let (first, rest) = history.split_at(3_000);
+    stage.load(first).await;
+    let deadline = std::time::Instant::now() + LIMIT;
+    while stage.mongo.store.count("users").await.unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", stage.log_tail());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let exit =
+        common::pipeline::wait_with_timeout_child(&mut child, Duration::from_secs(60), &stage);
+    assert_eq!(exit.code(), Some(0), "graceful exit\n{}", stage.log_tail());
+    // The slot holds the last position MongoDB holds.
+    assert_eq!(
+        confirmed_flush(&stage).await,
+        mongo_checkpoint(&stage).await,
+        "the slot did not get the final position"
+    );
+    stage.load(rest).await;
+    stage.run_until_caught_up(&[], &info, LIMIT);
+    let log = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains(" stopped ")) {
+        eprintln!("{line}");
+    }
+    assert_eq!(
+        last_count(&log, "stopped", "duplicates"),
+        Some(0),
+        "the restart re-delivered applied events\n{}",
+        stage.log_tail()
+    );
+    stage.assert_converged(&history, true).await;
+    let _ = std::fs::remove_file(stage.log_path());
+}

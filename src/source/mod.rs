@@ -98,6 +98,14 @@ pub trait Source {
         Ok(())
     }
 
+    /// The last batch ended inside a transaction: on a graceful stop, the
+    /// pipeline takes batches until this is false, so that the position it
+    /// acknowledges last covers everything it applied (a restart then
+    /// re-delivers nothing already applied).
+    fn mid_transaction(&self) -> bool {
+        false
+    }
+
     /// True once every event committed before the source started has been
     /// delivered and acknowledged (for `run --until-caught-up`).
     async fn caught_up(&mut self) -> Result<bool, SourceError>;

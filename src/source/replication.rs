@@ -508,6 +508,10 @@ impl Source for ReplicationSource {
         Ok(())
     }
 
+    fn mid_transaction(&self) -> bool {
+        matches!(self.phase, Phase::Streaming(_)) && (self.in_txn || self.carry.is_some())
+    }
+
     /// Every row committed before the start is delivered and acknowledged,
     /// and (where rows are marked) a sweep started since found none stuck.
     async fn caught_up(&mut self) -> Result<bool, SourceError> {
