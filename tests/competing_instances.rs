@@ -120,10 +120,31 @@ async fn a_standby_takes_over_within_seconds_of_the_owners_kill_9() {
     }
     kill_9(&mut owner);
     let killed = Instant::now();
+    let killed_at = chrono::Utc::now();
     stage.load(rest).await;
     stage.wait_converged(&history, LIMIT).await;
-    let takeover = killed.elapsed();
-    eprintln!("the standby applied the next events {takeover:?} after the owner's kill -9");
+    let applied = killed.elapsed();
+    // When the standby streamed again, from its own log.
+    let log = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
+    let streaming = log
+        .lines()
+        .skip_while(|l| !l.contains("took over the replication slot"))
+        .find(|l| l.contains("replication streaming"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .unwrap_or_else(|| panic!("the standby never streamed:\n{}", stage.log_tail()));
+    let takeover = (streaming.with_timezone(&chrono::Utc) - killed_at)
+        .to_std()
+        .unwrap_or_default();
+    eprintln!(
+        "the standby streamed {takeover:?} after the owner's kill -9, \
+         and had applied the 1,000 events written after it {applied:?} after it"
+    );
+    assert!(
+        takeover < Duration::from_secs(10),
+        "take-over took {takeover:?}\n{}",
+        stage.log_tail()
+    );
     assert!(
         standby.0[0].try_wait().expect("wait").is_none(),
         "the standby exited\n{}",
