@@ -42,8 +42,14 @@ struct Inner {
     pg: PostgresConfig,
     /// The slot (or relay slot) name the lock stands for.
     name: String,
-    /// The session holding the lock, while it is held.
-    session: Mutex<Option<Client>>,
+    /// The lock's session (kept while standing by, so polling reuses it).
+    session: Mutex<Option<Session>>,
+}
+
+struct Session {
+    client: Client,
+    /// This session holds the lock.
+    held: bool,
 }
 
 impl std::fmt::Debug for SlotOwner {
@@ -103,36 +109,34 @@ impl SlotOwner {
     /// Takes the lock if it is free: `None` when this process holds it now,
     /// else who holds it (for the logs).
     async fn try_acquire(&self) -> Result<Option<String>, SourceError> {
-        let mut session = self.inner.session.lock().await;
-        if let Some(client) = session.as_ref() {
-            if !client.is_closed() && holds(client, self.name()).await? {
-                return Ok(None);
+        let mut guard = self.inner.session.lock().await;
+        if guard.as_ref().is_some_and(|s| s.client.is_closed()) {
+            *guard = None;
+        }
+        let session = match guard.take() {
+            Some(session) => session,
+            None => Session {
+                client: open_session(&self.inner.pg).await?,
+                held: false,
+            },
+        };
+        let session = guard.insert(session);
+        // A failed query leaves no session behind: the next call opens one.
+        let result = lock(&session.client, self.name()).await;
+        match result {
+            Ok(true) => {
+                session.held = true;
+                Ok(None)
+            }
+            Ok(false) => {
+                session.held = false;
+                Ok(Some(holder(&session.client, self.name()).await))
+            }
+            Err(err) => {
+                *guard = None;
+                Err(err)
             }
         }
-        *session = None;
-        let client = connect(&self.inner.pg).await?;
-        // Dead peers are found within seconds on both sides, and the session
-        // is never closed for being idle: it is idle by design.
-        client
-            .batch_execute(
-                "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
-                 SET tcp_keepalives_count = 3; SET idle_session_timeout = 0; \
-                 SET idle_in_transaction_session_timeout = 0; SET statement_timeout = 0",
-            )
-            .await
-            .map_err(|err| query_error("preparing the slot ownership session", &err))?;
-        let row = client
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
-                &[&NAMESPACE, &self.name()],
-            )
-            .await
-            .map_err(|err| query_error("taking the slot ownership lock", &err))?;
-        if row.get::<_, bool>(0) {
-            *session = Some(client);
-            return Ok(None);
-        }
-        Ok(Some(holder(&client, self.name()).await))
     }
 
     /// Fails unless this process still owns the slot (its session is alive
@@ -154,7 +158,7 @@ impl SlotOwner {
             .lock()
             .await
             .as_ref()
-            .is_some_and(|client| !client.is_closed())
+            .is_some_and(|s| s.held && !s.client.is_closed())
     }
 
     /// Runs `sql` in the session that holds the lock, after checking it still
@@ -166,7 +170,11 @@ impl SlotOwner {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(), SourceError> {
         let session = self.inner.session.lock().await;
-        let Some(client) = session.as_ref().filter(|c| !c.is_closed()) else {
+        let Some(client) = session
+            .as_ref()
+            .filter(|s| s.held && !s.client.is_closed())
+            .map(|s| &s.client)
+        else {
             return Err(self.lost());
         };
         if !holds(client, self.name()).await? {
@@ -189,7 +197,7 @@ impl SlotOwner {
 
     /// Lets the lock go (on a clean stop; a crash lets it go by itself).
     pub async fn release(&self) {
-        if let Some(client) = self.inner.session.lock().await.take() {
+        if let Some(Session { client, held: true }) = self.inner.session.lock().await.take() {
             let _ = client
                 .query_one(
                     "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))",
@@ -198,6 +206,37 @@ impl SlotOwner {
                 .await;
         }
     }
+}
+
+/// A connection for the lock: dead peers are found within seconds on both
+/// sides, and it is never closed for being idle (it is idle by design).
+async fn open_session(pg: &PostgresConfig) -> Result<Client, SourceError> {
+    let client = connect(pg).await?;
+    client
+        .batch_execute(
+            "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+             SET tcp_keepalives_count = 3; SET idle_session_timeout = 0; \
+             SET idle_in_transaction_session_timeout = 0; SET statement_timeout = 0",
+        )
+        .await
+        .map_err(|err| query_error("preparing the slot ownership session", &err))?;
+    Ok(client)
+}
+
+/// Takes the lock of `name` on `client`'s session unless that session holds
+/// it already (the lock counts: taking it twice would need two unlocks).
+async fn lock(client: &Client, name: &str) -> Result<bool, SourceError> {
+    if holds(client, name).await? {
+        return Ok(true);
+    }
+    let row = client
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+            &[&NAMESPACE, &name],
+        )
+        .await
+        .map_err(|err| query_error("taking the slot ownership lock", &err))?;
+    Ok(row.get(0))
 }
 
 /// Whether `client`'s session holds the lock of `name`.
