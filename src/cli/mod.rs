@@ -114,15 +114,16 @@ pub fn main(cli: Cli) -> ExitCode {
     let config = match load_config(&cli.global, &extra) {
         Ok(config) => config,
         Err(err) => {
-            let heading = match &err {
+            match &err {
                 ConfigError::Invalid(problems) => {
-                    format!("invalid configuration ({} problems):", problems.len())
+                    eprintln!("invalid configuration ({} problems):", problems.len());
+                    for line in err.to_string().lines() {
+                        eprintln!("  {line}");
+                    }
                 }
-                ConfigError::EnvFile { .. } => "invalid configuration:".to_string(),
-            };
-            eprintln!("{heading}");
-            for line in err.to_string().lines() {
-                eprintln!("  {line}");
+                ConfigError::EnvFileRead { .. } | ConfigError::EnvFileLine { .. } => {
+                    eprintln!("invalid configuration: {err}");
+                }
             }
             return ExitCode::from(EXIT_CONFIG);
         }
