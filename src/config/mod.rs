@@ -108,7 +108,7 @@ impl PostgresConfig {
 /// Where the read models live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MongoConfig {
-    /// May carry credentials: print it with [`crate::store::mongo::redact_uri`].
+    /// May carry credentials: print it with [`redact_uri`].
     pub uri: Secret,
     pub database: String,
 }
@@ -469,17 +469,8 @@ impl Config {
             connect_timeout: r.duration("POSTGRES_CONNECT_TIMEOUT"),
         };
         let mongo_uri = r.non_empty("MONGODB_URI");
-        if !mongo_uri.is_empty()
-            && !mongo_uri.starts_with("mongodb://")
-            && !mongo_uri.starts_with("mongodb+srv://")
-        {
-            r.problem(
-                "MONGODB_URI",
-                format!(
-                    "`{}` must start with mongodb:// or mongodb+srv://",
-                    crate::store::mongo::redact_uri(&mongo_uri)
-                ),
-            );
+        if let Some(problem) = redact::uri_problem(&mongo_uri) {
+            r.problem("MONGODB_URI", problem);
         }
         let mongodb = MongoConfig {
             uri: Secret::new(mongo_uri),
@@ -580,6 +571,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 mod env_file;
 mod kafka;
+mod redact;
 #[cfg(test)]
 mod tests;
 
@@ -587,3 +579,4 @@ pub use env_file::env_map;
 pub use kafka::{
     is_topic_name, KafkaConfig, KafkaProperties, RelayConfig, RelayFormat, RelaySource,
 };
+pub use redact::{redact_uri, scrub, uri_secrets};

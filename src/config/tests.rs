@@ -190,3 +190,19 @@ fn env_example_documents_every_key() {
         );
     }
 }
+
+#[test]
+fn an_unreadable_mongodb_uri_is_named_without_its_password() {
+    for uri in [
+        "mongodb://user:hunter2-secret@[bad",
+        "mongodb://user:hunter2?secret@host",
+        "user:hunter2-secret@host",
+    ] {
+        let err = Config::from_env(&env(&[("MONGODB_URI", uri)])).expect_err(uri);
+        let text = err.to_string();
+        assert!(text.starts_with("MONGODB_URI: `"), "{text}");
+        assert!(text.contains("***@"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    }
+}
