@@ -206,3 +206,26 @@ fn an_unreadable_mongodb_uri_is_named_without_its_password() {
         assert!(!text.contains("secret"), "{text}");
     }
 }
+
+#[test]
+fn kafka_properties_are_checked_one_by_one_and_never_echoed() {
+    let err = Config::from_env(&env(&[
+        (
+            "KAFKA_CONFIG",
+            "sasl.username=app, sasl.pasword=hunter2-secret",
+        ),
+        ("KAFKA_CONSUMER_CONFIG", "fetch.wait.max.ms=hunter2-secret"),
+        ("KAFKA_PRODUCER_CONFIG", "compression.type=hunter2-secret"),
+    ]))
+    .expect_err("invalid");
+    let text = err.to_string();
+    assert!(!text.contains("hunter2"), "{text}");
+    for expected in [
+        "KAFKA_CONFIG: `sasl.pasword` is not a librdkafka property; did you mean `sasl.password`?",
+        "KAFKA_CONSUMER_CONFIG: `fetch.wait.max.ms` has an invalid value",
+        "KAFKA_PRODUCER_CONFIG: `compression.type` has an invalid value",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+    }
+    assert_eq!(text.lines().count(), 3, "{text}");
+}
