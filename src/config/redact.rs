@@ -1,5 +1,7 @@
-//! Keeping secrets out of messages: the MongoDB URI printed without its
-//! credentials, and text cleared of given values.
+//! Keeping secrets out of messages and logs: the MongoDB URI printed without
+//! its credentials, and any text cleared of the secrets of a configuration.
+
+use super::Config;
 
 /// Query options of a MongoDB URI whose values are secrets (lowercase).
 const SECRET_URI_OPTIONS: &[&str] = &[
@@ -156,6 +158,62 @@ pub fn scrub(text: &str, values: &[&str]) -> String {
         text = out;
     }
     text
+}
+
+/// Whether a librdkafka property holds a secret (by its name).
+pub fn is_secret_property(name: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "token",
+        "pem",
+        "jaas",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
+impl Config {
+    /// Every secret of this configuration, in the forms it may take in a log
+    /// line or message (as is, and escaped as in a JSON string).
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![self.postgres.password.expose().to_string()];
+        secrets.extend(uri_secrets(self.mongodb.uri.expose()));
+        for properties in [
+            &self.kafka.client_config,
+            &self.kafka.consumer_config,
+            &self.kafka.producer_config,
+        ] {
+            secrets.extend(
+                properties
+                    .0
+                    .iter()
+                    .filter(|(name, _)| is_secret_property(name))
+                    .map(|(_, value)| value.clone()),
+            );
+        }
+        let escaped: Vec<String> = secrets
+            .iter()
+            .filter_map(|s| {
+                let json = serde_json::to_string(s).ok()?;
+                let inner = json.get(1..json.len().saturating_sub(1))?;
+                (inner != s).then(|| inner.to_string())
+            })
+            .collect();
+        secrets.extend(escaped);
+        secrets.retain(|s| !s.is_empty());
+        secrets.sort();
+        secrets.dedup();
+        secrets
+    }
+
+    /// `text` cleared of every secret of this configuration.
+    pub fn scrub(&self, text: &str) -> String {
+        let secrets = self.secrets();
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        scrub(text, &secrets)
+    }
 }
 
 #[cfg(test)]

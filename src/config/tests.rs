@@ -229,3 +229,31 @@ fn kafka_properties_are_checked_one_by_one_and_never_echoed() {
     }
     assert_eq!(text.lines().count(), 3, "{text}");
 }
+
+#[test]
+fn secrets_cover_password_uri_and_secret_properties() {
+    let config = Config::from_env(&env(&[
+        ("POSTGRES_PASSWORD", "pg-\"quoted\"-pw"),
+        ("MONGODB_URI", "mongodb://app:m0ng0%40pw@db/?authSource=x"),
+        ("KAFKA_CONFIG", "sasl.password=k4fka-pw,linger.ms=5"),
+    ]))
+    .expect("valid");
+    let secrets = config.secrets();
+    for expected in [
+        "pg-\"quoted\"-pw",
+        "pg-\\\"quoted\\\"-pw",
+        "m0ng0%40pw",
+        "m0ng0@pw",
+        "k4fka-pw",
+    ] {
+        assert!(
+            secrets.iter().any(|s| s == expected),
+            "{expected} not in {secrets:?}"
+        );
+    }
+    assert!(!secrets.iter().any(|s| s == "5"), "{secrets:?}");
+    assert_eq!(
+        config.scrub("auth failed for app:m0ng0@pw (k4fka-pw, linger 5)"),
+        "auth failed for *** (***, linger 5)"
+    );
+}
