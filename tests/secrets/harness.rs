@@ -138,21 +138,21 @@ impl Case {
             }
             text
         };
+        let mut ended_early = None;
         let code = match self.end {
             End::Exit(_) => wait(&mut child.0, self.limit),
-            End::RunsUntilStopped(after) => {
-                if let Some(code) = wait(&mut child.0, after) {
-                    panic!(
-                        "{}: exited with {code} instead of retrying\n--- stderr\n{}",
-                        self.name,
-                        read(&stderr_path)
-                    );
+            End::RunsUntilStopped(after) => match wait(&mut child.0, after) {
+                Some(code) => {
+                    ended_early = Some(code);
+                    Some(code)
                 }
-                let _ = Command::new("kill")
-                    .args(["-TERM", &child.0.id().to_string()])
-                    .status();
-                wait(&mut child.0, self.limit)
-            }
+                None => {
+                    let _ = Command::new("kill")
+                        .args(["-TERM", &child.0.id().to_string()])
+                        .status();
+                    wait(&mut child.0, self.limit)
+                }
+            },
         };
         let outcome = Outcome {
             stdout: read(&stdout_path),
@@ -171,6 +171,9 @@ impl Case {
                 !outcome.stdout.contains(marker) && !outcome.stderr.contains(marker),
                 "a secret was printed: {context}"
             );
+        }
+        if let Some(code) = ended_early {
+            panic!("exited with {code} instead of retrying: {context}");
         }
         let Some(code) = code else {
             panic!("did not end within {:?}: {context}", self.limit);
