@@ -21,7 +21,7 @@ use crate::decode::OutboxEvent;
 use crate::probe::ProbeReport;
 use crate::relay::{partition_for, Encoder, Message, Op, Shape, SnapshotMark};
 use crate::source::kafka::{base_config, consumer_config, QuietContext};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -267,7 +267,12 @@ impl ChildCost {
 async fn describe_broker(kafka: &KafkaConfig) -> Result<String> {
     let admin: AdminClient<QuietContext> = base_config(kafka)
         .create_with_context(QuietContext::default())
-        .context("invalid Kafka configuration")?;
+        .map_err(|e| {
+            anyhow!(
+                "invalid Kafka configuration: {}",
+                kafka.describe_refusal(&e)
+            )
+        })?;
     let timeout = kafka.timeout;
     let brokers = kafka.brokers.clone();
     tokio::task::spawn_blocking(move || {
@@ -294,7 +299,12 @@ async fn describe_broker(kafka: &KafkaConfig) -> Result<String> {
 async fn delete_topics(kafka: &KafkaConfig, topics: &[&str]) -> Result<()> {
     let admin: AdminClient<QuietContext> = base_config(kafka)
         .create_with_context(QuietContext::default())
-        .context("invalid Kafka configuration")?;
+        .map_err(|e| {
+            anyhow!(
+                "invalid Kafka configuration: {}",
+                kafka.describe_refusal(&e)
+            )
+        })?;
     let options = AdminOptions::new()
         .request_timeout(Some(kafka.timeout))
         .operation_timeout(Some(kafka.timeout));
@@ -419,9 +429,12 @@ async fn raw_consume(
 ) -> Result<f64> {
     let mut config = kafka.clone();
     config.group_id = format!("{group}_raw");
-    let consumer: BaseConsumer = consumer_config(&config)
-        .create()
-        .context("invalid Kafka consumer configuration")?;
+    let consumer: BaseConsumer = consumer_config(&config).create().map_err(|e| {
+        anyhow!(
+            "invalid Kafka consumer configuration: {}",
+            config.describe_refusal(&e)
+        )
+    })?;
     let mut partitions = TopicPartitionList::new();
     for partition in 0..PARTITIONS {
         partitions.add_partition_offset(topic, partition, Offset::Beginning)?;

@@ -183,7 +183,12 @@ pub async fn create_topics(
     }
     let admin: AdminClient<QuietContext> = base_config(config)
         .create_with_context(QuietContext::default())
-        .map_err(|e| anyhow::anyhow!("invalid Kafka configuration: {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "invalid Kafka configuration: {}",
+                config.describe_refusal(&e)
+            )
+        })?;
     let admin = std::sync::Arc::new(admin);
     // One round trip first: an unreachable broker is one clear line, not a
     // timeout per topic.

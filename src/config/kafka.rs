@@ -1,7 +1,11 @@
 //! The Kafka part of the configuration: brokers, topics, the consumer group,
 //! passthrough librdkafka properties, and the relay.
 
+use super::redact::scrub;
 use super::Reader;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaConfRes;
 use std::fmt;
 use std::time::Duration;
 
@@ -92,13 +96,16 @@ impl Reader<'_> {
             match item.split_once('=') {
                 Some((name, value)) if !name.trim().is_empty() => {
                     let name = name.trim();
+                    let value = value.trim();
                     if reserved.contains(&name) {
                         self.problem(
                             key,
                             format!("`{name}` is set by the processor and cannot be overridden"),
                         );
+                    } else if let Some(problem) = property_problem(name, value) {
+                        self.problem(key, problem);
                     } else {
-                        pairs.push((name.to_string(), value.trim().to_string()));
+                        pairs.push((name.to_string(), value.to_string()));
                     }
                 }
                 _ => {
@@ -132,6 +139,78 @@ impl Reader<'_> {
             }
         }
         topics
+    }
+}
+
+/// Why librdkafka refuses `name=value` on its own, if it does, in words that
+/// never include the value.
+fn property_problem(name: &str, value: &str) -> Option<String> {
+    let err = ClientConfig::new()
+        .set(name, value)
+        .create_native_config()
+        .err()?;
+    Some(describe_refusal(&err, &[value]))
+}
+
+/// Properties whose misspelling is worth a suggestion: the security settings.
+const WELL_KNOWN: &[&str] = &[
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+    "sasl.oauthbearer.client.id",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.token.endpoint.url",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.keystore.location",
+    "ssl.keystore.password",
+];
+
+/// librdkafka's refusal of a configuration, without any value in it: its own
+/// message names the value (`No such configuration property: "sasl.pasword"
+/// sasl.pasword <value>`), so it is rewritten, and any text of it that does
+/// reach the message is cleared of `values`.
+pub fn describe_refusal(err: &KafkaError, values: &[&str]) -> String {
+    match err {
+        KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, _, name, _) => {
+            let suggestion = WELL_KNOWN
+                .iter()
+                .filter(|known| super::edit_distance(known, name) <= 2)
+                .min_by_key(|known| super::edit_distance(known, name))
+                .map(|known| format!("; did you mean `{known}`?"))
+                .unwrap_or_default();
+            format!("`{name}` is not a librdkafka property{suggestion}")
+        }
+        KafkaError::ClientConfig(_, description, name, value) => {
+            let mut all = values.to_vec();
+            all.push(value);
+            format!(
+                "`{name}` has an invalid value ({})",
+                scrub(description, &all)
+            )
+        }
+        other => scrub(&other.to_string(), values),
+    }
+}
+
+impl KafkaConfig {
+    /// librdkafka's refusal of a client built from this configuration,
+    /// without any value of `KAFKA_CONFIG`, `KAFKA_CONSUMER_CONFIG` or
+    /// `KAFKA_PRODUCER_CONFIG` in it.
+    pub fn describe_refusal(&self, err: &KafkaError) -> String {
+        let values: Vec<&str> = [
+            &self.client_config,
+            &self.consumer_config,
+            &self.producer_config,
+        ]
+        .iter()
+        .flat_map(|properties| properties.0.iter().map(|(_, value)| value.as_str()))
+        .collect();
+        describe_refusal(err, &values)
     }
 }
 

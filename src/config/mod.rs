@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
 use std::time::Duration;
 
 /// The variables as one map: key -> value.
@@ -52,10 +51,18 @@ pub enum ConfigError {
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
     #[error("cannot read env file {path}: {source}")]
-    EnvFile {
+    EnvFileRead {
         path: String,
         #[source]
-        source: dotenvy::Error,
+        source: std::io::Error,
+    },
+    /// A line that does not parse: named by number and key, never by its value.
+    #[error("env file {path}, line {line}{}: {problem}", key.as_ref().map(|k| format!(", key {k}")).unwrap_or_default())]
+    EnvFileLine {
+        path: String,
+        line: usize,
+        key: Option<String>,
+        problem: String,
     },
 }
 
@@ -101,7 +108,7 @@ impl PostgresConfig {
 /// Where the read models live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MongoConfig {
-    /// May carry credentials: print it with [`crate::store::mongo::redact_uri`].
+    /// May carry credentials: print it with [`redact_uri`].
     pub uri: Secret,
     pub database: String,
 }
@@ -462,17 +469,8 @@ impl Config {
             connect_timeout: r.duration("POSTGRES_CONNECT_TIMEOUT"),
         };
         let mongo_uri = r.non_empty("MONGODB_URI");
-        if !mongo_uri.is_empty()
-            && !mongo_uri.starts_with("mongodb://")
-            && !mongo_uri.starts_with("mongodb+srv://")
-        {
-            r.problem(
-                "MONGODB_URI",
-                format!(
-                    "`{}` must start with mongodb:// or mongodb+srv://",
-                    crate::store::mongo::redact_uri(&mongo_uri)
-                ),
-            );
+        if let Some(problem) = redact::uri_problem(&mongo_uri) {
+            r.problem("MONGODB_URI", problem);
         }
         let mongodb = MongoConfig {
             uri: Secret::new(mongo_uri),
@@ -571,55 +569,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// The variables this process sees: the `.env` file (if any) under the process
-/// environment, which wins, as dotenv tools do. Only keys we know, and keys
-/// with our prefixes (for the typo check), are kept.
-pub fn env_map(env_file: Option<&Path>) -> Result<EnvMap, ConfigError> {
-    let mut map = EnvMap::new();
-    let (path, required) = match env_file {
-        Some(path) => (path.to_path_buf(), true),
-        None => (Path::new(".env").to_path_buf(), false),
-    };
-    if required || path.exists() {
-        let iter = dotenvy::from_path_iter(&path).map_err(|source| ConfigError::EnvFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        for item in iter {
-            let (key, value) = item.map_err(|source| ConfigError::EnvFile {
-                path: path.display().to_string(),
-                source,
-            })?;
-            map.insert(key, value);
-        }
-    }
-    for (key, value) in std::env::vars() {
-        map.insert(key, value);
-    }
-    map.retain(|key, _| is_ours(key));
-    Ok(map)
-}
-
-fn is_ours(key: &str) -> bool {
-    KEYS.iter().any(|(k, _, _)| *k == key)
-        || [
-            "POSTGRES_",
-            "MONGODB_",
-            "KAFKA_",
-            "POLL_",
-            "REPLICATION_",
-            "BATCH_",
-            "RETRY_",
-            "RELAY_",
-        ]
-        .iter()
-        .any(|p| key.starts_with(p))
-}
-
+mod env_file;
 mod kafka;
+mod redact;
 #[cfg(test)]
 mod tests;
 
+pub use env_file::env_map;
 pub use kafka::{
     is_topic_name, KafkaConfig, KafkaProperties, RelayConfig, RelayFormat, RelaySource,
 };
+pub use redact::{redact_uri, scrub, uri_secrets};

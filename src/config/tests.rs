@@ -190,3 +190,70 @@ fn env_example_documents_every_key() {
         );
     }
 }
+
+#[test]
+fn an_unreadable_mongodb_uri_is_named_without_its_password() {
+    for uri in [
+        "mongodb://user:hunter2-secret@[bad",
+        "mongodb://user:hunter2?secret@host",
+        "user:hunter2-secret@host",
+    ] {
+        let err = Config::from_env(&env(&[("MONGODB_URI", uri)])).expect_err(uri);
+        let text = err.to_string();
+        assert!(text.starts_with("MONGODB_URI: `"), "{text}");
+        assert!(text.contains("***@"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    }
+}
+
+#[test]
+fn kafka_properties_are_checked_one_by_one_and_never_echoed() {
+    let err = Config::from_env(&env(&[
+        (
+            "KAFKA_CONFIG",
+            "sasl.username=app, sasl.pasword=hunter2-secret",
+        ),
+        ("KAFKA_CONSUMER_CONFIG", "fetch.wait.max.ms=hunter2-secret"),
+        ("KAFKA_PRODUCER_CONFIG", "compression.type=hunter2-secret"),
+    ]))
+    .expect_err("invalid");
+    let text = err.to_string();
+    assert!(!text.contains("hunter2"), "{text}");
+    for expected in [
+        "KAFKA_CONFIG: `sasl.pasword` is not a librdkafka property; did you mean `sasl.password`?",
+        "KAFKA_CONSUMER_CONFIG: `fetch.wait.max.ms` has an invalid value",
+        "KAFKA_PRODUCER_CONFIG: `compression.type` has an invalid value",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+    }
+    assert_eq!(text.lines().count(), 3, "{text}");
+}
+
+#[test]
+fn secrets_cover_password_uri_and_secret_properties() {
+    let config = Config::from_env(&env(&[
+        ("POSTGRES_PASSWORD", "pg-\"quoted\"-pw"),
+        ("MONGODB_URI", "mongodb://app:m0ng0%40pw@db/?authSource=x"),
+        ("KAFKA_CONFIG", "sasl.password=k4fka-pw,linger.ms=5"),
+    ]))
+    .expect("valid");
+    let secrets = config.secrets();
+    for expected in [
+        "pg-\"quoted\"-pw",
+        "pg-\\\"quoted\\\"-pw",
+        "m0ng0%40pw",
+        "m0ng0@pw",
+        "k4fka-pw",
+    ] {
+        assert!(
+            secrets.iter().any(|s| s == expected),
+            "{expected} not in {secrets:?}"
+        );
+    }
+    assert!(!secrets.iter().any(|s| s == "5"), "{secrets:?}");
+    assert_eq!(
+        config.scrub("auth failed for app:m0ng0@pw (k4fka-pw, linger 5)"),
+        "auth failed for *** (***, linger 5)"
+    );
+}

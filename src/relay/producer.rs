@@ -89,7 +89,12 @@ pub(crate) fn create(config: &KafkaConfig) -> Result<FutureProducer<QuietContext
     }
     client
         .create_with_context(QuietContext::default())
-        .map_err(|e| RelayError::Fatal(format!("invalid Kafka producer configuration: {e}")))
+        .map_err(|e| {
+            RelayError::Fatal(format!(
+                "invalid Kafka producer configuration: {}",
+                config.describe_refusal(&e)
+            ))
+        })
 }
 
 impl Producer {

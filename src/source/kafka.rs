@@ -98,7 +98,10 @@ impl KafkaSource {
         let consumer: BaseConsumer<GroupContext> = consumer_config(config)
             .create_with_context(GroupContext::new(partitions.clone()))
             .map_err(|e| {
-                SourceError::Fatal(format!("invalid Kafka consumer configuration: {e}"))
+                SourceError::Fatal(format!(
+                    "invalid Kafka consumer configuration: {}",
+                    config.describe_refusal(&e)
+                ))
             })?;
         let consumer = Arc::new(consumer);
         let (checked, topics, brokers, timeout) = (

@@ -89,17 +89,7 @@ pub struct WriteReport {
 }
 
 /// Hides the credentials of a connection string (`user:pass@` -> `***@`).
-pub fn redact_uri(uri: &str) -> String {
-    let Some(scheme_end) = uri.find("://") else {
-        return uri.to_string();
-    };
-    let rest = &uri[scheme_end + 3..];
-    let host_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..host_end].rfind('@') {
-        Some(at) => format!("{}***@{}", &uri[..scheme_end + 3], &rest[at + 1..]),
-        None => uri.to_string(),
-    }
-}
+pub use crate::config::redact_uri;
 
 /// The read-model database.
 #[derive(Clone, Debug)]
@@ -123,10 +113,12 @@ impl MongoStore {
         wait: Option<std::time::Duration>,
     ) -> Result<MongoStore, StoreError> {
         let mut options = ClientOptions::parse(uri).await.map_err(|err| {
+            let secrets = crate::config::uri_secrets(uri);
+            let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
             StoreError::Permanent(format!(
                 "invalid MONGODB_URI {}: {}",
                 redact_uri(uri),
-                err.kind
+                crate::config::scrub(&err.kind.to_string(), &secrets)
             ))
         })?;
         options.app_name = Some("activity-event-processor".into());
