@@ -22,7 +22,7 @@ fn postgres_commands(says: &str, refused: bool) -> Vec<(Vec<&'static str>, End, 
     commands.push(if refused {
         (replication, End::Exit(1), says.to_string())
     } else {
-        let retrying = "cannot start replication; retrying".to_string();
+        let retrying = "cannot take the slot ownership; retrying".to_string();
         (replication, End::RunsUntilStopped(RETRYING), retrying)
     });
     for command in [
