@@ -25,13 +25,20 @@ fn postgres_commands(says: &str, refused: bool) -> Vec<(Vec<&'static str>, End, 
         let retrying = "cannot take the slot ownership; retrying".to_string();
         (replication, End::RunsUntilStopped(RETRYING), retrying)
     });
-    for command in [
-        &["relay", "--until-caught-up"][..],
-        &["relay", "--source", "polling", "--until-caught-up"],
-    ] {
-        let end = End::RunsUntilStopped(RETRYING);
-        commands.push((command.to_vec(), end, says.to_string()));
-    }
+    // The relay on its slot takes the slot's ownership first, which a refused
+    // login stops as it stops `run`; the polling relay retries.
+    let relay = ["relay", "--until-caught-up"].to_vec();
+    commands.push(if refused {
+        (relay, End::Exit(1), says.to_string())
+    } else {
+        (relay, End::RunsUntilStopped(RETRYING), says.to_string())
+    });
+    let polling_relay = ["relay", "--source", "polling", "--until-caught-up"].to_vec();
+    commands.push((
+        polling_relay,
+        End::RunsUntilStopped(RETRYING),
+        says.to_string(),
+    ));
     commands
 }
 
