@@ -129,7 +129,11 @@ impl MongoStore {
                 err.kind
             ))
         })?;
-        options.app_name = Some("activity-event-processor".into());
+        // An `appName` in the URI wins (it names the process in the server's
+        // logs and lets a failpoint single it out).
+        options
+            .app_name
+            .get_or_insert_with(|| "activity-event-processor".into());
         if wait.is_some() {
             options.server_selection_timeout = wait;
         }
