@@ -24,6 +24,7 @@ pub mod state;
 
 use crate::decode::OutboxEvent;
 use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
+use crate::store::codes;
 use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, DEAD_LETTERS, DUPLICATE_KEY, USERS};
 use chrono::Utc;
 use mongodb::bson::{doc, Bson, Document};
@@ -271,10 +272,7 @@ impl Projector {
             report.round_trips += 1;
             report.documents_written += result.modified + result.upserted;
             if let Some(err) = result.errors.iter().find(|e| e.code != DUPLICATE_KEY) {
-                return Err(StoreError::Permanent(format!(
-                    "writing {collection}: {} (code {})",
-                    err.message, err.code
-                )));
+                return Err(codes::write_error(collection, err.code, &err.message));
             }
             if !result.errors.is_empty() || result.matched + result.upserted < expected {
                 return Ok(false);
@@ -469,14 +467,19 @@ fn doc_id(doc: &Document) -> Result<Uuid, StoreError> {
         .and_then(|s| Uuid::parse_str(s).ok())
         .ok_or_else(|| {
             StoreError::Permanent(format!(
-                "read model document with a non-uuid _id: {:?}",
-                doc.get("_id")
+                "read model document with a non-uuid _id ({}): {FOREIGN}",
+                codes::shorten(&format!("{:?}", doc.get("_id")), 80)
             ))
         })
 }
 
+/// What to do about a read-model document this processor did not write.
+const FOREIGN: &str = "it was not written by this processor; remove it, \
+                       or point MONGODB_DB at the processor's own database";
+
 fn corrupt(collection: &str, id: Uuid, reason: &str) -> StoreError {
     StoreError::Permanent(format!(
-        "read model {collection}/{id} is not in the expected shape ({reason}); it was not written by this processor"
+        "read model {collection}/{id} is not in the expected shape ({}): {FOREIGN}",
+        codes::shorten(reason, 80)
     ))
 }
