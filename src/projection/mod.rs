@@ -19,14 +19,14 @@
 //! caller acknowledge its position.
 
 pub mod fold;
+mod letters;
 mod refresh;
 pub mod state;
 
 use crate::decode::OutboxEvent;
 use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
 use crate::store::codes;
-use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, DEAD_LETTERS, DUPLICATE_KEY, USERS};
-use chrono::Utc;
+use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, DUPLICATE_KEY, USERS};
 use mongodb::bson::{doc, Bson, Document};
 use state::{ActivityDoc, Effect, NameCopy, Names, UserDoc};
 use std::collections::{BTreeMap, BTreeSet};
@@ -279,52 +279,6 @@ impl Projector {
             }
         }
         Ok(true)
-    }
-
-    /// Records dead letters (idempotent: keyed by event id).
-    pub async fn write_dead_letters(
-        &self,
-        letters: &[DeadLetter],
-        round_trips: &mut u32,
-    ) -> Result<(), StoreError> {
-        if letters.is_empty() {
-            return Ok(());
-        }
-        let now = Bson::DateTime(mongodb::bson::DateTime::from_millis(
-            Utc::now().timestamp_millis(),
-        ));
-        let statements = letters
-            .iter()
-            .map(|letter| {
-                let e = &letter.event;
-                doc! {
-                    "q": { "_id": e.event_id.to_string() },
-                    "u": {
-                        "$set": {
-                            "sequence_id": e.sequence_id.map_or(Bson::Null, Bson::Int64),
-                            "aggregate_type": &e.aggregate_type,
-                            "aggregate_id": e.aggregate_id.to_string(),
-                            "event_type": &e.event_type,
-                            "payload": state::json_to_bson(&e.payload),
-                            "error": &letter.error,
-                            "attempts": i64::from(letter.attempts),
-                            "last_failed_at": now.clone(),
-                        },
-                        "$setOnInsert": { "first_failed_at": now.clone() },
-                    },
-                    "upsert": true,
-                }
-            })
-            .collect();
-        let result = self.store.update(DEAD_LETTERS, statements, false).await?;
-        *round_trips += 1;
-        match result.errors.first() {
-            Some(err) => Err(StoreError::Permanent(format!(
-                "writing dead letters: {} (code {})",
-                err.message, err.code
-            ))),
-            None => Ok(()),
-        }
     }
 }
 
