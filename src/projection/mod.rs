@@ -15,10 +15,15 @@
 //!    write or is seen by our read. Redelivered events repeat the refresh, so a
 //!    crash between steps is repaired by the replay.
 //!
+//! A write the server refuses because of what it holds (a document over 16 MB,
+//! a date it does not take) makes the batch split down to the events
+//! responsible, which are dead-lettered while the rest applies ([`isolate`]).
+//!
 //! A batch is durable when [`Projector::apply`] returns `Ok`: only then may the
 //! caller acknowledge its position.
 
 pub mod fold;
+mod isolate;
 mod letters;
 mod refresh;
 pub mod state;
@@ -26,7 +31,10 @@ pub mod state;
 use crate::decode::OutboxEvent;
 use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
 use crate::store::codes;
-use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, DUPLICATE_KEY, USERS};
+use crate::store::mongo::{
+    MongoStore, Refusal, StoreError, ACTIVITIES, DUPLICATE_KEY, USERS, WRITE_CHUNK,
+};
+use isolate::Attempted;
 use mongodb::bson::{doc, Bson, Document};
 use state::{ActivityDoc, Effect, NameCopy, Names, UserDoc};
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,6 +77,11 @@ pub struct Projector {
 enum Attempt {
     Done(BatchReport),
     Conflict,
+    /// The server refused a write; `settled` is what the attempt decided for good.
+    Refused {
+        refusal: Refusal,
+        settled: BatchReport,
+    },
 }
 
 /// The batch in memory: the documents and what happened to them.
@@ -107,11 +120,28 @@ impl Projector {
 
     /// Applies a batch. `Ok` means every effect (and dead letter) is durable;
     /// `Err` is a store failure (see [`StoreError::is_transient`]) after which
-    /// the whole batch may simply be applied again.
+    /// the whole batch may simply be applied again. Events whose writes the
+    /// server refuses are isolated and dead-lettered (see [`isolate`]).
     pub async fn apply(&self, events: &[OutboxEvent]) -> Result<BatchReport, StoreError> {
+        match self.apply_whole(events).await? {
+            Attempted::Done(report) => Ok(report),
+            Attempted::Refused { refusal, settled } => {
+                tracing::warn!(events = events.len(), error = %refusal, "the server refused a batch; isolating the events responsible");
+                let mut report = settled;
+                report.absorb(isolate::isolate(self, events).await?);
+                Ok(report)
+            }
+        }
+    }
+
+    /// Applies a batch as one, reloading after a lost race.
+    async fn apply_whole(&self, events: &[OutboxEvent]) -> Result<Attempted, StoreError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
             match self.try_apply(events).await? {
-                Attempt::Done(report) => return Ok(report),
+                Attempt::Done(report) => return Ok(Attempted::Done(report)),
+                Attempt::Refused { refusal, settled } => {
+                    return Ok(Attempted::Refused { refusal, settled })
+                }
                 Attempt::Conflict => {
                     tracing::debug!("batch lost a race with another writer; reloading");
                 }
@@ -140,13 +170,29 @@ impl Projector {
         }
 
         work.bring_names_forward();
-        if !self.write_own(&work, &mut report).await? {
-            return Ok(Attempt::Conflict);
+        let mut written = BTreeSet::new();
+        match self.write_own(&work, &mut report, &mut written).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(Attempt::Conflict),
+            Err(StoreError::Refused(refusal)) => {
+                let mut settled = isolate::settled(&report, Some(&written));
+                self.write_dead_letters(&settled.dead_letters, &mut settled.round_trips)
+                    .await?;
+                return Ok(Attempt::Refused { refusal, settled });
+            }
+            Err(err) => return Err(err),
         }
         self.write_dead_letters(&report.dead_letters, &mut report.round_trips)
             .await?;
-        refresh::run(&self.store, &work, &mut report).await?;
-        Ok(Attempt::Done(report))
+        match refresh::run(&self.store, &work, &mut report).await {
+            Ok(()) => Ok(Attempt::Done(report)),
+            // Every own write and dead letter is durable: all of it is settled.
+            Err(StoreError::Refused(refusal)) => Ok(Attempt::Refused {
+                refusal,
+                settled: isolate::settled(&report, None),
+            }),
+            Err(err) => Err(err),
+        }
     }
 
     fn reject(&self, report: &mut BatchReport, event: &OutboxEvent, err: HandlerError) {
@@ -239,46 +285,68 @@ impl Projector {
     }
 
     /// One conditional write per changed document; `false` on a lost race.
-    async fn write_own(&self, work: &Work, report: &mut BatchReport) -> Result<bool, StoreError> {
-        let mut user_statements = Vec::new();
+    /// Users go first and a failed write stops it, so that an activity never
+    /// holds a name copy its user's own document does not. `written` gets the
+    /// documents written, also when a write fails part-way.
+    async fn write_own(
+        &self,
+        work: &Work,
+        report: &mut BatchReport,
+        written: &mut BTreeSet<Uuid>,
+    ) -> Result<bool, StoreError> {
+        let mut users = Vec::new();
         for id in &work.changed_users {
             let Some(Some(user)) = work.users.get(id) else {
                 continue;
             };
             let loaded = work.loaded_user_seq.get(id).copied().flatten();
-            user_statements.push(fenced_set(
-                id,
-                loaded,
-                user.own_fields(),
-                doc! { "activities": [] },
-            ));
+            let on_insert = doc! { "activities": [] };
+            users.push((*id, fenced_set(id, loaded, user.own_fields(), on_insert)));
         }
-        let mut activity_statements = Vec::new();
+        let mut activities = Vec::new();
         for id in &work.changed_activities {
             let Some(Some(activity)) = work.activities.get(id) else {
                 continue;
             };
             let loaded = work.loaded_activity_seq.get(id).copied().flatten();
-            activity_statements.push(fenced_set(id, loaded, activity.fields(), doc! {}));
+            activities.push((*id, fenced_set(id, loaded, activity.fields(), doc! {})));
         }
-        for (collection, statements) in
-            [(USERS, user_statements), (ACTIVITIES, activity_statements)]
-        {
-            if statements.is_empty() {
-                continue;
-            }
-            let expected = statements.len() as u64;
-            let result = self.store.update(collection, statements, false).await?;
-            report.round_trips += 1;
-            report.documents_written += result.modified + result.upserted;
-            if let Some(err) = result.errors.iter().find(|e| e.code != DUPLICATE_KEY) {
-                return Err(codes::write_error(collection, err.code, &err.message));
-            }
-            if !result.errors.is_empty() || result.matched + result.upserted < expected {
-                return Ok(false);
+        for (collection, statements) in [(USERS, users), (ACTIVITIES, activities)] {
+            let mut rest = statements.into_iter().peekable();
+            while rest.peek().is_some() {
+                let chunk = rest.by_ref().take(WRITE_CHUNK).collect();
+                if !self.write_chunk(collection, chunk, report, written).await? {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)
+    }
+
+    /// One write command of [`Projector::write_own`]; `false` on a lost race.
+    async fn write_chunk(
+        &self,
+        collection: &str,
+        chunk: Vec<(Uuid, Document)>,
+        report: &mut BatchReport,
+        written: &mut BTreeSet<Uuid>,
+    ) -> Result<bool, StoreError> {
+        let expected = chunk.len() as u64;
+        let (ids, statements): (Vec<Uuid>, Vec<Document>) = chunk.into_iter().unzip();
+        let result = self.store.update(collection, statements, false).await?;
+        report.round_trips += 1;
+        report.documents_written += result.modified + result.upserted;
+        let failed: BTreeSet<usize> = result.errors.iter().map(|e| e.index).collect();
+        written.extend(
+            ids.iter()
+                .enumerate()
+                .filter(|(i, _)| !failed.contains(i))
+                .map(|(_, id)| *id),
+        );
+        if let Some(err) = result.errors.iter().find(|e| e.code != DUPLICATE_KEY) {
+            return Err(codes::write_error(collection, err.code, &err.message));
+        }
+        Ok(result.errors.is_empty() && result.matched + result.upserted >= expected)
     }
 }
 
@@ -436,4 +504,21 @@ fn corrupt(collection: &str, id: Uuid, reason: &str) -> StoreError {
         "read model {collection}/{id} is not in the expected shape ({}): {FOREIGN}",
         codes::shorten(reason, 80)
     ))
+}
+
+impl isolate::Sink for Projector {
+    async fn attempt(&self, events: &[OutboxEvent]) -> Result<Attempted, StoreError> {
+        self.apply_whole(events).await
+    }
+
+    async fn probe(&self, collection: &str) -> Result<(), StoreError> {
+        self.store.probe_write(collection).await
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<u32, StoreError> {
+        let mut round_trips = 0;
+        self.write_dead_letters(std::slice::from_ref(letter), &mut round_trips)
+            .await?;
+        Ok(round_trips)
+    }
 }

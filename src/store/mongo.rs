@@ -20,6 +20,9 @@ pub const DEAD_LETTERS: &str = "dead_letters";
 /// Values per `$in` of a chunked read (see [`MongoStore::find_in`]).
 pub const IN_CHUNK: usize = 64;
 
+/// Most statements per write command.
+pub const WRITE_CHUNK: usize = 1000;
+
 /// Duplicate key: on a fenced upsert, "someone already holds a newer state".
 pub const DUPLICATE_KEY: i32 = 11000;
 
@@ -208,12 +211,11 @@ impl MongoStore {
         statements: Vec<Document>,
         ordered: bool,
     ) -> Result<WriteReport, StoreError> {
-        const CHUNK: usize = 1000;
         let mut report = WriteReport::default();
         let mut offset = 0;
         let mut rest = statements;
         while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(CHUNK));
+            let tail = rest.split_off(rest.len().min(WRITE_CHUNK));
             let chunk = std::mem::replace(&mut rest, tail);
             let len = chunk.len();
             let reply = self
@@ -230,6 +232,21 @@ impl MongoStore {
             offset += len;
         }
         Ok(report)
+    }
+
+    /// Whether the server takes a write to `collection` at all: an update that
+    /// matches nothing (`$in` of nothing) and so changes nothing, sent as
+    /// every write is (same command, same write concern).
+    pub async fn probe_write(&self, collection: &str) -> Result<(), StoreError> {
+        let probe = doc! {
+            "q": { "_id": { "$in": [] } },
+            "u": { "$setOnInsert": { "_probe": true } },
+        };
+        let result = self.update(collection, vec![probe], false).await?;
+        match result.errors.first() {
+            Some(err) => Err(codes::write_error(collection, err.code, &err.message)),
+            None => Ok(()),
+        }
     }
 
     /// Documents of `collection` whose `_id` is one of `ids`.
