@@ -25,10 +25,13 @@ pub trait Classify {
 
 impl Classify for crate::store::mongo::StoreError {
     fn class(&self) -> ErrorClass {
-        if self.is_transient() {
-            ErrorClass::Transient
-        } else {
-            ErrorClass::Fatal
+        use crate::store::mongo::StoreError;
+        match self {
+            StoreError::Transient(_) => ErrorClass::Transient,
+            // The written documents are at fault: their events are isolated
+            // and dead-lettered (`projection::isolate`).
+            StoreError::Refused(_) => ErrorClass::Permanent,
+            StoreError::Permanent(_) => ErrorClass::Fatal,
         }
     }
 }

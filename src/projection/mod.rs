@@ -15,17 +15,26 @@
 //!    write or is seen by our read. Redelivered events repeat the refresh, so a
 //!    crash between steps is repaired by the replay.
 //!
+//! A write the server refuses because of what it holds (a document over 16 MB,
+//! a date it does not take) makes the batch split down to the events
+//! responsible, which are dead-lettered while the rest applies ([`isolate`]).
+//!
 //! A batch is durable when [`Projector::apply`] returns `Ok`: only then may the
 //! caller acknowledge its position.
 
 pub mod fold;
+mod isolate;
+mod letters;
 mod refresh;
 pub mod state;
 
 use crate::decode::OutboxEvent;
 use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
-use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, DEAD_LETTERS, DUPLICATE_KEY, USERS};
-use chrono::Utc;
+use crate::store::codes;
+use crate::store::mongo::{
+    MongoStore, Refusal, StoreError, ACTIVITIES, DUPLICATE_KEY, USERS, WRITE_CHUNK,
+};
+use isolate::Attempted;
 use mongodb::bson::{doc, Bson, Document};
 use state::{ActivityDoc, Effect, NameCopy, Names, UserDoc};
 use std::collections::{BTreeMap, BTreeSet};
@@ -68,6 +77,11 @@ pub struct Projector {
 enum Attempt {
     Done(BatchReport),
     Conflict,
+    /// The server refused a write; `settled` is what the attempt decided for good.
+    Refused {
+        refusal: Refusal,
+        settled: BatchReport,
+    },
 }
 
 /// The batch in memory: the documents and what happened to them.
@@ -106,11 +120,28 @@ impl Projector {
 
     /// Applies a batch. `Ok` means every effect (and dead letter) is durable;
     /// `Err` is a store failure (see [`StoreError::is_transient`]) after which
-    /// the whole batch may simply be applied again.
+    /// the whole batch may simply be applied again. Events whose writes the
+    /// server refuses are isolated and dead-lettered (see [`isolate`]).
     pub async fn apply(&self, events: &[OutboxEvent]) -> Result<BatchReport, StoreError> {
+        match self.apply_whole(events).await? {
+            Attempted::Done(report) => Ok(report),
+            Attempted::Refused { refusal, settled } => {
+                tracing::warn!(events = events.len(), error = %refusal, "the server refused a batch; isolating the events responsible");
+                let mut report = settled;
+                report.absorb(isolate::isolate(self, events).await?);
+                Ok(report)
+            }
+        }
+    }
+
+    /// Applies a batch as one, reloading after a lost race.
+    async fn apply_whole(&self, events: &[OutboxEvent]) -> Result<Attempted, StoreError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
             match self.try_apply(events).await? {
-                Attempt::Done(report) => return Ok(report),
+                Attempt::Done(report) => return Ok(Attempted::Done(report)),
+                Attempt::Refused { refusal, settled } => {
+                    return Ok(Attempted::Refused { refusal, settled })
+                }
                 Attempt::Conflict => {
                     tracing::debug!("batch lost a race with another writer; reloading");
                 }
@@ -139,13 +170,29 @@ impl Projector {
         }
 
         work.bring_names_forward();
-        if !self.write_own(&work, &mut report).await? {
-            return Ok(Attempt::Conflict);
+        let mut written = BTreeSet::new();
+        match self.write_own(&work, &mut report, &mut written).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(Attempt::Conflict),
+            Err(StoreError::Refused(refusal)) => {
+                let mut settled = isolate::settled(&report, Some(&written));
+                self.write_dead_letters(&settled.dead_letters, &mut settled.round_trips)
+                    .await?;
+                return Ok(Attempt::Refused { refusal, settled });
+            }
+            Err(err) => return Err(err),
         }
         self.write_dead_letters(&report.dead_letters, &mut report.round_trips)
             .await?;
-        refresh::run(&self.store, &work, &mut report).await?;
-        Ok(Attempt::Done(report))
+        match refresh::run(&self.store, &work, &mut report).await {
+            Ok(()) => Ok(Attempt::Done(report)),
+            // Every own write and dead letter is durable: all of it is settled.
+            Err(StoreError::Refused(refusal)) => Ok(Attempt::Refused {
+                refusal,
+                settled: isolate::settled(&report, None),
+            }),
+            Err(err) => Err(err),
+        }
     }
 
     fn reject(&self, report: &mut BatchReport, event: &OutboxEvent, err: HandlerError) {
@@ -238,95 +285,68 @@ impl Projector {
     }
 
     /// One conditional write per changed document; `false` on a lost race.
-    async fn write_own(&self, work: &Work, report: &mut BatchReport) -> Result<bool, StoreError> {
-        let mut user_statements = Vec::new();
+    /// Users go first and a failed write stops it, so that an activity never
+    /// holds a name copy its user's own document does not. `written` gets the
+    /// documents written, also when a write fails part-way.
+    async fn write_own(
+        &self,
+        work: &Work,
+        report: &mut BatchReport,
+        written: &mut BTreeSet<Uuid>,
+    ) -> Result<bool, StoreError> {
+        let mut users = Vec::new();
         for id in &work.changed_users {
             let Some(Some(user)) = work.users.get(id) else {
                 continue;
             };
             let loaded = work.loaded_user_seq.get(id).copied().flatten();
-            user_statements.push(fenced_set(
-                id,
-                loaded,
-                user.own_fields(),
-                doc! { "activities": [] },
-            ));
+            let on_insert = doc! { "activities": [] };
+            users.push((*id, fenced_set(id, loaded, user.own_fields(), on_insert)));
         }
-        let mut activity_statements = Vec::new();
+        let mut activities = Vec::new();
         for id in &work.changed_activities {
             let Some(Some(activity)) = work.activities.get(id) else {
                 continue;
             };
             let loaded = work.loaded_activity_seq.get(id).copied().flatten();
-            activity_statements.push(fenced_set(id, loaded, activity.fields(), doc! {}));
+            activities.push((*id, fenced_set(id, loaded, activity.fields(), doc! {})));
         }
-        for (collection, statements) in
-            [(USERS, user_statements), (ACTIVITIES, activity_statements)]
-        {
-            if statements.is_empty() {
-                continue;
-            }
-            let expected = statements.len() as u64;
-            let result = self.store.update(collection, statements, false).await?;
-            report.round_trips += 1;
-            report.documents_written += result.modified + result.upserted;
-            if let Some(err) = result.errors.iter().find(|e| e.code != DUPLICATE_KEY) {
-                return Err(StoreError::Permanent(format!(
-                    "writing {collection}: {} (code {})",
-                    err.message, err.code
-                )));
-            }
-            if !result.errors.is_empty() || result.matched + result.upserted < expected {
-                return Ok(false);
+        for (collection, statements) in [(USERS, users), (ACTIVITIES, activities)] {
+            let mut rest = statements.into_iter().peekable();
+            while rest.peek().is_some() {
+                let chunk = rest.by_ref().take(WRITE_CHUNK).collect();
+                if !self.write_chunk(collection, chunk, report, written).await? {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)
     }
 
-    /// Records dead letters (idempotent: keyed by event id).
-    pub async fn write_dead_letters(
+    /// One write command of [`Projector::write_own`]; `false` on a lost race.
+    async fn write_chunk(
         &self,
-        letters: &[DeadLetter],
-        round_trips: &mut u32,
-    ) -> Result<(), StoreError> {
-        if letters.is_empty() {
-            return Ok(());
+        collection: &str,
+        chunk: Vec<(Uuid, Document)>,
+        report: &mut BatchReport,
+        written: &mut BTreeSet<Uuid>,
+    ) -> Result<bool, StoreError> {
+        let expected = chunk.len() as u64;
+        let (ids, statements): (Vec<Uuid>, Vec<Document>) = chunk.into_iter().unzip();
+        let result = self.store.update(collection, statements, false).await?;
+        report.round_trips += 1;
+        report.documents_written += result.modified + result.upserted;
+        let failed: BTreeSet<usize> = result.errors.iter().map(|e| e.index).collect();
+        written.extend(
+            ids.iter()
+                .enumerate()
+                .filter(|(i, _)| !failed.contains(i))
+                .map(|(_, id)| *id),
+        );
+        if let Some(err) = result.errors.iter().find(|e| e.code != DUPLICATE_KEY) {
+            return Err(codes::write_error(collection, err.code, &err.message));
         }
-        let now = Bson::DateTime(mongodb::bson::DateTime::from_millis(
-            Utc::now().timestamp_millis(),
-        ));
-        let statements = letters
-            .iter()
-            .map(|letter| {
-                let e = &letter.event;
-                doc! {
-                    "q": { "_id": e.event_id.to_string() },
-                    "u": {
-                        "$set": {
-                            "sequence_id": e.sequence_id.map_or(Bson::Null, Bson::Int64),
-                            "aggregate_type": &e.aggregate_type,
-                            "aggregate_id": e.aggregate_id.to_string(),
-                            "event_type": &e.event_type,
-                            "payload": state::json_to_bson(&e.payload),
-                            "error": &letter.error,
-                            "attempts": i64::from(letter.attempts),
-                            "last_failed_at": now.clone(),
-                        },
-                        "$setOnInsert": { "first_failed_at": now.clone() },
-                    },
-                    "upsert": true,
-                }
-            })
-            .collect();
-        let result = self.store.update(DEAD_LETTERS, statements, false).await?;
-        *round_trips += 1;
-        match result.errors.first() {
-            Some(err) => Err(StoreError::Permanent(format!(
-                "writing dead letters: {} (code {})",
-                err.message, err.code
-            ))),
-            None => Ok(()),
-        }
+        Ok(result.errors.is_empty() && result.matched + result.upserted >= expected)
     }
 }
 
@@ -469,14 +489,36 @@ fn doc_id(doc: &Document) -> Result<Uuid, StoreError> {
         .and_then(|s| Uuid::parse_str(s).ok())
         .ok_or_else(|| {
             StoreError::Permanent(format!(
-                "read model document with a non-uuid _id: {:?}",
-                doc.get("_id")
+                "read model document with a non-uuid _id ({}): {FOREIGN}",
+                codes::shorten(&format!("{:?}", doc.get("_id")), 80)
             ))
         })
 }
 
+/// What to do about a read-model document this processor did not write.
+const FOREIGN: &str = "it was not written by this processor; remove it, \
+                       or point MONGODB_DB at the processor's own database";
+
 fn corrupt(collection: &str, id: Uuid, reason: &str) -> StoreError {
     StoreError::Permanent(format!(
-        "read model {collection}/{id} is not in the expected shape ({reason}); it was not written by this processor"
+        "read model {collection}/{id} is not in the expected shape ({}): {FOREIGN}",
+        codes::shorten(reason, 80)
     ))
+}
+
+impl isolate::Sink for Projector {
+    async fn attempt(&self, events: &[OutboxEvent]) -> Result<Attempted, StoreError> {
+        self.apply_whole(events).await
+    }
+
+    async fn probe(&self, collection: &str) -> Result<(), StoreError> {
+        self.store.probe_write(collection).await
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<u32, StoreError> {
+        let mut round_trips = 0;
+        self.write_dead_letters(std::slice::from_ref(letter), &mut round_trips)
+            .await?;
+        Ok(round_trips)
+    }
 }

@@ -12,6 +12,7 @@
 
 use super::state::{bson_time, new_revision, read_i64, ActivityDoc, NameCopy};
 use super::{corrupt, doc_id, BatchReport, Work};
+use crate::store::codes;
 use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, USERS};
 use mongodb::bson::{doc, Bson, Document};
 use std::collections::{BTreeMap, BTreeSet};
@@ -335,10 +336,7 @@ async fn write(
     report.round_trips += 1;
     report.documents_written += result.modified;
     if let Some(err) = result.errors.first() {
-        return Err(StoreError::Permanent(format!(
-            "refreshing copies in {collection}: {} (code {})",
-            err.message, err.code
-        )));
+        return Err(codes::write_error(collection, err.code, &err.message));
     }
     Ok(result.matched >= expected)
 }

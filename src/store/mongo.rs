@@ -5,6 +5,8 @@
 //! round trip carries a whole batch on every MongoDB 6/7/8 (no `bulkWrite`,
 //! which needs 8), and each statement's error is read by its numeric code.
 
+pub use super::codes::Refusal;
+use super::codes::{self, RETRYABLE_CODES};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
@@ -18,20 +20,22 @@ pub const DEAD_LETTERS: &str = "dead_letters";
 /// Values per `$in` of a chunked read (see [`MongoStore::find_in`]).
 pub const IN_CHUNK: usize = 64;
 
+/// Most statements per write command.
+pub const WRITE_CHUNK: usize = 1000;
+
 /// Duplicate key: on a fenced upsert, "someone already holds a newer state".
 pub const DUPLICATE_KEY: i32 = 11000;
-
-/// Server codes that mean "try again" (not primary, shutting down, network).
-const RETRYABLE_CODES: &[i32] = &[
-    6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Worth retrying: the server is down, restarting, unreachable or not primary.
     #[error("mongodb unavailable: {0}")]
     Transient(String),
-    /// Will not succeed by retrying (bad credentials, invalid command...).
+    /// The server refused a write because of the documents it held (see
+    /// [`codes`]): the events behind them are at fault, not the process.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// Will not succeed by retrying (bad credentials, invalid command...): stop.
     #[error("mongodb: {0}")]
     Permanent(String),
 }
@@ -44,12 +48,22 @@ impl StoreError {
 
 impl From<mongodb::error::Error> for StoreError {
     fn from(err: mongodb::error::Error) -> Self {
-        let text = err.to_string();
+        let text = codes::describe(&err);
         if is_transient(&err) {
             StoreError::Transient(text)
         } else {
             StoreError::Permanent(text)
         }
+    }
+}
+
+/// A write command's own failure: sorted by its code like a statement's.
+fn write_failure(collection: &str, err: mongodb::error::Error) -> StoreError {
+    match err.kind.as_ref() {
+        ErrorKind::Command(command) if !is_transient(&err) => {
+            codes::write_error(collection, command.code, &command.message)
+        }
+        _ => StoreError::from(err),
     }
 }
 
@@ -121,7 +135,11 @@ impl MongoStore {
                 crate::config::scrub(&err.kind.to_string(), &secrets)
             ))
         })?;
-        options.app_name = Some("activity-event-processor".into());
+        // An `appName` in the URI wins (it names the process in the server's
+        // logs and lets a failpoint single it out).
+        options
+            .app_name
+            .get_or_insert_with(|| "activity-event-processor".into());
         if wait.is_some() {
             options.server_selection_timeout = wait;
         }
@@ -185,12 +203,11 @@ impl MongoStore {
         statements: Vec<Document>,
         ordered: bool,
     ) -> Result<WriteReport, StoreError> {
-        const CHUNK: usize = 1000;
         let mut report = WriteReport::default();
         let mut offset = 0;
         let mut rest = statements;
         while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(CHUNK));
+            let tail = rest.split_off(rest.len().min(WRITE_CHUNK));
             let chunk = std::mem::replace(&mut rest, tail);
             let len = chunk.len();
             let reply = self
@@ -201,11 +218,27 @@ impl MongoStore {
                     "ordered": ordered,
                     "writeConcern": self.write_concern.clone(),
                 })
-                .await?;
+                .await
+                .map_err(|e| write_failure(collection, e))?;
             read_reply(&reply, offset, &mut report)?;
             offset += len;
         }
         Ok(report)
+    }
+
+    /// Whether the server takes a write to `collection` at all: an update that
+    /// matches nothing (`$in` of nothing) and so changes nothing, sent as
+    /// every write is (same command, same write concern).
+    pub async fn probe_write(&self, collection: &str) -> Result<(), StoreError> {
+        let probe = doc! {
+            "q": { "_id": { "$in": [] } },
+            "u": { "$setOnInsert": { "_probe": true } },
+        };
+        let result = self.update(collection, vec![probe], false).await?;
+        match result.errors.first() {
+            Some(err) => Err(codes::write_error(collection, err.code, &err.message)),
+            None => Ok(()),
+        }
     }
 
     /// Documents of `collection` whose `_id` is one of `ids`.
@@ -326,10 +359,7 @@ fn read_reply(reply: &Document, offset: usize, report: &mut WriteReport) -> Resu
     report.modified += number("nModified");
     if let Some(Bson::Document(wce)) = reply.get("writeConcernError") {
         let code = wce.get_i32("code").unwrap_or(0);
-        let message = wce
-            .get_str("errmsg")
-            .unwrap_or("write concern error")
-            .to_string();
+        let message = codes::shorten(wce.get_str("errmsg").unwrap_or("write concern error"), 160);
         return Err(if RETRYABLE_CODES.contains(&code) || code == 64 {
             StoreError::Transient(format!("write concern not satisfied ({code}): {message}"))
         } else {

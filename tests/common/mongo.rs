@@ -116,3 +116,42 @@ fn bson_to_json(value: &Bson) -> Value {
         other => other.clone().into_relaxed_extjson(),
     }
 }
+
+/// Arms the server's test-only `failCommand` failpoint: the next `times`
+/// (`None`: every) `commands` of clients whose handshake names `app_name` fail
+/// with `code`. The failpoint is server-wide and one at a time: tests that arm
+/// it hold [`FAILPOINT`].
+pub async fn fail_command(
+    store: &MongoStore,
+    app_name: &str,
+    commands: &[&str],
+    code: i32,
+    times: Option<i32>,
+) {
+    let mode = match times {
+        Some(n) => Bson::Document(doc! { "times": n }),
+        None => Bson::String("alwaysOn".into()),
+    };
+    store
+        .client()
+        .database("admin")
+        .run_command(doc! {
+            "configureFailPoint": "failCommand",
+            "mode": mode,
+            "data": { "failCommands": commands, "errorCode": code, "appName": app_name },
+        })
+        .await
+        .expect("configureFailPoint (services.sh starts the server with test commands)");
+}
+
+pub async fn fail_command_off(store: &MongoStore) {
+    store
+        .client()
+        .database("admin")
+        .run_command(doc! { "configureFailPoint": "failCommand", "mode": "off" })
+        .await
+        .expect("configureFailPoint off");
+}
+
+/// Held by a test while it has the `failCommand` failpoint armed.
+pub static FAILPOINT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -5,7 +5,7 @@ use super::mongo::TestMongo;
 use super::TestDb;
 use activity_event_processor::decode::OutboxEvent;
 use activity_event_processor::outbox::load::copy_events;
-use activity_event_processor::projection::fold::ReferenceFold;
+use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -135,7 +135,12 @@ impl Stage {
     /// The read models equal the fold, and every outbox row is finished:
     /// processed, or failed exactly when the fold dead-letters it.
     pub async fn assert_converged(&self, history: &[OutboxEvent], check_outbox: bool) {
-        let expected = ReferenceFold::of(history).read_models();
+        self.assert_read_models(&ReferenceFold::of(history).read_models(), check_outbox)
+            .await;
+    }
+
+    /// As [`Stage::assert_converged`], against given read models.
+    pub async fn assert_read_models(&self, expected: &ReadModels, check_outbox: bool) {
         let actual = self.mongo.read_models().await;
         assert_eq!(
             actual.dead_letters.len(),

@@ -1,0 +1,158 @@
+//! MongoDB's error codes, and what each means for the write that got it.
+//! Errors are sorted by code (and the driver's labels and kinds), never by
+//! the text of their message.
+//!
+//! - **transient** ([`RETRYABLE_CODES`]): not primary, shutting down, network:
+//!   retried forever with backoff;
+//! - **fatal** ([`FATAL_CODES`]): nothing an event holds can cause it, and
+//!   retrying cannot fix it (rights, credentials, the database or server set
+//!   up unlike the processor needs): the process stops with what to do;
+//! - **refusal**: every other code of a write command. The server refused
+//!   what was written (a document over 16 MB, a value it does not take, a
+//!   field name it does not allow): the events behind those documents are
+//!   isolated and dead-lettered, the rest of their batch applies.
+
+use super::mongo::StoreError;
+
+/// Server codes that mean "try again" (not primary, shutting down, network).
+pub const RETRYABLE_CODES: &[i32] = &[
+    6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+];
+
+const GRANT: &str = "grant the MongoDB user readWrite on MONGODB_DB";
+const SETUP: &str = "point MONGODB_DB at a database of plain collections the user may write";
+const VERSION: &str = "use MongoDB 6, 7 or 8";
+const MAJORITY: &str = "writes need w: majority: run MongoDB as a replica set";
+
+/// Server codes that stop the process, each with what to do about it.
+pub const FATAL_CODES: &[(i32, &str)] = &[
+    (11, GRANT),                                                // UserNotFound
+    (13, GRANT),                                                // Unauthorized
+    (18, "check the credentials in MONGODB_URI"),               // AuthenticationFailed
+    (20, SETUP),                                                // IllegalOperation
+    (59, VERSION),                                              // CommandNotFound
+    (72, MAJORITY),                                             // InvalidOptions
+    (73, SETUP),                                                // InvalidNamespace
+    (79, MAJORITY),                                             // UnknownReplWriteConcern
+    (100, MAJORITY),                                            // UnsatisfiableWriteConcern
+    (115, VERSION),                                             // CommandNotSupported
+    (166, SETUP),                                               // CommandNotSupportedOnView
+    (8000, "check the cluster's limits and the user's rights"), // AtlasError
+    (13297, SETUP),                                             // DatabaseDifferCase
+    (14031, "free disk space on the MongoDB server"),           // OutOfDiskSpace
+];
+
+/// What a server error code means for a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeClass {
+    Transient,
+    /// Stop; the advice says what to do.
+    Fatal(&'static str),
+    /// The written documents are at fault.
+    Refusal,
+}
+
+pub fn classify(code: i32) -> CodeClass {
+    if RETRYABLE_CODES.contains(&code) {
+        return CodeClass::Transient;
+    }
+    match FATAL_CODES.iter().find(|(c, _)| *c == code) {
+        Some((_, advice)) => CodeClass::Fatal(advice),
+        None => CodeClass::Refusal,
+    }
+}
+
+/// Longest server message kept in an error (messages can quote documents).
+const MESSAGE_MAX: usize = 160;
+
+/// `text` cut to at most `max` bytes at a character boundary (`...` marks a cut).
+pub fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// The error for a write to `collection` that the server failed with `code`.
+pub fn write_error(collection: &str, code: i32, message: &str) -> StoreError {
+    let message = shorten(message, MESSAGE_MAX);
+    match classify(code) {
+        CodeClass::Transient => {
+            StoreError::Transient(format!("writing {collection}: {message} (code {code})"))
+        }
+        CodeClass::Fatal(advice) => StoreError::Permanent(format!(
+            "writing {collection}: {message} (code {code}): {advice}"
+        )),
+        CodeClass::Refusal => StoreError::Refused(Refusal {
+            collection: collection.to_string(),
+            code,
+            message,
+        }),
+    }
+}
+
+/// The server refused a write because of what it held.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("mongodb refused the write to {collection}: {message} (code {code})")]
+pub struct Refusal {
+    pub collection: String,
+    pub code: i32,
+    pub message: String,
+}
+
+/// One short line for a driver error: its kind, code and message, without
+/// the server's raw reply or the driver's debug output.
+pub fn describe(err: &mongodb::error::Error) -> String {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    let text = match err.kind.as_ref() {
+        ErrorKind::Command(c) => format!(
+            "{} (code {} {})",
+            shorten(&c.message, MESSAGE_MAX),
+            c.code,
+            c.code_name
+        ),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => {
+            format!("{} (code {})", shorten(&w.message, MESSAGE_MAX), w.code)
+        }
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => format!(
+            "write concern: {} (code {})",
+            shorten(&w.message, MESSAGE_MAX),
+            w.code
+        ),
+        ErrorKind::Authentication { message, .. } => format!("authentication failed: {message}"),
+        ErrorKind::Io(io) => io.to_string(),
+        other => other.to_string(),
+    };
+    shorten(&text, 2 * MESSAGE_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_sorted_into_three_classes() {
+        assert_eq!(classify(10107), CodeClass::Transient);
+        assert_eq!(classify(13), CodeClass::Fatal(GRANT));
+        assert_eq!(classify(17420), CodeClass::Refusal);
+        assert_eq!(classify(2), CodeClass::Refusal);
+        assert!(matches!(
+            write_error("users", 10334, "too large"),
+            StoreError::Refused(Refusal { code: 10334, .. })
+        ));
+        let fatal = write_error("users", 13, &"not authorized ".repeat(100)).to_string();
+        assert!(fatal.len() < 250, "{fatal}");
+        assert!(fatal.ends_with(GRANT), "{fatal}");
+    }
+
+    #[test]
+    fn shorten_cuts_at_a_character_boundary() {
+        assert_eq!(shorten("abc", 3), "abc");
+        assert_eq!(shorten("abcdef", 5), "ab...");
+        assert_eq!(shorten("ééééé", 6), "é...");
+    }
+}
