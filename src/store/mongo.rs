@@ -17,6 +17,9 @@ pub const USERS: &str = "users";
 pub const ACTIVITIES: &str = "activities";
 pub const DEAD_LETTERS: &str = "dead_letters";
 
+/// How often the driver checks the servers, unless the URI says otherwise.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Values per `$in` of a chunked read (see [`MongoStore::find_in`]).
 pub const IN_CHUNK: usize = 64;
 
@@ -140,6 +143,11 @@ impl MongoStore {
         options
             .app_name
             .get_or_insert_with(|| "activity-event-processor".into());
+        // After a "not primary" or "shutting down" error the driver forgets
+        // the server and finds it again at its next heartbeat: 10 s by
+        // default, so each such fault would cost 10 s. A `heartbeatFrequencyMS`
+        // in the URI wins.
+        options.heartbeat_freq.get_or_insert(HEARTBEAT);
         if wait.is_some() {
             options.server_selection_timeout = wait;
         }
