@@ -19,7 +19,9 @@
 //! letters, deferrals) is kept, since their fence now hides those events from
 //! the next attempt ([`settled`]). A dead-lettered event took no effect and
 //! moved no fence, as an event dead-lettered by its handler: the aggregate's
-//! next events apply without it.
+//! next events apply without it. (A refusal while refreshing copies comes
+//! after the event's own document took effect: that event is dead-lettered
+//! all the same, as the one whose copies cannot follow.)
 
 use super::{BatchReport, DeadLetter};
 use crate::decode::OutboxEvent;
