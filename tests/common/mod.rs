@@ -171,5 +171,6 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
 pub mod kafka;
 pub mod mongo;
 pub mod pipeline;
+pub mod proxy;
 pub mod replication;
 pub mod services;
