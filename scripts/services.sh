@@ -11,6 +11,8 @@
 #
 # Use: eval "$(scripts/services.sh up)"; every message other than the exports goes to stderr.
 # MONGO_PERSISTENT=1 keeps MongoDB data on disk (with --sync-on-commit) for tests that kill it.
+# KAFKA_ADVERTISED_PORT=N makes the broker advertise 127.0.0.1:N instead of its own port (a
+# proxy in front of it: clients connect to the address the broker advertises).
 set -euo pipefail
 
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -290,7 +292,8 @@ kafka_up() {
   state_set kafka.port "$port"
   launch kafka "$STATE/kafka-run" "$STATE/kafka.log" \
     env -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT -u CLUSTER_ID "$bin" broker \
-    --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:${KAFKA_ADVERTISED_PORT:-$port}" \
     --storage-engine memory://tansu/
   wait_tcp kafka "$port" "$STATE/kafka.log"
   port_unlock
@@ -430,7 +433,7 @@ main() {
       mongo_up
       ;;
     *)
-      sed -n '2,13p' "$SELF" | sed 's/^# \{0,1\}//' >&2
+      sed -n '2,15p' "$SELF" | sed 's/^# \{0,1\}//' >&2
       exit 2
       ;;
   esac

@@ -34,8 +34,13 @@ pub fn fresh(prefix: &str) -> String {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_at(&brokers(), name, partitions).await
+}
+
+/// [`create_topic`] on the broker at `brokers`.
+pub async fn create_topic_at(brokers: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let results = admin

@@ -168,8 +168,10 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
     command.output().expect("run event-processor")
 }
 
+pub mod faults;
 pub mod kafka;
 pub mod mongo;
 pub mod pipeline;
+pub mod proxy;
 pub mod replication;
 pub mod services;

@@ -18,6 +18,12 @@ fn script() -> PathBuf {
 impl OwnServices {
     /// Starts `services` (e.g. `["pg", "mongo"]`) in a fresh state folder.
     pub fn up(services: &[&str]) -> OwnServices {
+        Self::up_with(services, &[])
+    }
+
+    /// [`OwnServices::up`] with variables for the script (e.g.
+    /// `KAFKA_ADVERTISED_PORT`).
+    pub fn up_with(services: &[&str], env: &[(&str, String)]) -> OwnServices {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join(".services")
             .join(format!(
@@ -29,6 +35,7 @@ impl OwnServices {
             .arg("up")
             .args(services)
             .env("SERVICES_DIR", &dir)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run scripts/services.sh");
         assert!(

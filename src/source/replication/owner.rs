@@ -5,10 +5,16 @@
 //! - the lock lives and dies with its session: a `kill -9`, a crash or a
 //!   PostgreSQL restart ends the session and frees the lock, and nothing else
 //!   does. A waiting instance polls for it and takes over;
-//! - the session asks the server to probe the client (`tcp_keepalives_*`), so
-//!   a network partition of the owner frees the lock within seconds on the
-//!   server side, and the client side notices its dead connection the same
-//!   way, stops capturing and waits to own the slot again;
+//! - the session is never silent: a heartbeat runs on it every second, and
+//!   the server is asked to end it after 10 s without a statement
+//!   (`idle_session_timeout`). An owner cut off by a partition, frozen, or
+//!   behind a proxy that keeps the server's side of the connection open
+//!   therefore frees the lock within about 10 s; the server also probes the
+//!   client's socket (`tcp_keepalives_*`), which only helps when nothing
+//!   between them answers for the client. The owner gives the session up
+//!   itself when a heartbeat is not answered within 5 s, before the server
+//!   can hand the lock to another process, stops capturing and waits to own
+//!   the slot again;
 //! - ownership alone never lets two instances stream: PostgreSQL itself lets
 //!   one walsender use a slot at a time, and an owner that lost its session
 //!   but still streams can only acknowledge what it made durable. What the
@@ -19,7 +25,8 @@
 use super::setup::{connect, query_error};
 use crate::config::PostgresConfig;
 use crate::source::SourceError;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
@@ -31,6 +38,17 @@ const NAMESPACE: &str = "activity-event-processor:slot";
 
 /// How often a waiting instance asks for the lock.
 const POLL: Duration = Duration::from_millis(500);
+
+/// How often the lock's session shows the server it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A heartbeat unanswered this long: the session is given up. Well below
+/// [`SILENCE`], so an owner cut off stops before the server frees its lock.
+const ANSWER: Duration = Duration::from_secs(5);
+
+/// The server ends a session that sent no statement for this long
+/// (`idle_session_timeout`), which frees the lock of an owner that went silent.
+const SILENCE: &str = "10s";
 
 /// The shared handle to the ownership of one slot (clones share it).
 #[derive(Clone)]
@@ -44,6 +62,8 @@ struct Inner {
     name: String,
     /// The lock's session (kept while standing by, so polling reuses it).
     session: Mutex<Option<Session>>,
+    /// The heartbeat task runs (it is started with the first session).
+    beating: AtomicBool,
 }
 
 struct Session {
@@ -68,6 +88,7 @@ impl SlotOwner {
                 pg: pg.clone(),
                 name: name.to_string(),
                 session: Mutex::new(None),
+                beating: AtomicBool::new(false),
             }),
         }
     }
@@ -115,10 +136,14 @@ impl SlotOwner {
         }
         let session = match guard.take() {
             Some(session) => session,
-            None => Session {
-                client: open_session(&self.inner.pg).await?,
-                held: false,
-            },
+            None => {
+                let client = open_session(&self.inner.pg).await?;
+                self.start_heartbeat();
+                Session {
+                    client,
+                    held: false,
+                }
+            }
         };
         let session = guard.insert(session);
         // A failed query leaves no session behind: the next call opens one.
@@ -136,6 +161,13 @@ impl SlotOwner {
                 *guard = None;
                 Err(err)
             }
+        }
+    }
+
+    /// Starts the heartbeat of this owner's sessions, once.
+    fn start_heartbeat(&self) {
+        if !self.inner.beating.swap(true, Ordering::SeqCst) {
+            tokio::spawn(heartbeat(Arc::downgrade(&self.inner)));
         }
     }
 
@@ -208,19 +240,53 @@ impl SlotOwner {
     }
 }
 
-/// A connection for the lock: dead peers are found within seconds on both
-/// sides, and it is never closed for being idle (it is idle by design).
+/// A connection for the lock: the server ends it once it has been silent for
+/// [`SILENCE`] (the heartbeat keeps it from ever being silent that long) and
+/// probes the client's socket; no other timeout applies.
 async fn open_session(pg: &PostgresConfig) -> Result<Client, SourceError> {
     let client = connect(pg).await?;
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
-             SET tcp_keepalives_count = 3; SET idle_session_timeout = 0; \
-             SET idle_in_transaction_session_timeout = 0; SET statement_timeout = 0",
-        )
+             SET tcp_keepalives_count = 3; SET idle_session_timeout = '{SILENCE}'; \
+             SET idle_in_transaction_session_timeout = 0; SET statement_timeout = 0"
+        ))
         .await
         .map_err(|err| query_error("preparing the slot ownership session", &err))?;
     Ok(client)
+}
+
+/// Every [`HEARTBEAT`], a statement on the owner's session (holding the lock
+/// or waiting for it); one that fails or is not answered within [`ANSWER`]
+/// ends the session here, so that the process stops acting as the owner.
+/// Ends with the last handle to the owner.
+async fn heartbeat(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut guard = inner.session.lock().await;
+        let Some(session) = guard.as_ref() else {
+            continue;
+        };
+        let answer = tokio::time::timeout(ANSWER, session.client.simple_query("SELECT 1")).await;
+        let failure = match answer {
+            Ok(Ok(_)) => continue,
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("no answer within {ANSWER:?}"),
+        };
+        if session.held {
+            tracing::warn!(
+                slot = %inner.name,
+                error = %failure,
+                "the slot ownership session is lost: stopping capture until the slot \
+                 is owned again"
+            );
+        }
+        // Dropping the client closes the connection (as far as it reaches).
+        *guard = None;
+    }
 }
 
 /// Takes the lock of `name` on `client`'s session unless that session holds
