@@ -39,6 +39,9 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub unmatched: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Dead letters written again for a re-delivered event (not counted in
+    /// `dead_lettered`).
+    pub dead_letters_again: AtomicU64,
     pub batches: AtomicU64,
     pub round_trips: AtomicU64,
     pub documents_written: AtomicU64,
@@ -242,6 +245,7 @@ impl<S: Source> Pipeline<S> {
                 .map(|(event, err)| (event.clone(), err.to_string()))
                 .collect(),
         };
+        let mut letters_again = report.letters_again;
         if !batch.malformed.is_empty() {
             let malformed = &batch.malformed;
             let written = self
@@ -253,8 +257,9 @@ impl<S: Source> Pipeline<S> {
                         .map_err(|e| (e.is_transient(), e))
                 })
                 .await?;
-            if let Step::Interrupted = written {
-                return Ok(Step::Interrupted);
+            match written {
+                Step::Interrupted => return Ok(Step::Interrupted),
+                Step::Done(again) => letters_again += again,
             }
             outcome.dead_letters.extend(batch.malformed.iter().cloned());
         }
@@ -303,7 +308,7 @@ impl<S: Source> Pipeline<S> {
             // only means the batch may come again, which changes nothing.
             tracing::warn!(error = %err, "acknowledgement failed; the batch may be delivered again");
         }
-        self.count(&report, &outcome);
+        self.count(&report, &outcome, letters_again);
         for letter in &outcome.dead_letters {
             tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
         }
@@ -323,11 +328,12 @@ impl<S: Source> Pipeline<S> {
             applied: batch.events.len(),
             ..BatchReport::default()
         };
-        self.count(&report, &outcome);
+        self.count(&report, &outcome, 0);
         Ok(Step::Done(()))
     }
 
-    fn count(&self, report: &BatchReport, outcome: &BatchOutcome) {
+    /// `letters_again`: of the batch's dead letters, those written before.
+    fn count(&self, report: &BatchReport, outcome: &BatchOutcome, letters_again: usize) {
         let stats = &self.stats;
         stats
             .applied
@@ -338,9 +344,14 @@ impl<S: Source> Pipeline<S> {
         stats
             .unmatched
             .fetch_add(report.unmatched as u64, Ordering::Relaxed);
+        let letters = outcome.dead_letters.len();
+        let again = letters_again.min(letters);
         stats
             .dead_lettered
-            .fetch_add(outcome.dead_letters.len() as u64, Ordering::Relaxed);
+            .fetch_add((letters - again) as u64, Ordering::Relaxed);
+        stats
+            .dead_letters_again
+            .fetch_add(again as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
             .round_trips

@@ -155,3 +155,54 @@ async fn a_second_sigterm_gives_the_claims_back() {
     stage.run_until_caught_up(&["--source", "polling"], &[], LIMIT);
     stage.assert_converged(&history, true).await;
 }
+
+/// `name=<n>` in the last `stopped` line of the stage's log.
+fn stopped_count(stage: &Stage, name: &str) -> u64 {
+    let log = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" stopped "))
+        .unwrap_or_else(|| panic!("no stopped line\n{}", stage.log_tail()));
+    let start = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + name.len()
+        + 2;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number for {name} in {line}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_history_is_counted_as_redelivered() {
+    let stage = Stage::new().await;
+    let history = generate(79, &HistoryOptions::realistic(1_000));
+    stage.load(&history).await;
+    stage.run_until_caught_up(&["--source", "polling"], &[], LIMIT);
+    stage.assert_converged(&history, true).await;
+    // Everything comes again, as after a lost acknowledgement.
+    stage
+        .pg
+        .client()
+        .await
+        .execute("UPDATE event_outbox SET status = 'pending', lock_id = NULL", &[])
+        .await
+        .expect("reset the outbox");
+    let info = [("LOG_LEVEL", "info".to_string())];
+    stage.run_until_caught_up(&["--source", "polling"], &info, LIMIT);
+    stage.assert_converged(&history, true).await;
+    let letters = stage.mongo.read_models().await.dead_letters.len() as u64;
+    assert_eq!(stopped_count(&stage, "applied"), 0, "{}", stage.log_tail());
+    assert_eq!(stopped_count(&stage, "dead_lettered"), 0);
+    assert_eq!(stopped_count(&stage, "dead_letters_again"), letters);
+    assert_eq!(
+        stopped_count(&stage, "duplicates")
+            + stopped_count(&stage, "unmatched")
+            + stopped_count(&stage, "dead_letters_again"),
+        history.len() as u64
+    );
+    let _ = std::fs::remove_file(stage.log_path());
+}

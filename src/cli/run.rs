@@ -393,6 +393,9 @@ async fn run_source(
         dead_lettered = stats
             .dead_lettered
             .load(std::sync::atomic::Ordering::Relaxed),
+        dead_letters_again = stats
+            .dead_letters_again
+            .load(std::sync::atomic::Ordering::Relaxed),
         "stopped"
     );
     Ok(())

@@ -58,6 +58,7 @@ impl BatchReport {
         self.applied += part.applied;
         self.duplicates += part.duplicates;
         self.unmatched += part.unmatched;
+        self.letters_again += part.letters_again;
         for letter in part.dead_letters {
             let id = letter.event.event_id;
             if !self.dead_letters.iter().any(|d| d.event.event_id == id) {

@@ -114,9 +114,9 @@ impl Projector {
         &self,
         letters: &[DeadLetter],
         round_trips: &mut u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         if letters.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let now = now();
         let statements = letters
@@ -124,9 +124,11 @@ impl Projector {
             .map(|letter| statement(letter, natural_form(letter), &now))
             .collect();
         *round_trips += 1;
+        let mut again = 0;
         let refused: Vec<(&DeadLetter, Form)> =
             match self.store.update(DEAD_LETTERS, statements, false).await {
                 Ok(result) => {
+                    again = usize::try_from(result.matched).unwrap_or(usize::MAX);
                     let mut refused = Vec::new();
                     for err in &result.errors {
                         match write_error(DEAD_LETTERS, err.code, &err.message) {
@@ -149,19 +151,20 @@ impl Projector {
                 Err(err) => return Err(err),
             };
         for (letter, form) in refused {
-            self.write_alone(letter, form, &now, round_trips).await?;
+            again += self.write_alone(letter, form, &now, round_trips).await?;
         }
-        Ok(())
+        Ok(again)
     }
 
-    /// Writes one letter in `form`, then (refused) in the bounded form.
+    /// Writes one letter in `form`, then (refused) in the bounded form; 1 if
+    /// it was there already.
     async fn write_alone(
         &self,
         letter: &DeadLetter,
         form: Form,
         now: &Bson,
         round_trips: &mut u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let mut form = form;
         loop {
             *round_trips += 1;
@@ -171,7 +174,7 @@ impl Projector {
                 .await;
             let refusal = match result {
                 Ok(result) => match result.errors.first() {
-                    None => return Ok(()),
+                    None => return Ok(usize::from(result.matched > 0)),
                     Some(err) => write_error(DEAD_LETTERS, err.code, &err.message),
                 },
                 Err(err) => err,

@@ -55,6 +55,9 @@ pub struct BatchReport {
     pub duplicates: usize,
     pub unmatched: usize,
     pub dead_letters: Vec<DeadLetter>,
+    /// Of `dead_letters`, those already written before (a re-delivered event
+    /// that fails again): counted apart, not as new dead letters.
+    pub letters_again: usize,
     /// Events that failed in a way an ordering race could explain (their
     /// aggregate is not created yet); with `dead_letter_races` off they are
     /// returned here untouched, for the caller to retry.
@@ -176,13 +179,15 @@ impl Projector {
             Ok(false) => return Ok(Attempt::Conflict),
             Err(StoreError::Refused(refusal)) => {
                 let mut settled = isolate::settled(&report, Some(&written));
-                self.write_dead_letters(&settled.dead_letters, &mut settled.round_trips)
+                settled.letters_again += self
+                    .write_dead_letters(&settled.dead_letters, &mut settled.round_trips)
                     .await?;
                 return Ok(Attempt::Refused { refusal, settled });
             }
             Err(err) => return Err(err),
         }
-        self.write_dead_letters(&report.dead_letters, &mut report.round_trips)
+        report.letters_again += self
+            .write_dead_letters(&report.dead_letters, &mut report.round_trips)
             .await?;
         match refresh::run(&self.store, &work, &mut report).await {
             Ok(()) => Ok(Attempt::Done(report)),

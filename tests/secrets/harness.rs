@@ -112,7 +112,7 @@ impl Case {
             args.insert(0, path.display().to_string());
             args.insert(0, "--env-file".to_string());
         }
-        let mut command = Command::new(env!("CARGO_BIN_EXE_event-processor"));
+        let mut command = Command::new(crate::common::pipeline::binary());
         command.args(&args).env_clear().current_dir(&dir);
         for key in ["PATH", "HOME"] {
             if let Ok(value) = std::env::var(key) {
