@@ -23,7 +23,9 @@
 //! writes other WAL, an empty batch every [`POSITION_INTERVAL`] hands out the
 //! stream's position, so that the slot does not hold that WAL forever.
 
-mod pgoutput;
+// Public, but hidden, for the fuzz targets under fuzz/.
+#[doc(hidden)]
+pub mod pgoutput;
 mod setup;
 mod snapshot;
 mod wal;
