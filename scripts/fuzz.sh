@@ -60,17 +60,23 @@ for target in "${targets[@]}"; do
   cargo fuzz run --sanitizer "$sanitizer" "$target" "$work" "fuzz/corpus/$target" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     >"$logfile" 2>&1 || rc=$?
+  # The log holds the failing input's bytes: read it as text (grep -a).
   runs=$(awk '/^stat::number_of_executed_units/ { n = $NF } END { print n + 0 }' "$logfile")
-  corpus=$(grep -Eo 'corp: [0-9]+' "$logfile" | tail -n 1 | grep -Eo '[0-9]+' || echo 0)
-  crashes=$(grep -c 'Test unit written to' "$logfile" || true)
+  corpus=$(grep -aEo 'corp: [0-9]+' "$logfile" | tail -n 1 | grep -Eo '[0-9]+' || echo 0)
+  crashes=$(grep -ac 'Test unit written to' "$logfile" || true)
   if ((rc != 0 && crashes == 0)); then crashes=1; fi
   summaries+=("$(printf 'fuzz %-13s %10s runs, corpus %5s inputs, %s crashes' \
     "$target:" "$runs" "$corpus" "$crashes")")
   if ((rc != 0)); then
     failed+=("$target")
-    log "fuzz target $target failed (exit $rc); the end of $logfile:"
-    tail -n 40 "$logfile" >&2
-    grep -h 'Test unit written to' "$logfile" | sed 's/^.*Test unit written to /reproducer: /' >&2 || true
+    log "fuzz target $target failed (exit $rc); its log: $logfile"
+    # The panic's message, else (a timeout, out of memory) the end of the log.
+    if grep -aq 'panicked at' "$logfile"; then
+      awk '/panicked at/ { p = 1 } /^stack backtrace:/ { p = 0 } p' "$logfile" | head -n 20 >&2
+    else
+      grep -av '^ *[0-9]*: \|^ *at ' "$logfile" | tail -n 30 >&2
+    fi
+    grep -ah 'Test unit written to' "$logfile" | sed 's/^.*Test unit written to /reproducer: /' >&2 || true
     log "reproduce with: PATH=\$PWD/.cargo-home/bin:\$PATH RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer $sanitizer $target REPRODUCER"
   fi
 done
