@@ -71,8 +71,10 @@ fn secrets(shape: &[u8]) -> Vec<(&'static str, String)> {
         }
         let value = match *key {
             "POSTGRES_PASSWORD" => format!("{}{MARK}{}", part(0), part(1)),
+            // Without a scheme (a slip), the credentials are still credentials.
             "MONGODB_URI" => format!(
-                "{scheme}://user:{}{MARK}{}@{}",
+                "{scheme}{}user:{}{MARK}{}@{}",
+                if scheme.is_empty() { "" } else { "://" },
                 password_part(3),
                 password_part(4),
                 part(5)
@@ -111,12 +113,10 @@ fn secret_only_where_secret(env: &EnvMap) -> bool {
     })
 }
 
-/// Whether every occurrence of the secret in `uri` lies between `scheme://` and the
-/// `@` that ends the credentials.
+/// Whether every occurrence of the secret in `uri` lies between `scheme://` (or
+/// the start, without a scheme) and the `@` that ends the credentials.
 fn in_credentials(uri: &str) -> bool {
-    let Some(start) = uri.find("://").map(|at| at + 3) else {
-        return false;
-    };
+    let start = uri.find("://").map_or(0, |at| at + 3);
     let authority_end = uri[start..].find('/').map_or(uri.len(), |at| start + at);
     let Some(end) = uri[start..authority_end].rfind('@').map(|at| start + at) else {
         return false;
