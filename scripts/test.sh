@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (also what CI runs): installs prerequisites, starts its own
 # services (PostgreSQL, MongoDB-wire SecantusDB, Kafka-API tansu) in a private state dir,
-# runs rustfmt, clippy and every test target, and always stops the services at the end.
+# runs rustfmt, clippy, every test target and the fuzz targets (scripts/fuzz.sh, 20 s each),
+# and always stops the services at the end.
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,6 +40,14 @@ cargo clippy --all-targets "${locked[@]}" -- -D warnings
 banner "cargo test --all-targets ${locked[*]} $*"
 log=$(mktemp)
 cargo test --all-targets "${locked[@]}" "$@" 2>&1 | tee "$log"
+
+# The fuzz targets, a bounded time each (FUZZ_SECONDS, default 20; 0 skips them).
+fuzz_seconds=${FUZZ_SECONDS:-20}
+if [[ $fuzz_seconds != 0 ]]; then
+  banner "scripts/fuzz.sh $fuzz_seconds"
+  bash scripts/fuzz.sh "$fuzz_seconds"
+fi
+
 # One closing line for the whole run (benches print their own figures last).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i == "passed;") p += $(i - 1); if ($i == "failed;") f += $(i - 1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -22,7 +22,9 @@ mod error;
 mod event_router;
 mod json;
 mod row;
-mod timestamp;
+// Public, but hidden, for the fuzz targets under fuzz/.
+#[doc(hidden)]
+pub mod timestamp;
 
 pub use error::{DecodeError, RowOp};
 pub use row::decode_text_row;

@@ -11,7 +11,7 @@ use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
 
 /// The unit of an epoch integer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum EpochUnit {
+pub enum EpochUnit {
     Millis,
     Micros,
     Nanos,
@@ -19,7 +19,7 @@ pub(crate) enum EpochUnit {
 
 impl EpochUnit {
     /// The unit a Connect/Debezium logical type name implies, if it is a timestamp type.
-    pub(crate) fn from_schema_name(name: &str) -> Option<Self> {
+    pub fn from_schema_name(name: &str) -> Option<Self> {
         match name {
             "io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp" => {
                 Some(Self::Millis)
@@ -32,7 +32,7 @@ impl EpochUnit {
 
     /// The unit an epoch integer most likely has, when nothing says it: any instant
     /// after 1973 in microseconds exceeds every millisecond value before the year 5138.
-    pub(crate) fn guess(value: i64) -> Self {
+    pub fn guess(value: i64) -> Self {
         match value.unsigned_abs() {
             0..=99_999_999_999_999 => Self::Millis,
             100_000_000_000_000..=99_999_999_999_999_999 => Self::Micros,
@@ -42,7 +42,7 @@ impl EpochUnit {
 }
 
 /// An epoch integer as an instant; `None` if it is out of chrono's range.
-pub(crate) fn from_epoch(value: i64, unit: EpochUnit) -> Option<DateTime<Utc>> {
+pub fn from_epoch(value: i64, unit: EpochUnit) -> Option<DateTime<Utc>> {
     match unit {
         EpochUnit::Millis => DateTime::from_timestamp_millis(value),
         EpochUnit::Micros => DateTime::from_timestamp_micros(value),
@@ -51,7 +51,7 @@ pub(crate) fn from_epoch(value: i64, unit: EpochUnit) -> Option<DateTime<Utc>> {
 }
 
 /// RFC 3339 (`2026-09-15T09:41:07.509871Z`, any offset, any fraction width).
-pub(crate) fn parse_rfc3339(text: &str) -> Option<DateTime<Utc>> {
+pub fn parse_rfc3339(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text.trim())
         .ok()
         .map(|t| t.with_timezone(&Utc))
@@ -59,7 +59,7 @@ pub(crate) fn parse_rfc3339(text: &str) -> Option<DateTime<Utc>> {
 
 /// PostgreSQL's `timestamptz` text output in DateStyle ISO, with an offset of `±HH`,
 /// `±HH:MM` or `±HH:MM:SS`; also accepts RFC 3339.
-pub(crate) fn parse_postgres(text: &str) -> Option<DateTime<Utc>> {
+pub fn parse_postgres(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
     if let Some(t) = parse_postgres_fast(text) {
         return Some(t);
@@ -85,7 +85,7 @@ pub(crate) fn parse_postgres(text: &str) -> Option<DateTime<Utc>> {
 /// byte by byte: this runs once per captured row, and a format-string parse
 /// costs more than the rest of the row. Anything else falls through to the
 /// general parsers.
-fn parse_postgres_fast(text: &str) -> Option<DateTime<Utc>> {
+pub fn parse_postgres_fast(text: &str) -> Option<DateTime<Utc>> {
     let b = text.as_bytes();
     if b.len() < 22
         || b[4] != b'-'
@@ -147,7 +147,7 @@ fn parse_offset(text: &str) -> Option<FixedOffset> {
 }
 
 /// A header value: RFC 3339, PostgreSQL text or an epoch integer (unit guessed).
-pub(crate) fn parse_header(text: &str) -> Option<DateTime<Utc>> {
+pub fn parse_header(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
     if let Ok(value) = text.parse::<i64>() {
         return from_epoch(value, EpochUnit::guess(value));

@@ -33,7 +33,9 @@
 //! applying them and delivers them again.
 
 mod owner;
-mod pgoutput;
+// Public, but hidden, for the fuzz targets under fuzz/.
+#[doc(hidden)]
+pub mod pgoutput;
 mod rows;
 mod setup;
 mod snapshot;

@@ -17,7 +17,7 @@ const OUTBOX: &str = "event_outbox";
 #[derive(Debug)]
 // `Insert` is the common case: boxing it would cost an allocation per event.
 #[allow(clippy::large_enum_variant)]
-pub(super) enum WalItem {
+pub enum WalItem {
     Begin,
     /// An outbox row, or the dead letter of one that does not decode.
     Insert(Result<OutboxEvent, Box<DeadLetter>>),
@@ -41,18 +41,18 @@ struct Relation {
 /// Decodes the messages of one replication connection (a relation is
 /// described once per connection, before its first row).
 #[derive(Default)]
-pub(super) struct Decoder {
+pub struct Decoder {
     relations: Vec<Relation>,
 }
 
 /// A message that is not what the protocol says it is.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed pgoutput message: {0}")]
-pub(super) struct ProtocolError(&'static str);
+pub struct ProtocolError(&'static str);
 
 impl Decoder {
     /// What one XLogData payload means.
-    pub(super) fn decode(&mut self, message: &[u8]) -> Result<WalItem, ProtocolError> {
+    pub fn decode(&mut self, message: &[u8]) -> Result<WalItem, ProtocolError> {
         let mut r = Reader(message);
         match r.u8()? {
             b'B' => Ok(WalItem::Begin),
