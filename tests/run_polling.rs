@@ -188,7 +188,10 @@ async fn a_redelivered_history_is_counted_as_redelivered() {
         .pg
         .client()
         .await
-        .execute("UPDATE event_outbox SET status = 'pending', lock_id = NULL", &[])
+        .execute(
+            "UPDATE event_outbox SET status = 'pending', lock_id = NULL",
+            &[],
+        )
         .await
         .expect("reset the outbox");
     let info = [("LOG_LEVEL", "info".to_string())];
