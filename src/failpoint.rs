@@ -18,6 +18,7 @@
 pub const PIPELINE_AFTER_DECODE: &str = "pipeline.after_decode";
 pub const PIPELINE_BEFORE_SINK_WRITE: &str = "pipeline.before_sink_write";
 pub const PIPELINE_AFTER_SINK_WRITE: &str = "pipeline.after_sink_write";
+pub const PROJECTION_AFTER_OWN_WRITES: &str = "projection.after_own_writes";
 pub const PIPELINE_AFTER_CHECKPOINT: &str = "pipeline.after_checkpoint";
 pub const PIPELINE_BEFORE_MARK_OUTBOX: &str = "pipeline.before_mark_outbox";
 pub const PIPELINE_AFTER_MARK_OUTBOX: &str = "pipeline.after_mark_outbox";
@@ -31,7 +32,7 @@ pub const KAFKA_BEFORE_COMMIT: &str = "kafka.before_commit";
 pub const KAFKA_AFTER_COMMIT: &str = "kafka.after_commit";
 
 /// Every crash point, with a sentence on where it is: what is durable when it fires.
-pub const ALL: [(&str, &str); 14] = [
+pub const ALL: [(&str, &str); 15] = [
     (
         PIPELINE_AFTER_DECODE,
         "a batch came from the source; nothing of it is written anywhere yet",
@@ -39,6 +40,10 @@ pub const ALL: [(&str, &str); 14] = [
     (
         PIPELINE_BEFORE_SINK_WRITE,
         "the batch is about to be projected into MongoDB",
+    ),
+    (
+        PROJECTION_AFTER_OWN_WRITES,
+        "inside the sink write: the batch's own documents are written, its dead letters and copy refreshes not yet",
     ),
     (
         PIPELINE_AFTER_SINK_WRITE,
@@ -141,7 +146,7 @@ mod tests {
         for (name, about) in ALL {
             let (area, point) = name.split_once('.').unwrap_or_default();
             assert!(
-                ["pipeline", "relay", "kafka"].contains(&area) && !point.is_empty(),
+                ["pipeline", "projection", "relay", "kafka"].contains(&area) && !point.is_empty(),
                 "{name}"
             );
             assert!(!about.is_empty(), "{name}");

@@ -2,9 +2,9 @@
 //! under every workload that passes through it. Each scenario loads a
 //! generated history, starts the processes with one crash point armed
 //! (`FAILPOINTS=<name>=2*off->return`: it passes twice and aborts the process
-//! at the third pass, after some progress), checks that the process died by
-//! that abort, restarts it without crash points, and compares the read models
-//! with the reference fold.
+//! at the third pass, after some progress; the Kafka commit points at the
+//! second), checks that the process died by that abort, restarts it without
+//! crash points, and compares the read models with the reference fold.
 //!
 //! Workloads: replication (`run`), polling with two workers (`run --source
 //! polling --workers 2`), and Kafka (`relay` and two `run --source kafka` in
@@ -31,17 +31,16 @@ mod common;
 
 #[cfg(feature = "failpoints")]
 mod matrix {
+    use super::common::crash::{self, spawn};
     use super::common::kafka::{self, Proc, Slots};
-    use super::common::pipeline::{binary, Stage};
+    use super::common::pipeline::Stage;
     use activity_event_processor::checkpoint::CHECKPOINTS;
     use activity_event_processor::decode::OutboxEvent;
     use activity_event_processor::failpoint::{self as fp, ALL};
     use activity_event_processor::history::{generate, HistoryOptions};
     use mongodb::bson::doc;
     use std::io::Write;
-    use std::os::unix::process::ExitStatusExt;
     use std::path::{Path, PathBuf};
-    use std::process::{Command, ExitStatus, Stdio};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
@@ -63,7 +62,6 @@ mod matrix {
     const CRASH_LIMIT: Duration = Duration::from_secs(90);
     /// The longest wait for convergence after the restart.
     const CONVERGE_LIMIT: Duration = Duration::from_secs(180);
-    const SIGABRT: i32 = 6;
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Workload {
@@ -83,9 +81,10 @@ mod matrix {
 
         /// The crash points a batch of this workload passes.
         fn crash_points(self) -> &'static [&'static str] {
-            const COMMON: [&str; 5] = [
+            const COMMON: [&str; 6] = [
                 fp::PIPELINE_AFTER_DECODE,
                 fp::PIPELINE_BEFORE_SINK_WRITE,
+                fp::PROJECTION_AFTER_OWN_WRITES,
                 fp::PIPELINE_AFTER_SINK_WRITE,
                 fp::PIPELINE_BEFORE_SOURCE_ACK,
                 fp::PIPELINE_AFTER_SOURCE_ACK,
@@ -94,6 +93,7 @@ mod matrix {
                 Workload::Replication => &[
                     fp::PIPELINE_AFTER_DECODE,
                     fp::PIPELINE_BEFORE_SINK_WRITE,
+                    fp::PROJECTION_AFTER_OWN_WRITES,
                     fp::PIPELINE_AFTER_SINK_WRITE,
                     fp::PIPELINE_AFTER_CHECKPOINT,
                     fp::PIPELINE_BEFORE_MARK_OUTBOX,
@@ -109,6 +109,7 @@ mod matrix {
                     fp::RELAY_AFTER_CAPTURE_ACK,
                     fp::PIPELINE_AFTER_DECODE,
                     fp::PIPELINE_BEFORE_SINK_WRITE,
+                    fp::PROJECTION_AFTER_OWN_WRITES,
                     fp::PIPELINE_AFTER_SINK_WRITE,
                     fp::PIPELINE_BEFORE_SOURCE_ACK,
                     fp::PIPELINE_AFTER_SOURCE_ACK,
@@ -140,81 +141,22 @@ mod matrix {
         change(&mut guard);
     }
 
-    /// Starts the binary with `args` and `env` on a clean environment, with
-    /// core dumps off (the abort would otherwise leave one per scenario).
-    fn spawn(args: &[&str], env: &[(&'static str, String)], log: &Path) -> Proc {
-        let mut command = Command::new("sh");
-        command
-            .args(["-c", "ulimit -c 0; exec \"$0\" \"$@\"", &binary()])
-            .args(args)
-            .env_clear();
-        for key in ["PATH", "HOME"] {
-            if let Ok(value) = std::env::var(key) {
-                command.env(key, value);
-            }
-        }
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        Proc(
-            command
-                .current_dir(std::env::temp_dir())
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(file))
-                .spawn()
-                .expect("spawn event-processor"),
-        )
-    }
-
-    /// The exit status, or `None` if it still runs after `limit`.
-    async fn wait_exit(child: &mut Proc, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.0.try_wait().expect("wait") {
-                return Some(status);
-            }
-            if start.elapsed() > limit {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Waits for the armed process to abort at `point`; records the outcome.
     async fn expect_crash(child: &mut Proc, point: &str, log: &Path, row: &Shared) {
-        let status = wait_exit(child, CRASH_LIMIT).await;
-        let said = std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .contains(&format!("crash point `{point}` reached"));
-        let problem = match status {
-            Some(status) if status.signal() == Some(SIGABRT) && said => String::new(),
-            Some(status) => format!("exited with {status} instead of aborting at {point}"),
-            None => format!(
-                "{point} was not passed {} times within {CRASH_LIMIT:?}",
-                passes(point) + 1
-            ),
+        let result = crash::aborted_at(child, point, log, CRASH_LIMIT).await;
+        let problem = match &result {
+            Ok(()) => String::new(),
+            Err(err) => format!("{err} (armed to abort at pass {})", passes(point) + 1),
         };
-        let crashed = problem.is_empty();
         update(row, |r| {
-            r.crashed = crashed;
+            r.crashed = result.is_ok();
             r.problem = problem.clone();
         });
-        assert!(crashed, "{problem}\n{}", kafka::tail(log));
+        assert!(result.is_ok(), "{problem}\n{}", kafka::tail(log));
     }
 
-    /// `env`, with `point` armed and the log at `info` (what the process
-    /// did before it crashed is worth reading).
     fn armed(env: &[(&'static str, String)], point: &str) -> Vec<(&'static str, String)> {
-        let mut env = env.to_vec();
-        let passes = passes(point);
-        env.push(("FAILPOINTS", format!("{point}={passes}*off->return")));
-        env.push(("LOG_LEVEL", "info".into()));
-        env
+        crash::armed(env, point, passes(point))
     }
 
     /// Loads `history` in chunks, a pause between them, as a write side does.
@@ -227,16 +169,7 @@ mod matrix {
 
     /// `run --until-caught-up <args>` without crash points, which must exit 0.
     async fn run_until_caught_up(stage: &Stage, args: &[&str], env: &[(&'static str, String)]) {
-        let log = stage.log_path();
-        let mut all = vec!["run", "--until-caught-up"];
-        all.extend_from_slice(args);
-        let mut child = spawn(&all, env, &log);
-        let status = wait_exit(&mut child, CONVERGE_LIMIT).await;
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "{all:?} without crash points: {status:?}\n{}",
-            kafka::tail(&log)
-        );
+        crash::run_until_caught_up(args, env, &stage.log_path(), CONVERGE_LIMIT).await;
     }
 
     fn base_env(stage: &Stage) -> Vec<(&'static str, String)> {

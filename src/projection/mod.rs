@@ -142,6 +142,7 @@ impl Projector {
         if !self.write_own(&work, &mut report).await? {
             return Ok(Attempt::Conflict);
         }
+        crate::failpoint::crash_point(crate::failpoint::PROJECTION_AFTER_OWN_WRITES);
         self.write_dead_letters(&report.dead_letters, &mut report.round_trips)
             .await?;
         refresh::run(&self.store, &work, &mut report).await?;
