@@ -43,7 +43,7 @@ pub const ALL: [(&str, &str); 15] = [
     ),
     (
         PROJECTION_AFTER_OWN_WRITES,
-        "inside the sink write: the batch's own documents are written, its dead letters and copy refreshes not yet",
+        "inside the sink write: the batch's dead letters and own documents are written, its copy refreshes not yet",
     ),
     (
         PIPELINE_AFTER_SINK_WRITE,

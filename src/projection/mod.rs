@@ -139,12 +139,15 @@ impl Projector {
         }
 
         work.bring_names_forward();
+        // Dead letters before the own writes: a later event of the batch may
+        // move a dead-lettered event's fence past it, and its redelivered
+        // copy is then fenced off as already seen, never dead-lettered again.
+        self.write_dead_letters(&report.dead_letters, &mut report.round_trips)
+            .await?;
         if !self.write_own(&work, &mut report).await? {
             return Ok(Attempt::Conflict);
         }
         crate::failpoint::crash_point(crate::failpoint::PROJECTION_AFTER_OWN_WRITES);
-        self.write_dead_letters(&report.dead_letters, &mut report.round_trips)
-            .await?;
         refresh::run(&self.store, &work, &mut report).await?;
         Ok(Attempt::Done(report))
     }
