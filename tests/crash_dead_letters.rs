@@ -85,6 +85,13 @@ mod crashes {
     /// The batch's own writes are durable, what comes after them not yet.
     #[tokio::test(flavor = "multi_thread")]
     async fn replication_crashing_inside_the_sink_write() {
-        replication_crashing_at(failpoint::PROJECTION_AFTER_OWN_WRITES, false).await;
+        replication_crashing_at(failpoint::PROJECTION_AFTER_OWN_WRITES, true).await;
+    }
+
+    /// The batch is durable in MongoDB, its outbox rows are not marked yet:
+    /// the redelivered update must still mark its row `failed`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn replication_crashing_before_the_outbox_is_marked() {
+        replication_crashing_at(failpoint::PIPELINE_BEFORE_MARK_OUTBOX, true).await;
     }
 }

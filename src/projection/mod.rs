@@ -125,6 +125,7 @@ impl Projector {
         let mut report = BatchReport::default();
         let routed: Vec<Result<Routed, HandlerError>> = events.iter().map(route).collect();
         let mut work = self.load(events, &routed, &mut report).await?;
+        let mut replayed = Vec::new();
 
         for (event, routed) in events.iter().zip(routed) {
             match routed {
@@ -132,7 +133,7 @@ impl Projector {
                 Err(err) => self.reject(&mut report, event, err),
                 Ok(Routed::Domain(domain)) => match work.apply(event, domain) {
                     Ok(true) => report.applied += 1,
-                    Ok(false) => report.duplicates += 1,
+                    Ok(false) => replayed.push(event),
                     Err(err) => self.reject(&mut report, event, err),
                 },
             }
@@ -149,7 +150,48 @@ impl Projector {
         }
         crate::failpoint::crash_point(crate::failpoint::PROJECTION_AFTER_OWN_WRITES);
         refresh::run(&self.store, &work, &mut report).await?;
+        self.recall_dead_letters(&replayed, &mut report).await?;
         Ok(Attempt::Done(report))
+    }
+
+    /// Counts the replayed events (already seen: fenced off), and reports
+    /// again as dead letters those that were dead-lettered before: a crash
+    /// may have come before their outbox rows were marked `failed`, and a
+    /// later event of their batch then fences the redelivered copy off. Not
+    /// with `dead_letter_races` off, where the source keeps its own record
+    /// of deferred events (a provisional dead letter a retry may withdraw).
+    async fn recall_dead_letters(
+        &self,
+        replayed: &[&OutboxEvent],
+        report: &mut BatchReport,
+    ) -> Result<(), StoreError> {
+        report.duplicates += replayed.len();
+        if replayed.is_empty() || !self.dead_letter_races {
+            return Ok(());
+        }
+        let ids = replayed.iter().map(|e| e.event_id.to_string()).collect();
+        let found = self
+            .store
+            .find_by_ids(DEAD_LETTERS, ids, Some(doc! { "error": 1, "attempts": 1 }))
+            .await?;
+        report.round_trips += 1;
+        for event in replayed {
+            let id = event.event_id.to_string();
+            let Some(letter) = found.iter().find(|d| d.get_str("_id") == Ok(id.as_str())) else {
+                continue;
+            };
+            report.duplicates -= 1;
+            report.dead_letters.push(DeadLetter {
+                event: (*event).clone(),
+                error: letter.get_str("error").unwrap_or_default().to_string(),
+                attempts: letter
+                    .get_i64("attempts")
+                    .ok()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(1),
+            });
+        }
+        Ok(())
     }
 
     fn reject(&self, report: &mut BatchReport, event: &OutboxEvent, err: HandlerError) {
