@@ -23,7 +23,7 @@ mod common;
 #[cfg(feature = "failpoints")]
 mod crashes {
     use super::common::crash;
-    use super::common::kafka::Slots;
+    use super::common::kafka::{self, Slots};
     use super::common::pipeline::Stage;
     use activity_event_processor::decode::OutboxEvent;
     use activity_event_processor::failpoint;
@@ -93,5 +93,32 @@ mod crashes {
     #[tokio::test(flavor = "multi_thread")]
     async fn replication_crashing_before_the_outbox_is_marked() {
         replication_crashing_at(failpoint::PIPELINE_BEFORE_MARK_OUTBOX, true).await;
+    }
+
+    /// Kafka: the consumer defers the update (its user may be created in
+    /// another partition) and dies after the batch's writes, before the
+    /// acknowledgement would have recorded the deferred event.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_kafka_consumer_crashing_after_the_sink_write_of_a_deferred_event() {
+        let stage = Stage::new().await;
+        let _slots = Slots(stage.pg.config.clone());
+        let topic = kafka::fresh("deferred");
+        kafka::create_topic(&topic, 1).await;
+        let mut env = stage.env();
+        env.extend(kafka::kafka_env(&topic, &kafka::fresh("group")));
+        let history = history();
+        stage.load(&history).await;
+        let log = stage.log_path();
+        let relay = crash::spawn(&["relay", "--until-caught-up"], &env, &log);
+        kafka::wait_success(relay, LIMIT, &log);
+        let point = failpoint::PIPELINE_AFTER_SINK_WRITE;
+        let consume = ["run", "--source", "kafka"];
+        let mut child = crash::spawn(&consume, &crash::armed(&env, point, 0), &log);
+        let crashed = crash::aborted_at(&mut child, point, &log, LIMIT).await;
+        assert!(crashed.is_ok(), "{crashed:?}\n{}", stage.log_tail());
+        let _consumer = crash::spawn(&consume, &env, &log);
+        stage.wait_converged(&history, LIMIT).await;
+        stage.assert_converged(&history, false).await;
+        let _ = std::fs::remove_file(&log);
     }
 }

@@ -139,6 +139,7 @@ impl Projector {
             }
         }
 
+        work.dead_letter_overtaken(&mut report);
         work.bring_names_forward();
         // Dead letters before the own writes: a later event of the batch may
         // move a dead-lettered event's fence past it, and its redelivered
@@ -377,6 +378,40 @@ impl Projector {
 }
 
 impl Work {
+    /// Deferred events whose own aggregate a later event of this batch moved
+    /// past them can never take effect in order: they are dead letters now,
+    /// durable before that later event's write. (Deferred, a crash after the
+    /// batch's writes would lose them: the source records a deferral only
+    /// with the acknowledgement, and the redelivered copy is fenced off.)
+    fn dead_letter_overtaken(&self, report: &mut BatchReport) {
+        for (event, err) in std::mem::take(&mut report.deferred) {
+            match (event.sequence_id, self.fence(event.aggregate_id)) {
+                (Some(seq), Some(fence)) if fence > seq => report.dead_letters.push(DeadLetter {
+                    error: format!(
+                        "{err}; a later event of {} {} in the same batch took effect \
+                         (sequence_id {fence}), so this one arrived out of order and can no \
+                         longer apply: partition the topic by aggregate_id",
+                        event.aggregate_type, event.aggregate_id
+                    ),
+                    attempts: 1,
+                    event,
+                }),
+                _ => report.deferred.push((event, err)),
+            }
+        }
+    }
+
+    /// The `_seq` of an aggregate as this batch leaves it, if it exists.
+    fn fence(&self, id: Uuid) -> Option<i64> {
+        match self.users.get(&id) {
+            Some(user) => user.as_ref().map(|u| u.seq),
+            None => self
+                .activities
+                .get(&id)
+                .and_then(|activity| activity.as_ref().map(|a| a.seq)),
+        }
+    }
+
     /// Brings the name copies of every activity the batch writes forward to
     /// the latest version this batch knows (loaded, or set by its own user
     /// events), so that the write carries them and the refresh after it has
