@@ -388,9 +388,8 @@ impl Work {
             match (event.sequence_id, self.fence(event.aggregate_id)) {
                 (Some(seq), Some(fence)) if fence > seq => report.dead_letters.push(DeadLetter {
                     error: format!(
-                        "{err}; a later event of {} {} in the same batch took effect \
-                         (sequence_id {fence}), so this one arrived out of order and can no \
-                         longer apply: partition the topic by aggregate_id",
+                        "{err}; a later event of {} {} (sequence_id {fence}) took effect in \
+                         the same batch, so this one can never apply in order",
                         event.aggregate_type, event.aggregate_id
                     ),
                     attempts: 1,
