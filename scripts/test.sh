@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command (also what CI runs): installs prerequisites, starts its own
 # services (PostgreSQL, MongoDB-wire SecantusDB, Kafka-API tansu) in a private state dir,
-# runs rustfmt, clippy, every test target and the fuzz targets (scripts/fuzz.sh, 20 s each),
-# and always stops the services at the end.
+# runs rustfmt, clippy, every test target (built with the crash points of the
+# `failpoints` feature, which tests/fault_matrix.rs needs) and the fuzz targets
+# (scripts/fuzz.sh, 20 s each), and always stops the services at the end.
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,9 +38,22 @@ cargo fmt --all -- --check
 banner "cargo clippy --all-targets ${locked[*]} -- -D warnings"
 cargo clippy --all-targets "${locked[@]}" -- -D warnings
 
-banner "cargo test --all-targets ${locked[*]} $*"
+# The crash points (src/failpoint.rs) exist only with the `failpoints` feature:
+# the tests run with it (tests/fault_matrix.rs needs it), so clippy checks it too.
+banner "cargo clippy --all-targets --features failpoints ${locked[*]} -- -D warnings"
+cargo clippy --all-targets --features failpoints "${locked[@]}" -- -D warnings
+
+banner "the plain build has no crash points"
+# Without the feature the `fail` crate is not even in the dependency graph.
+if cargo tree "${locked[@]}" --edges normal --prefix none | grep -q '^fail v'; then
+  echo "error: the build without --features failpoints depends on the fail crate" >&2
+  exit 1
+fi
+echo "ok: no fail crate without --features failpoints"
+
+banner "cargo test --all-targets --features failpoints ${locked[*]} $*"
 log=$(mktemp)
-cargo test --all-targets "${locked[@]}" "$@" 2>&1 | tee "$log"
+cargo test --all-targets --features failpoints "${locked[@]}" "$@" 2>&1 | tee "$log"
 
 # The fuzz targets, a bounded time each (FUZZ_SECONDS, default 20; 0 skips them).
 fuzz_seconds=${FUZZ_SECONDS:-20}

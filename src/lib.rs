@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod failpoint;
 pub mod history;
 pub mod outbox;
 pub mod pipeline;

@@ -5,5 +5,14 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Crash points for the crash-matrix test, armed from FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = match activity_event_processor::failpoint::setup() {
+        Ok(scenario) => scenario,
+        Err(err) => {
+            eprintln!("invalid FAILPOINTS: {err}");
+            return ExitCode::from(cli::EXIT_CONFIG);
+        }
+    };
     cli::main(Cli::parse())
 }

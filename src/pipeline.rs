@@ -12,6 +12,7 @@
 
 use crate::checkpoint::{mark_error, mark_outbox, MongoCheckpoint};
 use crate::config::{PipelineConfig, PostgresConfig};
+use crate::failpoint::{self, crash_point};
 use crate::outbox;
 use crate::policy::Backoff;
 use crate::probe::Probe;
@@ -136,6 +137,7 @@ impl<S: Source> Pipeline<S> {
                 .await
             {
                 Ok(Some(batch)) => {
+                    crash_point(failpoint::PIPELINE_AFTER_DECODE);
                     backoff.reset();
                     if let Step::Interrupted = self.process(batch).await? {
                         break;
@@ -221,6 +223,7 @@ impl<S: Source> Pipeline<S> {
             return self.discard(batch).await;
         };
         let events = &batch.events;
+        crash_point(failpoint::PIPELINE_BEFORE_SINK_WRITE);
         let report = match self
             .retry("projecting a batch", || async {
                 projector
@@ -233,6 +236,7 @@ impl<S: Source> Pipeline<S> {
             Step::Done(report) => report,
             Step::Interrupted => return Ok(Step::Interrupted),
         };
+        crash_point(failpoint::PIPELINE_AFTER_SINK_WRITE);
         if let Some(probe) = &self.probe {
             probe.durable(events);
         }
@@ -276,9 +280,11 @@ impl<S: Source> Pipeline<S> {
                 if let Step::Interrupted = saved {
                     return Ok(Step::Interrupted);
                 }
+                crash_point(failpoint::PIPELINE_AFTER_CHECKPOINT);
             }
         }
         if let Some(mut marker) = self.marker.take() {
+            crash_point(failpoint::PIPELINE_BEFORE_MARK_OUTBOX);
             let outcome_ref = &outcome;
             let batch_ref = &batch;
             let marked = {
@@ -302,12 +308,15 @@ impl<S: Source> Pipeline<S> {
             if !marked {
                 return Ok(Step::Interrupted);
             }
+            crash_point(failpoint::PIPELINE_AFTER_MARK_OUTBOX);
         }
+        crash_point(failpoint::PIPELINE_BEFORE_SOURCE_ACK);
         if let Err(err) = self.source.ack(batch.ack.clone(), &outcome).await {
             // The effects and the checkpoint are durable; a lost acknowledgement
             // only means the batch may come again, which changes nothing.
             tracing::warn!(error = %err, "acknowledgement failed; the batch may be delivered again");
         }
+        crash_point(failpoint::PIPELINE_AFTER_SOURCE_ACK);
         self.count(&report, &outcome, letters_again);
         for letter in &outcome.dead_letters {
             tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");

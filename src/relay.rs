@@ -30,6 +30,7 @@ pub use producer::{murmur2, partition_for};
 use crate::checkpoint::mark_outbox;
 use crate::config::{Config, RelayFormat, RelaySource};
 use crate::decode::OutboxEvent;
+use crate::failpoint::{self, crash_point};
 use crate::outbox;
 use crate::policy::Backoff;
 use crate::source::polling::PollingSource;
@@ -301,6 +302,7 @@ impl Relay<'_> {
         }
         let pipeline = &self.config.pipeline;
         let mut backoff = Backoff::new(pipeline.backoff_initial, pipeline.backoff_max);
+        crash_point(failpoint::RELAY_BEFORE_DELIVERY);
         loop {
             let delivered = tokio::select! {
                 biased;
@@ -319,6 +321,7 @@ impl Relay<'_> {
                 Err(DeliveryError::Fatal(err)) => return Err(RelayError::Fatal(err)),
             }
         }
+        crash_point(failpoint::RELAY_AFTER_DELIVERY);
         let outcome = BatchOutcome {
             dead_letters: batch.malformed.clone(),
             retry: Vec::new(),
@@ -329,10 +332,12 @@ impl Relay<'_> {
                 return Ok(false);
             }
         }
+        crash_point(failpoint::RELAY_BEFORE_CAPTURE_ACK);
         if let Err(err) = capture.ack(batch.ack.clone(), &outcome).await {
             // Published already: a lost acknowledgement only repeats messages.
             tracing::warn!(error = %err, "acknowledging the capture failed; some messages may be relayed again");
         }
+        crash_point(failpoint::RELAY_AFTER_CAPTURE_ACK);
         self.stats
             .relayed
             .fetch_add(messages.len() as u64, Ordering::Relaxed);

@@ -32,7 +32,7 @@ use crate::decode::OutboxEvent;
 use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
 use crate::store::codes;
 use crate::store::mongo::{
-    MongoStore, Refusal, StoreError, ACTIVITIES, DUPLICATE_KEY, USERS, WRITE_CHUNK,
+    MongoStore, Refusal, StoreError, ACTIVITIES, DEAD_LETTERS, DUPLICATE_KEY, USERS, WRITE_CHUNK,
 };
 use isolate::Attempted;
 use mongodb::bson::{doc, Bson, Document};
@@ -159,6 +159,7 @@ impl Projector {
         let mut report = BatchReport::default();
         let routed: Vec<Result<Routed, HandlerError>> = events.iter().map(route).collect();
         let mut work = self.load(events, &routed, &mut report).await?;
+        let mut replayed = Vec::new();
 
         for (event, routed) in events.iter().zip(routed) {
             match routed {
@@ -166,38 +167,85 @@ impl Projector {
                 Err(err) => self.reject(&mut report, event, err),
                 Ok(Routed::Domain(domain)) => match work.apply(event, domain) {
                     Ok(true) => report.applied += 1,
-                    Ok(false) => report.duplicates += 1,
+                    Ok(false) => replayed.push(event),
                     Err(err) => self.reject(&mut report, event, err),
                 },
             }
         }
 
+        work.dead_letter_overtaken(&mut report);
         work.bring_names_forward();
+        // Dead letters before the own writes: a later event of the batch may
+        // move a dead-lettered event's fence past it, and its redelivered
+        // copy is then fenced off as already seen, never dead-lettered again.
+        report.letters_again += self
+            .write_dead_letters(&report.dead_letters, &mut report.round_trips)
+            .await?;
         let mut written = BTreeSet::new();
         match self.write_own(&work, &mut report, &mut written).await {
             Ok(true) => {}
             Ok(false) => return Ok(Attempt::Conflict),
+            // The batch's dead letters are durable already.
             Err(StoreError::Refused(refusal)) => {
-                let mut settled = isolate::settled(&report, Some(&written));
-                settled.letters_again += self
-                    .write_dead_letters(&settled.dead_letters, &mut settled.round_trips)
-                    .await?;
+                let settled = isolate::settled(&report, Some(&written));
                 return Ok(Attempt::Refused { refusal, settled });
             }
             Err(err) => return Err(err),
         }
-        report.letters_again += self
-            .write_dead_letters(&report.dead_letters, &mut report.round_trips)
-            .await?;
+        crate::failpoint::crash_point(crate::failpoint::PROJECTION_AFTER_OWN_WRITES);
         match refresh::run(&self.store, &work, &mut report).await {
-            Ok(()) => Ok(Attempt::Done(report)),
+            Ok(()) => {}
             // Every own write and dead letter is durable: all of it is settled.
-            Err(StoreError::Refused(refusal)) => Ok(Attempt::Refused {
-                refusal,
-                settled: isolate::settled(&report, None),
-            }),
-            Err(err) => Err(err),
+            Err(StoreError::Refused(refusal)) => {
+                return Ok(Attempt::Refused {
+                    refusal,
+                    settled: isolate::settled(&report, None),
+                })
+            }
+            Err(err) => return Err(err),
         }
+        self.recall_dead_letters(&replayed, &mut report).await?;
+        Ok(Attempt::Done(report))
+    }
+
+    /// Counts the replayed events (already seen: fenced off), and reports
+    /// again as dead letters those that were dead-lettered before: a crash
+    /// may have come before their outbox rows were marked `failed`, and a
+    /// later event of their batch then fences the redelivered copy off. Not
+    /// with `dead_letter_races` off, where the source keeps its own record
+    /// of deferred events (a provisional dead letter a retry may withdraw).
+    async fn recall_dead_letters(
+        &self,
+        replayed: &[&OutboxEvent],
+        report: &mut BatchReport,
+    ) -> Result<(), StoreError> {
+        report.duplicates += replayed.len();
+        if replayed.is_empty() || !self.dead_letter_races {
+            return Ok(());
+        }
+        let ids = replayed.iter().map(|e| e.event_id.to_string()).collect();
+        let found = self
+            .store
+            .find_by_ids(DEAD_LETTERS, ids, Some(doc! { "error": 1, "attempts": 1 }))
+            .await?;
+        report.round_trips += 1;
+        for event in replayed {
+            let id = event.event_id.to_string();
+            let Some(letter) = found.iter().find(|d| d.get_str("_id") == Ok(id.as_str())) else {
+                continue;
+            };
+            report.duplicates -= 1;
+            report.dead_letters.push(DeadLetter {
+                event: (*event).clone(),
+                error: letter.get_str("error").unwrap_or_default().to_string(),
+                attempts: letter
+                    .get_i64("attempts")
+                    .ok()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(1),
+            });
+        }
+        Ok(())
     }
 
     fn reject(&self, report: &mut BatchReport, event: &OutboxEvent, err: HandlerError) {
@@ -356,6 +404,39 @@ impl Projector {
 }
 
 impl Work {
+    /// Deferred events whose own aggregate a later event of this batch moved
+    /// past them can never take effect in order: they are dead letters now,
+    /// durable before that later event's write. (Deferred, a crash after the
+    /// batch's writes would lose them: the source records a deferral only
+    /// with the acknowledgement, and the redelivered copy is fenced off.)
+    fn dead_letter_overtaken(&self, report: &mut BatchReport) {
+        for (event, err) in std::mem::take(&mut report.deferred) {
+            match (event.sequence_id, self.fence(event.aggregate_id)) {
+                (Some(seq), Some(fence)) if fence > seq => report.dead_letters.push(DeadLetter {
+                    error: format!(
+                        "{err}; a later event of {} {} (sequence_id {fence}) took effect in \
+                         the same batch, so this one can never apply in order",
+                        event.aggregate_type, event.aggregate_id
+                    ),
+                    attempts: 1,
+                    event,
+                }),
+                _ => report.deferred.push((event, err)),
+            }
+        }
+    }
+
+    /// The `_seq` of an aggregate as this batch leaves it, if it exists.
+    fn fence(&self, id: Uuid) -> Option<i64> {
+        match self.users.get(&id) {
+            Some(user) => user.as_ref().map(|u| u.seq),
+            None => self
+                .activities
+                .get(&id)
+                .and_then(|activity| activity.as_ref().map(|a| a.seq)),
+        }
+    }
+
     /// Brings the name copies of every activity the batch writes forward to
     /// the latest version this batch knows (loaded, or set by its own user
     /// events), so that the write carries them and the refresh after it has

@@ -45,6 +45,7 @@ pub use stats::KafkaStats;
 use super::{AckToken, Backlog, BatchOutcome, Source, SourceBatch, SourceError};
 use crate::config::{KafkaConfig, PipelineConfig};
 use crate::decode::{decode_message, DecodeOptions, Decoded, OutboxEvent, SkipReason};
+use crate::failpoint::{self, crash_point};
 use crate::projection::DeadLetter;
 use crate::store::mongo::MongoStore;
 use client::{blocking, describe_tps, lock, poll_records, positions, GroupContext, Partitions, Tp};
@@ -239,9 +240,11 @@ impl KafkaSource {
         }
         let consumer = self.consumer()?;
         let committed = due.clone();
+        crash_point(failpoint::KAFKA_BEFORE_COMMIT);
         match blocking(move || consumer.commit(&committed, CommitMode::Sync)).await? {
             Ok(()) => {
                 lock(&self.partitions).record_commit(&due);
+                crash_point(failpoint::KAFKA_AFTER_COMMIT);
                 Ok(())
             }
             Err(err) => Err(SourceError::Transient(format!(
