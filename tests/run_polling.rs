@@ -181,7 +181,8 @@ async fn a_redelivered_history_is_counted_as_redelivered() {
     let stage = Stage::new().await;
     let history = generate(79, &HistoryOptions::realistic(1_000));
     stage.load(&history).await;
-    stage.run_until_caught_up(&["--source", "polling"], &[], LIMIT);
+    let info = [("LOG_LEVEL", "info".to_string())];
+    stage.run_until_caught_up(&["--source", "polling"], &info, LIMIT);
     stage.assert_converged(&history, true).await;
     // Everything comes again, as after a lost acknowledgement.
     stage
@@ -194,15 +195,27 @@ async fn a_redelivered_history_is_counted_as_redelivered() {
         )
         .await
         .expect("reset the outbox");
-    let info = [("LOG_LEVEL", "info".to_string())];
     stage.run_until_caught_up(&["--source", "polling"], &info, LIMIT);
     stage.assert_converged(&history, true).await;
     let letters = stage.mongo.read_models().await.dead_letters.len() as u64;
-    assert_eq!(stopped_count(&stage, "applied"), 0, "{}", stage.log_tail());
-    assert_eq!(stopped_count(&stage, "dead_lettered"), 0);
-    assert_eq!(stopped_count(&stage, "dead_letters_again"), letters);
+    // No dead letter is counted as new; an event that changed nothing the
+    // first time (a join of a participant already there) moved no fence and
+    // goes through its handler again, so a few count as applied.
     assert_eq!(
-        stopped_count(&stage, "duplicates")
+        stopped_count(&stage, "dead_lettered"),
+        0,
+        "{}",
+        stage.log_tail()
+    );
+    assert_eq!(stopped_count(&stage, "dead_letters_again"), letters);
+    let applied = stopped_count(&stage, "applied");
+    assert!(
+        applied * 20 < history.len() as u64,
+        "applied again: {applied}"
+    );
+    assert_eq!(
+        applied
+            + stopped_count(&stage, "duplicates")
             + stopped_count(&stage, "unmatched")
             + stopped_count(&stage, "dead_letters_again"),
         history.len() as u64

@@ -235,6 +235,7 @@ impl Projector {
                 continue;
             };
             report.duplicates -= 1;
+            report.letters_again += 1;
             report.dead_letters.push(DeadLetter {
                 event: (*event).clone(),
                 error: letter.get_str("error").unwrap_or_default().to_string(),
