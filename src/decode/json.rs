@@ -326,22 +326,47 @@ const HANDLED_FIELDS: [&str; 11] = [
 /// Nesting the parser takes in one go (serde_json stops at 128).
 const SHALLOW: usize = 100;
 
-/// The deepest nesting of objects and arrays in `text` (strings skipped),
-/// counted without recursion.
-fn nesting(text: &str) -> usize {
-    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for byte in text.bytes() {
-        if in_string {
+/// The bytes of a JSON text that are structure (outside strings), with their
+/// offsets: a scan without recursion, whatever the depth.
+struct Structure<'a> {
+    bytes: std::iter::Enumerate<std::str::Bytes<'a>>,
+    in_string: bool,
+    escaped: bool,
+}
+
+fn structure(text: &str) -> Structure<'_> {
+    Structure {
+        bytes: text.bytes().enumerate(),
+        in_string: false,
+        escaped: false,
+    }
+}
+
+impl Iterator for Structure<'_> {
+    type Item = (usize, u8);
+
+    fn next(&mut self) -> Option<(usize, u8)> {
+        for (i, byte) in self.bytes.by_ref() {
+            if !self.in_string {
+                self.in_string = byte == b'"';
+                return Some((i, byte));
+            }
             match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
+                _ if self.escaped => self.escaped = false,
+                b'\\' => self.escaped = true,
+                b'"' => self.in_string = false,
                 _ => {}
             }
-            continue;
         }
+        None
+    }
+}
+
+/// The deepest nesting of objects and arrays in `text` (strings skipped).
+fn nesting(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for (_, byte) in structure(text) {
         match byte {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 deepest = deepest.max(depth);
@@ -375,21 +400,10 @@ fn shallow_payload(text: &str) -> Option<serde_json::Value> {
 /// top level's commas (iteratively: any depth).
 fn top_level_members(body: &str) -> Option<Vec<(&str, &str)>> {
     let mut members = Vec::new();
-    let (mut depth, mut in_string, mut escaped, mut start) = (0usize, false, false, 0usize);
-    let mut colon: Option<usize> = None;
-    let bytes = body.as_bytes();
-    for (i, &byte) in bytes.iter().enumerate() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+    let (mut depth, mut start, mut colon) = (0usize, 0usize, None);
+    let mut scan = structure(body);
+    for (i, byte) in scan.by_ref() {
         match byte {
-            b'"' => in_string = true,
             b'{' | b'[' => depth += 1,
             b'}' | b']' => depth = depth.checked_sub(1)?,
             b':' if depth == 0 && colon.is_none() => colon = Some(i),
@@ -401,7 +415,7 @@ fn top_level_members(body: &str) -> Option<Vec<(&str, &str)>> {
             _ => {}
         }
     }
-    if in_string || depth != 0 {
+    if depth != 0 || scan.in_string {
         return None;
     }
     match colon {
@@ -549,6 +563,8 @@ mod tests {
             Some(vec![("\"a\"", "1"), ("\"b\"", r#"{"c": [1, 2]}"#)])
         );
         assert_eq!(top_level_members(""), Some(vec![]));
+        assert_eq!(top_level_members(r#""a": "open"#), None);
+        assert_eq!(top_level_members(r#""a": [1"#), None);
     }
 
     #[test]
