@@ -166,6 +166,7 @@ impl Projector {
         round_trips: &mut u32,
     ) -> Result<usize, StoreError> {
         let mut form = form;
+        let mut probed = false;
         loop {
             *round_trips += 1;
             let result = self
@@ -181,6 +182,13 @@ impl Projector {
             };
             match refusal {
                 StoreError::Refused(_) if form == Form::Full => form = Form::Bounded,
+                // Even the bounded form refused: if the server takes a write
+                // of nothing there, the refusal did not last; try once more.
+                StoreError::Refused(_) if !probed => {
+                    probed = true;
+                    self.store.probe_write(DEAD_LETTERS).await?;
+                    *round_trips += 1;
+                }
                 StoreError::Refused(refusal) => {
                     return Err(StoreError::Permanent(format!(
                         "cannot write the dead letter of event {}: {refusal}",
