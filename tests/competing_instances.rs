@@ -24,21 +24,6 @@ async fn write_slowly(stage: &Stage, history: &[OutboxEvent], chunk: usize, paus
     }
 }
 
-/// Rows of the outbox in each status.
-async fn statuses(stage: &Stage) -> Vec<(String, i64)> {
-    let client = stage.pg.client().await;
-    client
-        .query(
-            "SELECT status, count(*) FROM event_outbox GROUP BY status ORDER BY status",
-            &[],
-        )
-        .await
-        .expect("statuses")
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect()
-}
-
 struct Killed(Vec<Child>);
 
 impl Drop for Killed {
@@ -180,7 +165,7 @@ async fn two_relays_on_one_slot_publish_every_row() {
     write_slowly(&stage, rest, 10, Duration::from_millis(50)).await;
     let deadline = Instant::now() + LIMIT;
     loop {
-        let done = statuses(&stage).await;
+        let done = common::faults::statuses(&stage).await;
         let finished: i64 = done
             .iter()
             .filter(|(status, _)| status == "processed" || status == "failed")

@@ -18,6 +18,7 @@
 //! Nothing here panics on input.
 
 mod debezium;
+mod deep;
 mod error;
 mod event_router;
 mod json;

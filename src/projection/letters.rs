@@ -9,7 +9,8 @@
 //! text is the payload itself when it is a string (the raw text of a record
 //! that did not decode), else its compact JSON.
 
-use super::{state, DeadLetter, Projector};
+use super::{state, BatchReport, DeadLetter, Projector};
+use crate::decode::OutboxEvent;
 use crate::store::codes::{shorten, write_error};
 use crate::store::mongo::{StoreError, DEAD_LETTERS};
 use chrono::Utc;
@@ -154,6 +155,47 @@ impl Projector {
             again += self.write_alone(letter, form, &now, round_trips).await?;
         }
         Ok(again)
+    }
+
+    /// Counts the replayed events (already seen: fenced off), and reports
+    /// again as dead letters those that were dead-lettered before: a crash
+    /// may have come before their outbox rows were marked `failed`, and a
+    /// later event of their batch then fences the redelivered copy off. Not
+    /// with `dead_letter_races` off, where the source keeps its own record
+    /// of deferred events (a provisional dead letter a retry may withdraw).
+    pub(super) async fn recall_dead_letters(
+        &self,
+        replayed: &[&OutboxEvent],
+        report: &mut BatchReport,
+    ) -> Result<(), StoreError> {
+        report.duplicates += replayed.len();
+        if replayed.is_empty() || !self.dead_letter_races {
+            return Ok(());
+        }
+        let ids = replayed.iter().map(|e| e.event_id.to_string()).collect();
+        let found = self
+            .store
+            .find_by_ids(DEAD_LETTERS, ids, Some(doc! { "error": 1, "attempts": 1 }))
+            .await?;
+        report.round_trips += 1;
+        for event in replayed {
+            let id = event.event_id.to_string();
+            let Some(letter) = found.iter().find(|d| d.get_str("_id") == Ok(id.as_str())) else {
+                continue;
+            };
+            report.duplicates -= 1;
+            report.letters_again += 1;
+            report.dead_letters.push(DeadLetter {
+                event: (*event).clone(),
+                error: letter.get_str("error").unwrap_or_default().to_string(),
+                attempts: letter
+                    .get_i64("attempts")
+                    .ok()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(1),
+            });
+        }
+        Ok(())
     }
 
     /// Writes one letter in `form`, then (refused) in the bounded form; 1 if

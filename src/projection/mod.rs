@@ -32,7 +32,7 @@ use crate::decode::OutboxEvent;
 use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
 use crate::store::codes;
 use crate::store::mongo::{
-    MongoStore, Refusal, StoreError, ACTIVITIES, DEAD_LETTERS, DUPLICATE_KEY, USERS, WRITE_CHUNK,
+    MongoStore, Refusal, StoreError, ACTIVITIES, DUPLICATE_KEY, USERS, WRITE_CHUNK,
 };
 use isolate::Attempted;
 use mongodb::bson::{doc, Bson, Document};
@@ -206,47 +206,6 @@ impl Projector {
         }
         self.recall_dead_letters(&replayed, &mut report).await?;
         Ok(Attempt::Done(report))
-    }
-
-    /// Counts the replayed events (already seen: fenced off), and reports
-    /// again as dead letters those that were dead-lettered before: a crash
-    /// may have come before their outbox rows were marked `failed`, and a
-    /// later event of their batch then fences the redelivered copy off. Not
-    /// with `dead_letter_races` off, where the source keeps its own record
-    /// of deferred events (a provisional dead letter a retry may withdraw).
-    async fn recall_dead_letters(
-        &self,
-        replayed: &[&OutboxEvent],
-        report: &mut BatchReport,
-    ) -> Result<(), StoreError> {
-        report.duplicates += replayed.len();
-        if replayed.is_empty() || !self.dead_letter_races {
-            return Ok(());
-        }
-        let ids = replayed.iter().map(|e| e.event_id.to_string()).collect();
-        let found = self
-            .store
-            .find_by_ids(DEAD_LETTERS, ids, Some(doc! { "error": 1, "attempts": 1 }))
-            .await?;
-        report.round_trips += 1;
-        for event in replayed {
-            let id = event.event_id.to_string();
-            let Some(letter) = found.iter().find(|d| d.get_str("_id") == Ok(id.as_str())) else {
-                continue;
-            };
-            report.duplicates -= 1;
-            report.letters_again += 1;
-            report.dead_letters.push(DeadLetter {
-                event: (*event).clone(),
-                error: letter.get_str("error").unwrap_or_default().to_string(),
-                attempts: letter
-                    .get_i64("attempts")
-                    .ok()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .unwrap_or(1),
-            });
-        }
-        Ok(())
     }
 
     fn reject(&self, report: &mut BatchReport, event: &OutboxEvent, err: HandlerError) {

@@ -5,7 +5,7 @@ use super::kafka::Proc;
 use super::pipeline::binary;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 const SIGABRT: i32 = 6;
@@ -16,29 +16,8 @@ pub fn spawn(args: &[&str], env: &[(&'static str, String)], log: &Path) -> Proc 
     let mut command = Command::new("sh");
     command
         .args(["-c", "ulimit -c 0; exec \"$0\" \"$@\"", &binary()])
-        .args(args)
-        .env_clear();
-    for key in ["PATH", "HOME"] {
-        if let Ok(value) = std::env::var(key) {
-            command.env(key, value);
-        }
-    }
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    Proc(
-        command
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("spawn event-processor"),
-    )
+        .args(args);
+    super::kafka::spawn_command(command, env, log)
 }
 
 /// `env` with `point` armed to abort at pass `passes + 1`, and the log at

@@ -216,7 +216,14 @@ impl Drop for Slots {
 /// environment, its log appended to `log`.
 pub fn spawn(args: &[&str], env: &[(&'static str, String)], log: &Path) -> Proc {
     let mut command = Command::new(super::pipeline::binary());
-    command.args(args).env_clear();
+    command.args(args);
+    spawn_command(command, env, log)
+}
+
+/// Starts `command` with only `env` (and PATH, HOME) in its environment, its
+/// stderr appended to `log`.
+pub fn spawn_command(mut command: Command, env: &[(&'static str, String)], log: &Path) -> Proc {
+    command.env_clear();
     for key in ["PATH", "HOME"] {
         if let Ok(value) = std::env::var(key) {
             command.env(key, value);
