@@ -51,9 +51,10 @@ if cargo tree "${locked[@]}" --edges normal --prefix none | grep -q '^fail v'; t
 fi
 echo "ok: no fail crate without --features failpoints"
 
-banner "cargo test --all-targets --features failpoints ${locked[*]} $*"
+# Every test binary runs even when one fails, so one run names every failure.
+banner "cargo test --all-targets --no-fail-fast --features failpoints ${locked[*]} $*"
 log=$(mktemp)
-cargo test --all-targets --features failpoints "${locked[@]}" "$@" 2>&1 | tee "$log"
+cargo test --all-targets --no-fail-fast --features failpoints "${locked[@]}" "$@" 2>&1 | tee "$log"
 
 # The fuzz targets, a bounded time each (FUZZ_SECONDS, default 20; 0 skips them).
 fuzz_seconds=${FUZZ_SECONDS:-20}

@@ -302,14 +302,18 @@ impl Bench {
     fn judge(&mut self) {
         let r = &self.results;
         let mut targets = Vec::new();
-        if let (Some(rate), Some(cpu)) = (
-            r.get("capture.ours_vs_recvlogical"),
-            r.get("capture.cpu_vs_recvlogical"),
-        ) {
+        if let Some(rate) = r.get("capture.ours_vs_recvlogical") {
+            // With few events pg_recvlogical may use less CPU than the
+            // kernel's accounting can see; the target is then not met,
+            // and says why.
+            let (cpu, met) = match r.get("capture.cpu_vs_recvlogical") {
+                Some(cpu) => (format!("{cpu:.2}x CPU/event"), cpu <= 1.0),
+                None => ("pg_recvlogical's CPU too small to measure".into(), false),
+            };
             targets.push((
                 "capture >= 0.95x pg_recvlogical events/s, CPU/event <= its",
-                format!("{rate:.2}x events/s, {cpu:.2}x CPU/event"),
-                rate >= 0.95 && cpu <= 1.0,
+                format!("{rate:.2}x events/s, {cpu}"),
+                rate >= 0.95 && met,
             ));
         }
         if let Some(ratio) = r.get("e2e.vs_limit") {
