@@ -5,18 +5,46 @@
 //!   database itself (collection `processor_checkpoints`), written after a
 //!   batch's effects and read back at start-up to resume from our own durable
 //!   position rather than the slot's (which can go backwards after a crash).
-//!   A checkpoint never moves backwards.
+//!   A checkpoint never moves backwards: a save below the stored position
+//!   is refused with [`CheckpointError::Backwards`].
 //! - [`mark_outbox`]: the outbox rows' own status (`processed` / `failed`), for
 //!   sources that do not claim rows themselves.
 
-use crate::outbox::describe;
-use crate::projection::DeadLetter;
-use crate::store::mongo::{MongoStore, StoreError};
+use crate::dead_letter::DeadLetter;
+use crate::policy::{Classify, ErrorClass};
+use crate::store::mongo::{MongoStore, StoreError, DUPLICATE_KEY};
 use mongodb::bson::doc;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
 pub const CHECKPOINTS: &str = "processor_checkpoints";
+
+/// Why a position was not saved.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint `{name}` holds {stored:X}; refusing to move it back to {refused:X}")]
+    Backwards {
+        name: String,
+        stored: u64,
+        refused: u64,
+    },
+    #[error("lsn {lsn} is out of range")]
+    OutOfRange { lsn: u64 },
+    #[error("cannot save checkpoint `{name}`: {message}")]
+    Write { name: String, message: String },
+    #[error("cannot reach the checkpoint")]
+    Store(#[from] StoreError),
+}
+
+impl Classify for CheckpointError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            CheckpointError::Backwards { .. } => ErrorClass::Permanent,
+            CheckpointError::OutOfRange { .. } | CheckpointError::Write { .. } => ErrorClass::Fatal,
+            CheckpointError::Store(err) => err.class(),
+        }
+    }
+}
 
 /// A named position (e.g. one replication slot) in MongoDB.
 #[derive(Clone, Debug)]
@@ -44,27 +72,38 @@ impl MongoCheckpoint {
             .and_then(|lsn| u64::try_from(lsn).ok()))
     }
 
-    /// Records `lsn` unless a later one is already there.
-    pub async fn save(&self, lsn: u64) -> Result<(), StoreError> {
-        let lsn = i64::try_from(lsn)
-            .map_err(|_| StoreError::Permanent(format!("lsn {lsn} out of range")))?;
+    /// Records `lsn`. A position below the stored one is refused
+    /// ([`CheckpointError::Backwards`]), the stored one kept: the
+    /// checkpoint never moves backwards.
+    pub async fn save(&self, lsn: u64) -> Result<(), CheckpointError> {
+        let value = i64::try_from(lsn).map_err(|_| CheckpointError::OutOfRange { lsn })?;
         let result = self
             .store
             .update(
                 CHECKPOINTS,
                 vec![doc! {
-                    "q": { "_id": &self.name },
-                    "u": { "$max": { "lsn": lsn }, "$currentDate": { "updated_at": true } },
+                    // Matches only at or below `lsn`; above it, the upsert
+                    // collides with the stored document's `_id`.
+                    "q": { "_id": &self.name, "lsn": { "$lte": value } },
+                    "u": { "$set": { "lsn": value }, "$currentDate": { "updated_at": true } },
                     "upsert": true,
                 }],
                 true,
             )
             .await?;
         match result.errors.first() {
-            Some(err) => Err(StoreError::Permanent(format!(
-                "saving checkpoint {}: {}",
-                self.name, err.message
-            ))),
+            Some(err) if err.code == DUPLICATE_KEY => {
+                let stored = self.load().await?.unwrap_or_default();
+                Err(CheckpointError::Backwards {
+                    name: self.name.clone(),
+                    stored,
+                    refused: lsn,
+                })
+            }
+            Some(err) => Err(CheckpointError::Write {
+                name: self.name.clone(),
+                message: err.message.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -115,9 +154,4 @@ pub async fn mark_outbox(
             .await?;
     }
     Ok(())
-}
-
-/// One line for a PostgreSQL error while marking.
-pub fn mark_error(err: &tokio_postgres::Error) -> String {
-    format!("cannot mark outbox rows: {}", describe(err))
 }

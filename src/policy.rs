@@ -38,10 +38,29 @@ impl Classify for crate::store::mongo::StoreError {
 
 impl Classify for crate::source::SourceError {
     fn class(&self) -> ErrorClass {
-        if self.is_transient() {
+        match self {
+            crate::source::SourceError::Transient(_) => ErrorClass::Transient,
+            crate::source::SourceError::Fatal(_) => ErrorClass::Fatal,
+        }
+    }
+}
+
+/// A MongoDB driver error: labels, kinds, then codes (never message text).
+impl Classify for mongodb::error::Error {
+    fn class(&self) -> ErrorClass {
+        if crate::store::mongo::retryable(self) {
             ErrorClass::Transient
         } else {
             ErrorClass::Fatal
+        }
+    }
+}
+
+impl Classify for crate::source::kafka::TopicError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            crate::source::kafka::TopicError::Unreachable { .. } => ErrorClass::Transient,
+            _ => ErrorClass::Fatal,
         }
     }
 }
@@ -76,6 +95,40 @@ impl Classify for tokio_postgres::Error {
             Some(_) => ErrorClass::Fatal,
         }
     }
+}
+
+impl Classify for crate::relay::RelayError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            crate::relay::RelayError::Transient(_) => ErrorClass::Transient,
+            crate::relay::RelayError::Capture(err) => err.class(),
+            crate::relay::RelayError::Fatal(_) | crate::relay::RelayError::Stopped(_) => {
+                ErrorClass::Fatal
+            }
+        }
+    }
+}
+
+impl Classify for std::convert::Infallible {
+    fn class(&self) -> ErrorClass {
+        match *self {}
+    }
+}
+
+/// An error and its causes, on one line (for logs; a stop prints the chain
+/// itself).
+pub fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        let more = next.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = next.source();
+    }
+    text
 }
 
 /// Capped exponential backoff with jitter (each pause between half and all of

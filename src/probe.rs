@@ -8,8 +8,8 @@
 //! `clock_timestamp()` in single-statement transactions, so that is the
 //! commit-to-read-model latency, over-stated by the commit's own duration.
 
+use crate::counters::Stats;
 use crate::decode::OutboxEvent;
-use crate::pipeline::Stats;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

@@ -27,22 +27,14 @@ pub(crate) mod producer;
 pub use debezium::{jsonb_text, zoned_timestamp, Encoder, Message, Op, Shape, SnapshotMark};
 pub use producer::{murmur2, partition_for};
 
-use crate::checkpoint::mark_outbox;
 use crate::config::{Config, RelayFormat, RelaySource};
-use crate::decode::OutboxEvent;
-use crate::failpoint::{self, crash_point};
-use crate::outbox;
-use crate::policy::Backoff;
+use crate::runtime::{OutboxMarker, Pipeline, PipelineError, Retry, Shared};
+use crate::sink::KafkaSink;
 use crate::source::polling::PollingSource;
 use crate::source::replication::SlotOwner;
-use crate::source::{BatchOutcome, SourceError};
-use capture::{Capture, Captured, SlotCapture};
-use producer::{DeliveryError, Producer};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
+use crate::source::SourceError;
+use capture::SlotCapture;
+use producer::Producer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -52,53 +44,18 @@ pub enum RelayError {
     /// Stop with this message.
     #[error("{0}")]
     Fatal(String),
+    /// The outbox capture cannot start.
+    #[error("cannot start the outbox capture")]
+    Capture(#[source] SourceError),
+    /// The runtime stopped.
+    #[error(transparent)]
+    Stopped(#[from] PipelineError),
 }
 
-impl From<SourceError> for RelayError {
-    fn from(err: SourceError) -> Self {
-        match err {
-            SourceError::Transient(text) => RelayError::Transient(text),
-            SourceError::Fatal(text) => RelayError::Fatal(text),
-        }
-    }
-}
-
-/// Called once a batch is published (the broker acknowledged every message
-/// of it): the events relayed, and how many rows of the batch could not be.
-pub type OnPublished = Arc<dyn Fn(&[OutboxEvent], usize) + Send + Sync>;
-
-#[derive(Clone, Default)]
-pub struct RelayOptions {
-    /// Stop once everything committed before the start is published.
-    pub until_caught_up: bool,
-    /// Told of every published batch (`bench`'s measurements).
-    pub on_published: Option<OnPublished>,
-}
-
-impl std::fmt::Debug for RelayOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayOptions")
-            .field("until_caught_up", &self.until_caught_up)
-            .field("on_published", &self.on_published.is_some())
-            .finish()
-    }
-}
-
-/// What the relay did.
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    pub relayed: AtomicU64,
-    pub batches: AtomicU64,
-    /// Outbox rows that do not decode (never published; marked `failed`).
-    pub unpublishable: AtomicU64,
-}
-
-/// Runs the relay until shutdown (or, with `until_caught_up`, until caught up).
-pub async fn run(
-    config: &Config,
-    options: &RelayOptions,
-    shutdown: CancellationToken,
-) -> Result<RelayStats, RelayError> {
+/// Runs the relay until shutdown (or, with `until_caught_up`, until caught
+/// up), on the runtime shared with `run`: the capture is the source, the
+/// topic the sink ([`KafkaSink`]).
+pub async fn run(config: &Config, shared: &Shared) -> Result<(), RelayError> {
     let kafka = &config.kafka;
     let topic = kafka
         .topics
@@ -116,266 +73,83 @@ pub async fn run(
         &kafka.event_router_topic_prefix,
         &config.postgres.database,
     );
-    let mut relay = Relay {
-        config,
-        encoder,
-        producer: Producer::new(kafka)?,
-        shutdown: shutdown.clone(),
-        marker: None,
-        stats: RelayStats::default(),
-        on_published: options.on_published.clone(),
-    };
-    if shape == Shape::Cdc && !relay.prepare(&topic).await? {
-        return Ok(relay.stats);
-    }
-    let Some(mut capture) = relay.start_capture().await? else {
-        return Ok(relay.stats);
-    };
-    tracing::info!(
-        format = ?kafka.relay.format,
-        schemas = kafka.relay.schemas,
-        source = ?kafka.relay.source,
-        topic = %if shape == Shape::Cdc { topic.clone() } else { format!("{}<aggregate type>", kafka.event_router_topic_prefix) },
-        "relay started"
-    );
-    let pipeline = &config.pipeline;
-    let mut backoff = Backoff::new(pipeline.backoff_initial, pipeline.backoff_max);
-    let started = Instant::now();
-    let mut last_report = Instant::now();
-    loop {
-        if shutdown.is_cancelled() {
-            break;
-        }
-        let next = tokio::select! {
-            biased;
-            // Shutdown first: nothing read is acknowledged, so nothing is lost.
-            _ = shutdown.cancelled() => break,
-            next = capture.next_batch(pipeline.batch_size, pipeline.batch_wait) => next,
-        };
-        match next {
-            Ok(Some(captured)) => {
-                backoff.reset();
-                if !relay.publish(&mut capture, captured).await? {
-                    break;
-                }
-            }
-            Ok(None) => {
-                if let Err(err) = capture.idle().await {
-                    tracing::warn!(error = %err, "idle keep-alive failed");
-                }
-                if options.until_caught_up {
-                    match capture.caught_up().await {
-                        Ok(true) => {
-                            tracing::info!("relay caught up");
-                            break;
-                        }
-                        Ok(false) => {}
-                        Err(err) if err.is_transient() => {
-                            tracing::warn!(error = %err, "cannot check progress")
-                        }
-                        Err(err) => return Err(err.into()),
-                    }
-                }
-            }
-            Err(err) if err.is_transient() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "outbox capture unavailable; retrying");
-                if relay.pause(delay).await {
-                    break;
-                }
-            }
-            Err(err) => return Err(err.into()),
-        }
-        if last_report.elapsed() >= Duration::from_secs(10) {
-            last_report = Instant::now();
-            let relayed = relay.stats.relayed.load(Ordering::Relaxed);
-            let rate = relayed as f64 / started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(relayed, rate = rate.round() as u64, "relay progress");
+    let mut sink = KafkaSink::new(encoder, Producer::new(kafka)?);
+    let retry = Retry::new(&config.pipeline, shared.shutdown.clone());
+    if shape == Shape::Cdc {
+        let prepared = retry
+            .run("kafka unavailable", async || sink.prepare(&topic).await)
+            .await?;
+        if prepared.is_none() {
+            return Ok(());
         }
     }
-    relay.producer.flush(Duration::from_secs(5));
-    Ok(relay.stats)
+    let started = |source: &dyn std::fmt::Debug| {
+        tracing::info!(
+            format = ?kafka.relay.format,
+            schemas = kafka.relay.schemas,
+            source = ?source,
+            topic = %if shape == Shape::Cdc { topic.clone() } else { format!("{}<aggregate type>", kafka.event_router_topic_prefix) },
+            "relay started"
+        )
+    };
+    match kafka.relay.source {
+        RelaySource::Replication => {
+            let Some(capture) = start_slot_capture(config, &retry).await? else {
+                return Ok(());
+            };
+            started(&kafka.relay.source);
+            // The relay marks relayed rows `processed` (which for it means published).
+            let marker = config
+                .pipeline
+                .mark_processed
+                .then(|| OutboxMarker::new(config.postgres.clone()));
+            Pipeline::new(capture, sink, shared)
+                .with_marker(marker)
+                .run()
+                .await?;
+        }
+        RelaySource::Polling => {
+            let polling = retry
+                .run("cannot start the outbox capture", async || {
+                    PollingSource::start(&config.postgres, config.polling.clone(), identity()).await
+                })
+                .await
+                .map_err(RelayError::Capture)?;
+            let Some(source) = polling else {
+                return Ok(());
+            };
+            started(&kafka.relay.source);
+            Pipeline::new(source, sink, shared).run().await?;
+        }
+    }
+    Ok(())
 }
 
-struct Relay<'a> {
-    config: &'a Config,
-    encoder: Encoder,
-    producer: Producer,
-    shutdown: CancellationToken,
-    /// Marks relayed rows `processed` (replication capture with MARK_PROCESSED).
-    marker: Option<Client>,
-    stats: RelayStats,
-    on_published: Option<OnPublished>,
-}
-
-impl Relay<'_> {
-    /// Sleeps `delay` unless shutdown comes first (then `true`).
-    async fn pause(&self, delay: Duration) -> bool {
-        tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => true,
-            _ = tokio::time::sleep(delay) => false,
-        }
-    }
-
-    /// Learns a topic's partitions, retrying while the brokers are
-    /// unreachable; `false` on shutdown.
-    async fn prepare(&mut self, topic: &str) -> Result<bool, RelayError> {
-        let pipeline = &self.config.pipeline;
-        let mut backoff = Backoff::new(pipeline.backoff_initial, pipeline.backoff_max);
-        loop {
-            match self.producer.prepare(topic).await {
-                Ok(_) => return Ok(true),
-                Err(RelayError::Transient(err)) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "kafka unavailable; retrying");
-                    if self.pause(delay).await {
-                        return Ok(false);
-                    }
-                }
-                Err(err) => return Err(err),
+/// Owns the relay's slot and starts capturing from it, retrying while
+/// PostgreSQL is unreachable; `None` when shutdown came first.
+async fn start_slot_capture(
+    config: &Config,
+    retry: &Retry,
+) -> Result<Option<SlotCapture>, RelayError> {
+    let relay = &config.kafka.relay;
+    let owner = SlotOwner::new(&config.postgres, &relay.slot);
+    let started = retry
+        .run("cannot start the outbox capture", async || {
+            if !owner.acquire(retry.shutdown()).await? {
+                return Ok(None);
             }
-        }
-    }
-
-    async fn start_capture(&mut self) -> Result<Option<Capture>, RelayError> {
-        let config = self.config;
-        let mut backoff =
-            Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
-        loop {
-            let started = match config.kafka.relay.source {
-                RelaySource::Replication => {
-                    let owner = SlotOwner::new(&config.postgres, &config.kafka.relay.slot);
-                    match owner.acquire(&self.shutdown).await {
-                        Ok(false) => return Ok(None),
-                        Ok(true) => SlotCapture::start(
-                            &config.postgres,
-                            owner,
-                            &config.kafka.relay.slot,
-                            &config.replication.publication,
-                        )
-                        .await
-                        .map(Capture::Replication),
-                        Err(err) => Err(err),
-                    }
-                }
-                RelaySource::Polling => {
-                    PollingSource::start(&config.postgres, config.polling.clone(), identity())
-                        .await
-                        .map(Capture::Polling)
-                }
-            };
-            match started {
-                Ok(capture) => return Ok(Some(capture)),
-                Err(err) if err.is_transient() => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot start the outbox capture; retrying");
-                    if self.pause(delay).await {
-                        return Ok(None);
-                    }
-                }
-                Err(err) => return Err(err.into()),
-            }
-        }
-    }
-
-    /// Produces a batch, waits for the broker, then acknowledges the capture.
-    /// `false`: shutdown came first (nothing acknowledged).
-    async fn publish(
-        &mut self,
-        capture: &mut Capture,
-        captured: Captured,
-    ) -> Result<bool, RelayError> {
-        let Captured { batch, ops } = captured;
-        let now = chrono::Utc::now();
-        let mut messages = Vec::with_capacity(batch.events.len());
-        for (event, op) in batch.events.iter().zip(ops) {
-            let topic = self.encoder.topic_of(event);
-            if !self.prepare(&topic).await? {
-                return Ok(false);
-            }
-            messages.push(self.encoder.encode(event, op, now));
-        }
-        for letter in &batch.malformed {
-            self.stats.unpublishable.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(event_id = %letter.event.event_id, error = %letter.error, "outbox row cannot be relayed; it is marked failed");
-        }
-        let pipeline = &self.config.pipeline;
-        let mut backoff = Backoff::new(pipeline.backoff_initial, pipeline.backoff_max);
-        crash_point(failpoint::RELAY_BEFORE_DELIVERY);
-        loop {
-            let delivered = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return Ok(false),
-                delivered = self.producer.deliver(&messages) => delivered,
-            };
-            match delivered {
-                Ok(()) => break,
-                Err(DeliveryError::Retry(err)) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "sending the batch again");
-                    if self.pause(delay).await {
-                        return Ok(false);
-                    }
-                }
-                Err(DeliveryError::Fatal(err)) => return Err(RelayError::Fatal(err)),
-            }
-        }
-        crash_point(failpoint::RELAY_AFTER_DELIVERY);
-        let outcome = BatchOutcome {
-            dead_letters: batch.malformed.clone(),
-            retry: Vec::new(),
-        };
-        if matches!(capture, Capture::Replication(_)) && self.config.pipeline.mark_processed {
-            let ids: Vec<uuid::Uuid> = batch.events.iter().map(|e| e.event_id).collect();
-            if !self.mark(&ids, &outcome).await {
-                return Ok(false);
-            }
-        }
-        crash_point(failpoint::RELAY_BEFORE_CAPTURE_ACK);
-        if let Err(err) = capture.ack(batch.ack.clone(), &outcome).await {
-            // Published already: a lost acknowledgement only repeats messages.
-            tracing::warn!(error = %err, "acknowledging the capture failed; some messages may be relayed again");
-        }
-        crash_point(failpoint::RELAY_AFTER_CAPTURE_ACK);
-        self.stats
-            .relayed
-            .fetch_add(messages.len() as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        if let Some(on_published) = &self.on_published {
-            on_published(&batch.events, batch.malformed.len());
-        }
-        Ok(true)
-    }
-
-    /// Marks published rows `processed` (and unpublishable ones `failed`),
-    /// retrying while PostgreSQL is away; `false` on shutdown.
-    async fn mark(&mut self, ids: &[uuid::Uuid], outcome: &BatchOutcome) -> bool {
-        let pipeline = &self.config.pipeline;
-        let mut backoff = Backoff::new(pipeline.backoff_initial, pipeline.backoff_max);
-        loop {
-            if self.marker.as_ref().is_none_or(Client::is_closed) {
-                self.marker = outbox::connect(&self.config.postgres).await.ok();
-            }
-            let result = match &self.marker {
-                Some(client) => mark_outbox(client, ids, &outcome.dead_letters)
-                    .await
-                    .map_err(|e| outbox::describe(&e)),
-                None => Err("no connection".to_string()),
-            };
-            match result {
-                Ok(()) => return true,
-                Err(err) => {
-                    self.marker = None;
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "marking relayed rows failed; retrying");
-                    if self.pause(delay).await {
-                        return false;
-                    }
-                }
-            }
-        }
-    }
+            SlotCapture::start(
+                &config.postgres,
+                owner.clone(),
+                &relay.slot,
+                &config.replication.publication,
+            )
+            .await
+            .map(Some)
+        })
+        .await
+        .map_err(RelayError::Capture)?;
+    Ok(started.flatten())
 }
 
 /// `lock_id` of the polling relay: host, process.

@@ -6,6 +6,7 @@
 mod common;
 
 use activity_event_processor::config::PostgresConfig;
+use activity_event_processor::policy::{Classify, ErrorClass};
 use activity_event_processor::source::replication::{ReplicationSource, Resume, SlotOwner};
 use common::replication::*;
 use common::TestDb;
@@ -23,7 +24,7 @@ async fn start_fails(config: &PostgresConfig, slot: &SlotGuard) -> String {
     {
         Ok(_) => panic!("started, but should not have"),
         Err(err) => {
-            assert!(!err.is_transient(), "{err}");
+            assert_ne!(err.class(), ErrorClass::Transient, "{err}");
             err.to_string()
         }
     }
@@ -203,7 +204,11 @@ async fn a_server_crash_is_survived_without_loss() {
             }
             Ok(None) => {}
             Err(err) => {
-                assert!(err.is_transient(), "a crash is transient: {err}");
+                assert_eq!(
+                    err.class(),
+                    ErrorClass::Transient,
+                    "a crash is transient: {err}"
+                );
                 transient += 1;
                 // The pipeline's backoff, in small.
                 tokio::time::sleep(Duration::from_millis(100)).await;

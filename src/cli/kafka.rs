@@ -1,9 +1,10 @@
 //! `relay` (outbox -> Kafka in Debezium's format) and `kafka topics create`.
 
 use crate::config::{Config, KafkaConfig};
-use crate::pipeline::Stats;
+use crate::counters::Stats;
 use crate::probe::Probe;
-use crate::relay::{self, OnPublished, RelayOptions};
+use crate::relay;
+use crate::runtime::Shared;
 use crate::source::kafka::{base_config, is_unreachable, topic_partitions, QuietContext};
 use clap::{Args, Subcommand};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -91,20 +92,22 @@ pub async fn relay(
     args: &RelayArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let probe_stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::default());
+    // Published events count as applied, unpublishable rows as dead-lettered.
     let probe = args
         .bench_report
         .clone()
-        .map(|path| Probe::new(path, probe_stats.clone(), false));
-    let options = RelayOptions {
+        .map(|path| Probe::new(path, stats.clone(), false));
+    let shared = Shared {
+        config: config.pipeline.clone(),
+        shutdown,
+        stats: stats.clone(),
         until_caught_up: args.until_caught_up,
-        on_published: probe
-            .as_ref()
-            .map(|p| probe_hook(p.clone(), probe_stats.clone())),
+        probe: probe.clone(),
     };
     let probe_stop = CancellationToken::new();
     let probe_writer = probe.as_ref().map(|p| p.spawn_writer(probe_stop.clone()));
-    let result = relay::run(&config, &options, shutdown).await;
+    let result = relay::run(&config, &shared).await;
     probe_stop.cancel();
     if let Some(writer) = probe_writer {
         let _ = writer.await;
@@ -114,30 +117,14 @@ pub async fn relay(
             .write(true)
             .map_err(|e| anyhow::anyhow!("cannot write the bench report: {e}"))?;
     }
-    let stats = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    result?;
     tracing::info!(
-        relayed = stats.relayed.load(Ordering::Relaxed),
+        relayed = stats.applied.load(Ordering::Relaxed),
         batches = stats.batches.load(Ordering::Relaxed),
-        unpublishable = stats.unpublishable.load(Ordering::Relaxed),
+        unpublishable = stats.dead_lettered.load(Ordering::Relaxed),
         "relay stopped"
     );
     Ok(())
-}
-
-/// Feeds `probe` from the relay: published events count as applied,
-/// unpublishable rows as dead-lettered.
-fn probe_hook(probe: Arc<Probe>, stats: Arc<Stats>) -> OnPublished {
-    Arc::new(move |events, unpublishable| {
-        stats
-            .applied
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        stats
-            .dead_lettered
-            .fetch_add(unpublishable as u64, Ordering::Relaxed);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        probe.durable(events);
-        probe.batch_done();
-    })
 }
 
 /// `kafka ...`: one line per topic on stdout; errors as one line.
@@ -245,32 +232,4 @@ pub async fn create_topics(
         }
     }
     Ok(lines)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bench_report_counts_published_batches() {
-        let dir = std::env::temp_dir().join(format!("relay-probe-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("report.json");
-        let stats = Arc::new(Stats::default());
-        let probe = Probe::new(path.clone(), stats.clone(), false);
-        let hook = probe_hook(probe.clone(), stats);
-        let events = crate::history::generate(1, &crate::history::HistoryOptions::realistic(3));
-        hook(&events, 0);
-        hook(&events[..1], 2);
-        probe.write(true).expect("write");
-        let report: crate::probe::ProbeReport =
-            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
-        assert_eq!(report.applied, 4);
-        assert_eq!(report.dead_lettered, 2);
-        assert_eq!(report.done, 6);
-        assert_eq!(report.batches, 2);
-        assert!(report.last_done_unix_ms.is_some());
-        assert!(report.latencies_us.is_empty());
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }

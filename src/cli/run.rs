@@ -8,10 +8,12 @@
 
 use crate::checkpoint::MongoCheckpoint;
 use crate::config::{Config, SourceKind};
-use crate::pipeline::{OutboxMarker, Pipeline, Stats};
-use crate::policy::Backoff;
+use crate::counters::Stats;
+use crate::policy::{Classify, ErrorClass};
 use crate::probe::Probe;
 use crate::projection::Projector;
+use crate::runtime::{OutboxMarker, Pipeline, Retry, Shared};
+use crate::sink::{DiscardSink, MongoSink, Sink};
 use crate::source::kafka::KafkaSource;
 use crate::source::polling::PollingSource;
 use crate::source::replication::{
@@ -20,6 +22,7 @@ use crate::source::replication::{
 use crate::source::SourceError;
 use crate::store::mongo::{redact_uri, MongoStore};
 use clap::Args;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -38,9 +41,11 @@ pub struct RunArgs {
     /// Exit 0 once every outbox row committed before the start is applied or dead-lettered.
     #[arg(long)]
     pub until_caught_up: bool,
-    /// `discard`: the no-op sink `bench` measures capture with (nothing is
-    /// written; replication resumes from the slot's own position).
-    #[arg(long, hide = true, value_name = "SINK", default_value = "project")]
+    /// Where events go: `project` (the read models in MongoDB) or `discard`
+    /// (nothing is written and every event counts as applied, to measure a
+    /// source alone; no checkpoint is kept, so replication resumes from the
+    /// slot's own position).
+    #[arg(long, value_name = "project|discard", default_value = "project")]
     pub sink: String,
     /// Write `bench`'s measurements to this file while running.
     #[arg(long, hide = true, value_name = "PATH")]
@@ -65,80 +70,45 @@ impl RunArgs {
 
 /// Connects to MongoDB, retrying while it is unreachable (a transient state),
 /// until it answers or shutdown is requested.
-async fn connect_store(
-    config: &Config,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Option<MongoStore>> {
+async fn connect_store(config: &Config, retry: &Retry) -> anyhow::Result<Option<MongoStore>> {
     let uri = config.mongodb.uri.expose();
-    let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
-    loop {
-        match MongoStore::connect(uri, &config.mongodb.database).await {
-            Ok(store) => {
-                store
-                    .ensure_indexes()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot create the read-model indexes: {e}"))?;
-                return Ok(Some(store));
-            }
-            Err(err) if err.is_transient() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(uri = %redact_uri(uri), error = %err, retry_in_ms = delay.as_millis() as u64, "mongodb unreachable; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(err) => anyhow::bail!("cannot use MongoDB at {}: {err}", redact_uri(uri)),
-        }
-    }
+    let connected = retry
+        .run("mongodb unreachable", async || {
+            MongoStore::connect(uri, &config.mongodb.database).await
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot use MongoDB at {}: {e}", redact_uri(uri)))?;
+    let Some(store) = connected else {
+        return Ok(None);
+    };
+    store
+        .ensure_indexes()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the read-model indexes: {e}"))?;
+    Ok(Some(store))
 }
 
 /// Joins the consumer group, retrying while the brokers are unreachable;
 /// `None` when shutdown came first.
-async fn start_kafka(
-    config: &Config,
-    store: Option<&MongoStore>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Option<KafkaSource>> {
-    let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
-    loop {
-        match KafkaSource::start(&config.kafka, &config.pipeline, store.cloned()).await {
-            Ok(source) => return Ok(Some(source)),
-            Err(err) if err.is_transient() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot start the kafka consumer; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(err) => anyhow::bail!("{err}"),
-        }
-    }
+async fn start_kafka(config: &Config, retry: &Retry) -> anyhow::Result<Option<KafkaSource>> {
+    retry
+        .run("cannot start the kafka consumer", async || {
+            KafkaSource::start(&config.kafka, &config.pipeline).await
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Waits until this process owns the slot, retrying while PostgreSQL is
 /// unreachable; `false` when shutdown came first.
-pub(crate) async fn acquire(
-    owner: &SlotOwner,
-    config: &Config,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<bool> {
-    let mut backoff = Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
-    loop {
-        match owner.acquire(shutdown).await {
-            Ok(owned) => return Ok(owned),
-            Err(err) if err.is_transient() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot take the slot ownership; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(false),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(err) => anyhow::bail!("{err}"),
-        }
-    }
+async fn acquire(owner: &SlotOwner, retry: &Retry) -> anyhow::Result<bool> {
+    let owned = retry
+        .run("cannot take the slot ownership", async || {
+            owner.acquire(retry.shutdown()).await
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(owned == Some(true))
 }
 
 /// The replication position MongoDB holds, read on every (re)connect.
@@ -148,10 +118,9 @@ fn checkpoint_loader(checkpoint: MongoCheckpoint) -> LoadPosition {
         Box::pin(async move {
             checkpoint.load().await.map_err(|err| {
                 let text = format!("cannot read the checkpoint: {err}");
-                if err.is_transient() {
-                    SourceError::Transient(text)
-                } else {
-                    SourceError::Fatal(text)
+                match err.class() {
+                    ErrorClass::Transient => SourceError::Transient(text),
+                    _ => SourceError::Fatal(text),
                 }
             })
         })
@@ -208,23 +177,50 @@ pub async fn run(
         "discard" => true,
         other => anyhow::bail!("--sink `{other}` is not one of: project, discard"),
     };
+    let retry = Retry::new(&config.pipeline, shutdown.clone());
     let store = if discard {
         None
     } else {
-        match connect_store(&config, &shutdown).await? {
+        match connect_store(&config, &retry).await? {
             Some(store) => Some(store),
             None => return Ok(()),
         }
     };
-    let projector = store.clone().map(Projector::new);
     let stats = Arc::new(Stats::default());
     let probe = args
         .bench_report
         .clone()
         .map(|path| Probe::new(path, stats.clone(), args.bench_latency));
+    let shared = Shared {
+        config: config.pipeline.clone(),
+        shutdown,
+        stats: stats.clone(),
+        until_caught_up: args.until_caught_up,
+        probe: probe.clone(),
+    };
     let probe_stop = CancellationToken::new();
     let probe_writer = probe.as_ref().map(|p| p.spawn_writer(probe_stop.clone()));
-    let result = run_source(&config, args, shutdown, store, projector, &stats, &probe).await;
+    let result = match store {
+        Some(store) => {
+            let mut sink = MongoSink::new(Projector::new(store.clone()));
+            if config.source == SourceKind::Kafka {
+                // An aggregate's creation may still be on its way (another
+                // partition): the source tries such events again.
+                sink = sink.deferring(config.pipeline.max_retries);
+            }
+            let deferral = sink.deferral_stats();
+            let result = run_source(&config, &shared, Some(store), sink).await;
+            if let Some(deferral) = deferral {
+                tracing::info!(
+                    expired = deferral.expired.load(Ordering::Relaxed),
+                    out_of_order = deferral.out_of_order.load(Ordering::Relaxed),
+                    "deferred events dead-lettered"
+                );
+            }
+            result
+        }
+        None => run_source(&config, &shared, None, DiscardSink).await,
+    };
     probe_stop.cancel();
     if let Some(writer) = probe_writer {
         let _ = writer.await;
@@ -234,18 +230,27 @@ pub async fn run(
             .write(true)
             .map_err(|e| anyhow::anyhow!("cannot write the bench report: {e}"))?;
     }
-    result
+    result?;
+    let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    tracing::info!(
+        applied = count(&stats.applied),
+        duplicates = count(&stats.duplicates),
+        unmatched = count(&stats.unmatched),
+        dead_lettered = count(&stats.dead_lettered),
+        dead_letters_again = count(&stats.dead_letters_again),
+        checkpoint_refused = count(&stats.checkpoint_refused),
+        "stopped"
+    );
+    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_source(
+/// The configured source into `sink` (`store`: the read models, when the
+/// sink is theirs; it holds the replication checkpoint).
+async fn run_source<K: Sink + Clone + 'static>(
     config: &Config,
-    args: &RunArgs,
-    shutdown: CancellationToken,
+    shared: &Shared,
     store: Option<MongoStore>,
-    projector: Option<Projector>,
-    stats: &Arc<Stats>,
-    probe: &Option<Arc<Probe>>,
+    sink: K,
 ) -> anyhow::Result<()> {
     tracing::info!(
         source = ?config.source,
@@ -255,69 +260,7 @@ async fn run_source(
         "starting"
     );
     match config.source {
-        SourceKind::Replication => {
-            let checkpoint = store
-                .as_ref()
-                .map(|store| MongoCheckpoint::new(store.clone(), config.replication.slot.clone()));
-            let owner = SlotOwner::new(&config.postgres, &config.replication.slot);
-            if !acquire(&owner, config, &shutdown).await? {
-                return Ok(());
-            }
-            let resume = match &checkpoint {
-                Some(checkpoint) => Resume::Load(checkpoint_loader(checkpoint.clone())),
-                // No effects to protect: the slot's own position will do.
-                None => Resume::At(
-                    replication::slot_position(&config.postgres, &config.replication.slot)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
-                ),
-            };
-            let options = ReplicationOptions {
-                slot: config.replication.slot.clone(),
-                publication: config.replication.publication.clone(),
-                sweep: config.pipeline.mark_processed && checkpoint.is_some(),
-            };
-            let mut backoff =
-                Backoff::new(config.pipeline.backoff_initial, config.pipeline.backoff_max);
-            let source = loop {
-                let started = ReplicationSource::start(
-                    &config.postgres,
-                    options.clone(),
-                    owner.clone(),
-                    resume.clone(),
-                )
-                .await;
-                match started {
-                    Ok(source) => break source,
-                    Err(err) if err.is_transient() => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot start replication; retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                    }
-                    Err(err) => anyhow::bail!("{err}"),
-                }
-            };
-            let marker = (config.pipeline.mark_processed && checkpoint.is_some())
-                .then(|| OutboxMarker::new(config.postgres.clone()));
-            let pipeline = Pipeline {
-                source,
-                projector,
-                checkpoint,
-                marker,
-                config: config.pipeline.clone(),
-                shutdown,
-                stats: stats.clone(),
-                until_caught_up: args.until_caught_up,
-                report_progress: true,
-                probe: probe.clone(),
-            };
-            let result = pipeline.run().await;
-            owner.release().await;
-            result?;
-        }
+        SourceKind::Replication => run_replication(config, shared, store, sink).await,
         SourceKind::Polling => {
             let mut workers = JoinSet::new();
             for index in 0..config.polling.workers {
@@ -328,77 +271,96 @@ async fn run_source(
                 )
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let pipeline = Pipeline {
-                    source,
-                    projector: projector.clone(),
-                    checkpoint: None,
-                    marker: None,
-                    config: config.pipeline.clone(),
-                    shutdown: shutdown.clone(),
-                    stats: stats.clone(),
-                    until_caught_up: args.until_caught_up,
-                    report_progress: index == 0,
-                    probe: probe.clone(),
+                let pipeline = Pipeline::new(source, sink.clone(), shared);
+                let pipeline = if index == 0 {
+                    pipeline
+                } else {
+                    pipeline.quiet()
                 };
                 workers.spawn(pipeline.run());
             }
             while let Some(result) = workers.join_next().await {
                 if let Err(err) = result.map_err(|e| anyhow::anyhow!("worker crashed: {e}"))? {
-                    shutdown.cancel();
+                    shared.shutdown.cancel();
                     return Err(err.into());
                 }
             }
+            Ok(())
         }
         SourceKind::Kafka => {
-            let Some(source) = start_kafka(config, store.as_ref(), &shutdown).await? else {
+            let retry = Retry::new(&config.pipeline, shared.shutdown.clone());
+            let Some(source) = start_kafka(config, &retry).await? else {
                 return Ok(());
             };
             let kafka_stats = source.stats();
-            let mut projector = projector;
-            if let Some(projector) = projector.as_mut() {
-                // An aggregate's creation may still be on its way (another
-                // partition): the source retries such events, then dead-letters.
-                projector.dead_letter_races = false;
-            }
-            let pipeline = Pipeline {
-                source,
-                projector,
-                checkpoint: None,
-                marker: None,
-                config: config.pipeline.clone(),
-                shutdown,
-                stats: stats.clone(),
-                until_caught_up: args.until_caught_up,
-                report_progress: true,
-                probe: probe.clone(),
-            };
-            pipeline.run().await?;
-            let relaxed = std::sync::atomic::Ordering::Relaxed;
+            Pipeline::new(source, sink, shared).run().await?;
+            let relaxed = Ordering::Relaxed;
             tracing::info!(
                 records = kafka_stats.records.load(relaxed),
                 skipped = ?kafka_stats.skipped(),
                 malformed = kafka_stats.malformed.load(relaxed),
                 deferred = kafka_stats.deferred.load(relaxed),
                 retried = kafka_stats.retried.load(relaxed),
-                expired = kafka_stats.expired.load(relaxed),
-                out_of_order = kafka_stats.out_of_order.load(relaxed),
                 "kafka records"
             );
+            Ok(())
         }
     }
-    tracing::info!(
-        applied = stats.applied.load(std::sync::atomic::Ordering::Relaxed),
-        duplicates = stats.duplicates.load(std::sync::atomic::Ordering::Relaxed),
-        unmatched = stats.unmatched.load(std::sync::atomic::Ordering::Relaxed),
-        dead_lettered = stats
-            .dead_lettered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        dead_letters_again = stats
-            .dead_letters_again
-            .load(std::sync::atomic::Ordering::Relaxed),
-        "stopped"
-    );
-    Ok(())
+}
+
+/// Replication: own the slot, resume from the MongoDB checkpoint (or, with
+/// nothing to protect, from the slot's own position), run, release the slot.
+async fn run_replication<K: Sink>(
+    config: &Config,
+    shared: &Shared,
+    store: Option<MongoStore>,
+    sink: K,
+) -> anyhow::Result<()> {
+    let retry = Retry::new(&config.pipeline, shared.shutdown.clone());
+    let checkpoint =
+        store.map(|store| MongoCheckpoint::new(store, config.replication.slot.clone()));
+    let owner = SlotOwner::new(&config.postgres, &config.replication.slot);
+    if !acquire(&owner, &retry).await? {
+        return Ok(());
+    }
+    let resume = match &checkpoint {
+        Some(checkpoint) => Resume::Load(checkpoint_loader(checkpoint.clone())),
+        // No effects to protect: the slot's own position will do.
+        None => Resume::At(
+            replication::slot_position(&config.postgres, &config.replication.slot)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+    };
+    let options = ReplicationOptions {
+        slot: config.replication.slot.clone(),
+        publication: config.replication.publication.clone(),
+        sweep: config.pipeline.mark_processed && checkpoint.is_some(),
+    };
+    let started = retry
+        .run("cannot start replication", async || {
+            ReplicationSource::start(
+                &config.postgres,
+                options.clone(),
+                owner.clone(),
+                resume.clone(),
+            )
+            .await
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(source) = started else {
+        return Ok(());
+    };
+    let marker = (config.pipeline.mark_processed && checkpoint.is_some())
+        .then(|| OutboxMarker::new(config.postgres.clone()));
+    let result = Pipeline::new(source, sink, shared)
+        .with_checkpoint(checkpoint)
+        .with_marker(marker)
+        .run()
+        .await;
+    owner.release().await;
+    Ok(result?)
 }
 
 /// First SIGINT/SIGTERM: graceful; second (or the timeout): `hard` fires.

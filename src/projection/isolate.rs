@@ -177,6 +177,7 @@ async fn alone<S: Sink>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Classify;
     use crate::store::mongo::Refusal;
     use std::cell::RefCell;
     use std::collections::BTreeSet;
@@ -334,7 +335,7 @@ mod tests {
             ..Fake::default()
         };
         let err = isolate(&sink, &events(16)).await.expect_err("transient");
-        assert!(err.is_transient());
+        assert_eq!(err.class(), crate::policy::ErrorClass::Transient);
         assert!(sink.letters.borrow().is_empty());
     }
 

@@ -28,6 +28,7 @@ mod letters;
 mod refresh;
 pub mod state;
 
+use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
 use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
 use crate::store::codes;
@@ -39,14 +40,6 @@ use mongodb::bson::{doc, Bson, Document};
 use state::{ActivityDoc, Effect, NameCopy, Names, UserDoc};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
-
-/// An event that will never apply, with why.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
-    pub event: OutboxEvent,
-    pub error: String,
-    pub attempts: u32,
-}
 
 /// What one batch did.
 #[derive(Debug, Default, Clone)]
@@ -122,7 +115,7 @@ impl Projector {
     }
 
     /// Applies a batch. `Ok` means every effect (and dead letter) is durable;
-    /// `Err` is a store failure (see [`StoreError::is_transient`]) after which
+    /// `Err` is a store failure (sorted by [`crate::policy::Classify`]) after which
     /// the whole batch may simply be applied again. Events whose writes the
     /// server refuses are isolated and dead-lettered (see [`isolate`]).
     pub async fn apply(&self, events: &[OutboxEvent]) -> Result<BatchReport, StoreError> {

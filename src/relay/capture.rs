@@ -15,78 +15,13 @@
 //! anything here runs) for both slots, and drops or copies a slot only in the
 //! session that holds that lock. A second relay on the same slot waits.
 
-use super::debezium::{Op, SnapshotMark};
 use crate::config::PostgresConfig;
 use crate::outbox::{self, describe};
-use crate::source::polling::PollingSource;
-use crate::source::replication::{ReplicationOptions, ReplicationSource, Resume, SlotOwner};
-use crate::source::{AckToken, BatchOutcome, Source, SourceBatch, SourceError};
+use crate::source::replication::{Lsn, ReplicationOptions, ReplicationSource, Resume, SlotOwner};
+use crate::source::{BatchOutcome, Origin, SnapshotMark, Source, SourceBatch, SourceError};
 use std::time::{Duration, Instant};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
-
-/// A batch and, per event, the operation it stands for.
-pub struct Captured {
-    pub batch: SourceBatch,
-    pub ops: Vec<Op>,
-}
-
-pub enum Capture {
-    Replication(SlotCapture),
-    Polling(PollingSource),
-}
-
-impl Capture {
-    pub async fn next_batch(
-        &mut self,
-        max_events: usize,
-        max_wait: Duration,
-    ) -> Result<Option<Captured>, SourceError> {
-        match self {
-            Capture::Polling(source) => {
-                Ok(source
-                    .next_batch(max_events, max_wait)
-                    .await?
-                    .map(|batch| Captured {
-                        ops: vec![Op::Create; batch.events.len()],
-                        batch,
-                    }))
-            }
-            Capture::Replication(capture) => capture.next_batch(max_events, max_wait).await,
-        }
-    }
-
-    pub async fn ack(
-        &mut self,
-        token: AckToken,
-        outcome: &BatchOutcome,
-    ) -> Result<(), SourceError> {
-        match self {
-            Capture::Polling(source) => source.ack(token, outcome).await,
-            Capture::Replication(capture) => capture.ack(token, outcome).await,
-        }
-    }
-
-    pub async fn idle(&mut self) -> Result<(), SourceError> {
-        match self {
-            Capture::Polling(source) => source.idle().await,
-            Capture::Replication(capture) => match &mut capture.phase {
-                Phase::Init(source) | Phase::Main(source) => source.idle().await,
-                Phase::Switching { .. } => Ok(()),
-            },
-        }
-    }
-
-    pub async fn caught_up(&mut self) -> Result<bool, SourceError> {
-        match self {
-            Capture::Polling(source) => source.caught_up().await,
-            Capture::Replication(capture) => match &mut capture.phase {
-                Phase::Main(source) => source.caught_up().await,
-                _ => Ok(false),
-            },
-        }
-    }
-}
 
 enum Phase {
     /// Taking the initial snapshot through `<slot>_init`.
@@ -253,12 +188,16 @@ impl SlotCapture {
         self.phase = Phase::Main(main);
         Ok(())
     }
+}
+
+impl Source for SlotCapture {
+    type Ack = Lsn;
 
     async fn next_batch(
         &mut self,
         max_events: usize,
         max_wait: Duration,
-    ) -> Result<Option<Captured>, SourceError> {
+    ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
         if let Phase::Switching { lsn } = self.phase {
             self.switch(lsn).await?;
         }
@@ -267,19 +206,16 @@ impl SlotCapture {
             Phase::Init(source) | Phase::Main(source) => source,
             Phase::Switching { .. } => return Ok(None),
         };
-        let Some(batch) = source.next_batch(max_events, max_wait).await? else {
+        let Some(mut batch) = source.next_batch(max_events, max_wait).await? else {
             return Ok(None);
         };
         if !snapshot {
-            return Ok(Some(Captured {
-                ops: vec![Op::Create; batch.events.len()],
-                batch,
-            }));
+            return Ok(Some(batch));
         }
         // Snapshot batches carry position 0, except the last one.
-        let last = matches!(batch.ack, AckToken::Lsn(lsn) if lsn > 0);
+        let last = batch.ack.0 > 0;
         let count = batch.events.len();
-        let ops = (0..count)
+        batch.origins = (0..count)
             .map(|i| {
                 let mark = if last && i + 1 == count {
                     SnapshotMark::Last
@@ -288,33 +224,45 @@ impl SlotCapture {
                 } else {
                     SnapshotMark::Middle
                 };
-                Op::Read(mark)
+                Origin::Snapshot(mark)
             })
             .collect();
         if count > 0 {
             self.first_row = false;
         }
-        if let (true, AckToken::Lsn(lsn)) = (last, &batch.ack) {
-            self.last_snapshot_lsn = Some(*lsn);
+        if last {
+            self.last_snapshot_lsn = Some(batch.ack.0);
         }
-        Ok(Some(Captured { batch, ops }))
+        Ok(Some(batch))
     }
 
-    async fn ack(&mut self, token: AckToken, outcome: &BatchOutcome) -> Result<(), SourceError> {
-        let completes = matches!((&token, self.last_snapshot_lsn), (AckToken::Lsn(lsn), Some(last)) if *lsn == last);
+    async fn ack(&mut self, ack: Lsn, outcome: &BatchOutcome) -> Result<(), SourceError> {
+        let completes = self.last_snapshot_lsn == Some(ack.0);
         match &mut self.phase {
-            Phase::Init(source) | Phase::Main(source) => source.ack(token.clone(), outcome).await?,
+            Phase::Init(source) | Phase::Main(source) => source.ack(ack, outcome).await?,
             Phase::Switching { .. } => {}
         }
-        if completes {
-            if let (Phase::Init(_), AckToken::Lsn(lsn)) = (&self.phase, token) {
-                // Closes the stream on `<slot>_init`; the switch happens before
-                // the next batch (and is repeated if it fails).
-                self.phase = Phase::Switching { lsn };
-                self.last_snapshot_lsn = None;
-            }
+        if completes && matches!(self.phase, Phase::Init(_)) {
+            // Closes the stream on `<slot>_init`; the switch happens before
+            // the next batch (and is repeated if it fails).
+            self.phase = Phase::Switching { lsn: ack.0 };
+            self.last_snapshot_lsn = None;
         }
         Ok(())
+    }
+
+    async fn idle(&mut self) -> Result<(), SourceError> {
+        match &mut self.phase {
+            Phase::Init(source) | Phase::Main(source) => source.idle().await,
+            Phase::Switching { .. } => Ok(()),
+        }
+    }
+
+    async fn caught_up(&mut self) -> Result<bool, SourceError> {
+        match &mut self.phase {
+            Phase::Main(source) => source.caught_up().await,
+            _ => Ok(false),
+        }
     }
 }
 

@@ -49,11 +49,15 @@ pub enum Op {
     Read(SnapshotMark),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotMark {
-    First,
-    Middle,
-    Last,
+pub use crate::source::SnapshotMark;
+
+impl From<crate::source::Origin> for Op {
+    fn from(origin: crate::source::Origin) -> Op {
+        match origin {
+            crate::source::Origin::Change => Op::Create,
+            crate::source::Origin::Snapshot(mark) => Op::Read(mark),
+        }
+    }
 }
 
 impl Op {

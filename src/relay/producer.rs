@@ -7,6 +7,7 @@
 use super::debezium::Message;
 use super::RelayError;
 use crate::config::KafkaConfig;
+use crate::policy::{Classify, ErrorClass};
 use crate::source::kafka::{base_config, topic_partitions, QuietContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -122,7 +123,7 @@ impl Producer {
         .await
         .map_err(|e| RelayError::Fatal(format!("kafka metadata task failed: {e}")))?
         .map_err(|e| {
-            if e.is_transient() {
+            if e.class() == ErrorClass::Transient {
                 RelayError::Transient(e.to_string())
             } else {
                 RelayError::Fatal(e.to_string())

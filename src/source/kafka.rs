@@ -20,16 +20,12 @@
 //!
 //! Out of order: an event whose aggregate does not exist yet (with plain
 //! Debezium change events keyed by `event_id`, the aggregate's creation may sit
-//! in another partition) waits and is tried again with backoff, up to
-//! `MAX_RETRIES` tries, then dead-lettered. While it waits, its partition's
-//! commit stays below it, and a provisional dead letter records it (withdrawn
-//! if a retry applies it): a crash while it waits cannot lose it, even when a
-//! later event creates the aggregate meanwhile and the redelivered copy is
-//! then fenced off as already seen. Before a retry, the aggregate's fence is
-//! read: when later events of the aggregate took effect meanwhile, the event
-//! can never take effect in order, and it is dead-lettered at once (never
-//! silently dropped).
-
+//! in another partition) comes back from the sink as deferred: it waits and is
+//! handed out again with backoff, marked [`crate::source::Retried`], until the
+//! sink applies or dead-letters it (after `MAX_RETRIES` tries, or at once when
+//! later events of its aggregate took effect meanwhile: see
+//! `sink::deferral`). While it waits, its partition's commit stays below it.
+//!
 mod client;
 mod record;
 mod retry;
@@ -42,12 +38,12 @@ pub use client::{
 pub use record::Record;
 pub use stats::KafkaStats;
 
-use super::{AckToken, Backlog, BatchOutcome, Source, SourceBatch, SourceError};
+use super::{Backlog, BatchOutcome, Source, SourceBatch, SourceError};
 use crate::config::{KafkaConfig, PipelineConfig};
+use crate::dead_letter::DeadLetter;
 use crate::decode::{decode_message, DecodeOptions, Decoded, OutboxEvent, SkipReason};
 use crate::failpoint::{self, crash_point};
-use crate::projection::DeadLetter;
-use crate::store::mongo::MongoStore;
+use crate::policy::{Classify, ErrorClass};
 use client::{blocking, describe_tps, lock, poll_records, positions, GroupContext, Partitions, Tp};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use retry::{InFlight, Retries};
@@ -93,7 +89,6 @@ impl KafkaSource {
     pub async fn start(
         config: &KafkaConfig,
         pipeline: &PipelineConfig,
-        store: Option<MongoStore>,
     ) -> Result<KafkaSource, SourceError> {
         let partitions = Arc::new(Mutex::new(Partitions::default()));
         let consumer: BaseConsumer<GroupContext> = consumer_config(config)
@@ -114,7 +109,7 @@ impl KafkaSource {
         blocking(move || topic_partitions(checked.client(), &brokers, &topics, timeout))
             .await?
             .map_err(|e| match e {
-                e if e.is_transient() => SourceError::Transient(e.to_string()),
+                e if e.class() == ErrorClass::Transient => SourceError::Transient(e.to_string()),
                 e => SourceError::Fatal(e.to_string()),
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -133,8 +128,6 @@ impl KafkaSource {
                 ..DecodeOptions::default()
             },
             retries: Retries::new(
-                store,
-                pipeline.max_retries,
                 (pipeline.backoff_initial, pipeline.backoff_max),
                 stats.clone(),
             ),
@@ -275,25 +268,20 @@ impl Source for KafkaSource {
         &mut self,
         max_events: usize,
         max_wait: Duration,
-    ) -> Result<Option<SourceBatch>, SourceError> {
+    ) -> Result<Option<SourceBatch<KafkaAck>>, SourceError> {
         self.forget_revoked();
-        if self.retries.has_writes() {
-            self.retries.record().await?;
-        }
         let max_events = max_events.max(1);
         let mut events = Vec::new();
         let mut malformed = Vec::new();
         let mut flight = InFlight::default();
+        let mut retried = Vec::new();
         let now = Instant::now();
         let due = self.retries.waiting.take_due(now, max_events);
-        if !due.is_empty() {
-            self.retries
-                .judge(due, &mut events, &mut malformed, &mut flight)
-                .await;
-        }
+        self.retries
+            .hand_out(due, &mut events, &mut retried, &mut flight);
         let room = max_events.saturating_sub(events.len() + malformed.len());
         let mut highest = BTreeMap::new();
-        let have_work = !events.is_empty() || !malformed.is_empty() || !flight.settled.is_empty();
+        let have_work = !events.is_empty() || !malformed.is_empty();
         let until_due = self
             .retries
             .waiting
@@ -317,11 +305,7 @@ impl Source for KafkaSource {
         } else if !have_work {
             tokio::time::sleep(wait).await;
         }
-        if events.is_empty()
-            && malformed.is_empty()
-            && highest.is_empty()
-            && flight.settled.is_empty()
-        {
+        if events.is_empty() && malformed.is_empty() && highest.is_empty() {
             return Ok(None);
         }
         // Within a batch, one aggregate's events in sequence order (a topic
@@ -330,25 +314,21 @@ impl Source for KafkaSource {
         self.next_batch += 1;
         flight.batch = self.next_batch;
         self.in_flight.push_back(flight);
-        Ok(Some(SourceBatch {
-            events,
-            malformed,
-            ack: AckToken::Kafka(KafkaAck {
-                batch: self.next_batch,
-                offsets: highest
-                    .into_iter()
-                    .map(|((topic, partition), offset)| (topic, partition, offset))
-                    .collect(),
-            }),
-        }))
+        let ack = KafkaAck {
+            batch: self.next_batch,
+            offsets: highest
+                .into_iter()
+                .map(|((topic, partition), offset)| (topic, partition, offset))
+                .collect(),
+        };
+        let mut batch = SourceBatch::new(events, malformed, ack);
+        batch.retried = retried;
+        Ok(Some(batch))
     }
 
-    async fn ack(&mut self, token: AckToken, outcome: &BatchOutcome) -> Result<(), SourceError> {
-        let AckToken::Kafka(ack) = token else {
-            return Err(SourceError::Fatal(
-                "the kafka source was handed a foreign acknowledgement".into(),
-            ));
-        };
+    type Ack = KafkaAck;
+
+    async fn ack(&mut self, ack: KafkaAck, outcome: &BatchOutcome) -> Result<(), SourceError> {
         let flight = loop {
             match self.in_flight.pop_front() {
                 Some(flight) if flight.batch == ack.batch => break Some(flight),
@@ -375,15 +355,11 @@ impl Source for KafkaSource {
             let next = self.acked.entry((topic, partition)).or_insert(offset + 1);
             *next = (*next).max(offset + 1);
         }
-        let recorded = self.retries.record().await;
-        self.commit().await?;
-        recorded
+        self.commit().await
     }
 
     async fn idle(&mut self) -> Result<(), SourceError> {
-        let recorded = self.retries.record().await;
-        self.commit().await?;
-        recorded
+        self.commit().await
     }
 
     /// Every assigned partition is read up to the end it had when first

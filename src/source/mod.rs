@@ -17,31 +17,65 @@ pub mod kafka;
 pub mod polling;
 pub mod replication;
 
+use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
-use crate::projection::DeadLetter;
 
-/// What a batch's acknowledgement carries back to its source.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AckToken {
-    /// Logical replication: the end LSN of the last transaction in the batch.
-    Lsn(u64),
-    /// Polling: the claimed rows, by event id, with the claim's lock id.
-    Claimed {
-        lock_id: String,
-        event_ids: Vec<uuid::Uuid>,
-    },
-    /// Kafka: per (topic, partition), the highest offset of the batch.
-    Kafka(kafka::KafkaAck),
-}
-
-/// A batch of events from a source.
+/// A batch of events from a source, with the acknowledgement (`A`, the
+/// source's own [`Source::Ack`]) that moves the source past it.
 #[derive(Debug, Clone)]
-pub struct SourceBatch {
+pub struct SourceBatch<A> {
     pub events: Vec<OutboxEvent>,
-    /// Records that could not be decoded: dead-lettered by the pipeline with
+    /// Records that could not be decoded: dead-lettered by the sink with
     /// their raw form, never dropped.
     pub malformed: Vec<DeadLetter>,
-    pub ack: AckToken,
+    pub ack: A,
+    /// Per event, where it comes from; empty when every event is a change.
+    pub origins: Vec<Origin>,
+    /// Events of the batch handed out again after the sink deferred them.
+    pub retried: Vec<Retried>,
+}
+
+/// An event handed out again after the sink deferred it (its aggregate did
+/// not exist yet): its tries so far and why the last one failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retried {
+    pub event_id: uuid::Uuid,
+    pub attempts: u32,
+    pub error: String,
+}
+
+impl<A> SourceBatch<A> {
+    /// A batch of changes.
+    pub fn new(events: Vec<OutboxEvent>, malformed: Vec<DeadLetter>, ack: A) -> SourceBatch<A> {
+        SourceBatch {
+            events,
+            malformed,
+            ack,
+            origins: Vec::new(),
+            retried: Vec::new(),
+        }
+    }
+
+    /// Where event `index` comes from.
+    pub fn origin(&self, index: usize) -> Origin {
+        self.origins.get(index).copied().unwrap_or(Origin::Change)
+    }
+}
+
+/// Where an event comes from: a change committed while the source ran, or a
+/// row of an initial snapshot (Debezium's operation `r`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Change,
+    Snapshot(SnapshotMark),
+}
+
+/// A snapshot row's place in its snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMark {
+    First,
+    Middle,
+    Last,
 }
 
 /// What the pipeline did with a batch, for the source's bookkeeping.
@@ -63,12 +97,6 @@ pub enum SourceError {
     Fatal(String),
 }
 
-impl SourceError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Transient(_))
-    }
-}
-
 /// Progress of a source against the outbox, for `status` and the progress line.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Backlog {
@@ -86,11 +114,21 @@ pub trait Source {
         &mut self,
         max_events: usize,
         max_wait: std::time::Duration,
-    ) -> Result<Option<SourceBatch>, SourceError>;
+    ) -> Result<Option<SourceBatch<Self::Ack>>, SourceError>;
 
-    /// The batch with this token is durable in MongoDB (with these dead letters
-    /// and retries): move the persistent position past it.
-    async fn ack(&mut self, token: AckToken, outcome: &BatchOutcome) -> Result<(), SourceError>;
+    /// What acknowledges a batch of this source (its position): a type of
+    /// its own, so that no other source's position can be handed to it.
+    type Ack: Clone + std::fmt::Debug + Send + Sync;
+
+    /// The batch with this acknowledgement is durable in the sink (with these
+    /// dead letters and retries): move the persistent position past it.
+    async fn ack(&mut self, ack: Self::Ack, outcome: &BatchOutcome) -> Result<(), SourceError>;
+
+    /// The WAL position an acknowledgement stands for, if it is one: the
+    /// runtime saves it as the MongoDB checkpoint before acknowledging.
+    fn lsn_of(_ack: &Self::Ack) -> Option<u64> {
+        None
+    }
 
     /// Called while idle: keep the upstream position alive (e.g. confirm the
     /// slot so the database does not retain WAL).

@@ -12,11 +12,11 @@
 //! ones; a row that commits late (a lower `sequence_id` committed after higher
 //! ones) is still found, since claims look at status, not at a cursor.
 
-use super::{AckToken, Backlog, BatchOutcome, Source, SourceBatch, SourceError};
+use super::{Backlog, BatchOutcome, Source, SourceBatch, SourceError};
 use crate::config::{PollingConfig, PostgresConfig};
+use crate::dead_letter::DeadLetter;
 use crate::decode::{decode_text_row, OutboxEvent};
 use crate::outbox::{self, describe};
-use crate::projection::DeadLetter;
 use std::time::Duration;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -142,7 +142,7 @@ impl PollingSource {
         format!("{}|{expiry}", self.worker)
     }
 
-    async fn claim(&mut self, max: usize) -> Result<Option<SourceBatch>, SourceError> {
+    async fn claim(&mut self, max: usize) -> Result<Option<SourceBatch<Claim>>, SourceError> {
         let lock_id = self.lock_id();
         let limit = max as i64;
         let now = now_ms();
@@ -194,12 +194,20 @@ impl PollingSource {
         }
         // Claims come in sequence order already; keep it for the projection.
         events.sort_by_key(|e| e.sequence_id);
-        Ok(Some(SourceBatch {
+        Ok(Some(SourceBatch::new(
             events,
             malformed,
-            ack: AckToken::Claimed { lock_id, event_ids },
-        }))
+            Claim { lock_id, event_ids },
+        )))
     }
+}
+
+/// A polling batch's acknowledgement: the claimed rows, by event id, with
+/// the claim's lock id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub lock_id: String,
+    pub event_ids: Vec<Uuid>,
 }
 
 impl Source for PollingSource {
@@ -207,7 +215,7 @@ impl Source for PollingSource {
         &mut self,
         max_events: usize,
         max_wait: Duration,
-    ) -> Result<Option<SourceBatch>, SourceError> {
+    ) -> Result<Option<SourceBatch<Claim>>, SourceError> {
         let deadline = tokio::time::Instant::now() + max_wait.max(self.options.interval);
         loop {
             if let Some(batch) = self.claim(max_events).await? {
@@ -225,12 +233,10 @@ impl Source for PollingSource {
         }
     }
 
-    async fn ack(&mut self, token: AckToken, outcome: &BatchOutcome) -> Result<(), SourceError> {
-        let AckToken::Claimed { lock_id, event_ids } = token else {
-            return Err(SourceError::Fatal(
-                "polling source got a foreign acknowledgement".into(),
-            ));
-        };
+    type Ack = Claim;
+
+    async fn ack(&mut self, ack: Claim, outcome: &BatchOutcome) -> Result<(), SourceError> {
+        let Claim { lock_id, event_ids } = ack;
         let failed: Vec<Uuid> = outcome
             .dead_letters
             .iter()

@@ -45,10 +45,11 @@ mod wal;
 
 pub use owner::SlotOwner;
 
-use super::{AckToken, BatchOutcome, Source, SourceBatch, SourceError};
+use super::{BatchOutcome, Source, SourceBatch, SourceError};
 use crate::config::{PostgresConfig, ReplicationConfig};
+use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
-use crate::projection::DeadLetter;
+use crate::policy::{Classify, ErrorClass};
 use futures::future::BoxFuture;
 use pgoutput::WalItem;
 use rows::{decode_row, EVENT_COLUMNS};
@@ -230,20 +231,16 @@ impl ReplicationSource {
         events: Vec<OutboxEvent>,
         malformed: Vec<DeadLetter>,
         lsn: u64,
-    ) -> SourceBatch {
+    ) -> SourceBatch<Lsn> {
         self.handed = self.handed.max(lsn);
         self.last_handout = Instant::now();
-        SourceBatch {
-            events,
-            malformed,
-            ack: AckToken::Lsn(lsn),
-        }
+        SourceBatch::new(events, malformed, Lsn(lsn))
     }
 
     async fn snapshot_batch(
         &mut self,
         max_events: usize,
-    ) -> Result<Option<SourceBatch>, SourceError> {
+    ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
         let Phase::Snapshot { snapshot, .. } = &mut self.phase else {
             return Ok(None);
         };
@@ -276,7 +273,7 @@ impl ReplicationSource {
         &mut self,
         max_events: usize,
         max_wait: Duration,
-    ) -> Result<Option<SourceBatch>, SourceError> {
+    ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
         let Phase::Streaming(wal) = &mut self.phase else {
             return Ok(None);
         };
@@ -365,7 +362,7 @@ impl ReplicationSource {
     /// Drives the stuck-row sweep ([`sweep`]): finishes the running one once
     /// the stream is past its watermark (a batch of the rows it found), or
     /// starts one when due. Runs between batches, on its own connection.
-    async fn sweep_step(&mut self) -> Result<Option<SourceBatch>, SourceError> {
+    async fn sweep_step(&mut self) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
         if !self.options.sweep {
             return Ok(None);
         }
@@ -398,7 +395,10 @@ impl ReplicationSource {
         result
     }
 
-    async fn finish_sweep(&mut self, client: &Client) -> Result<Option<SourceBatch>, SourceError> {
+    async fn finish_sweep(
+        &mut self,
+        client: &Client,
+    ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
         let Some((sweep, verifies)) = self.sweeper.running.take() else {
             return Ok(None);
         };
@@ -428,7 +428,7 @@ impl ReplicationSource {
 
     /// An empty batch with the stream's position, when it moved on without
     /// outbox events (other tables' WAL, keepalives) and a while has passed.
-    fn position_batch(&mut self) -> Option<SourceBatch> {
+    fn position_batch(&mut self) -> Option<SourceBatch<Lsn>> {
         let Phase::Streaming(wal) = &self.phase else {
             return None;
         };
@@ -445,12 +445,18 @@ impl ReplicationSource {
     }
 }
 
+/// A replication batch's acknowledgement: the end LSN of the last
+/// transaction in the batch (0: a snapshot batch before the last, which
+/// moves nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Lsn(pub u64);
+
 impl Source for ReplicationSource {
     async fn next_batch(
         &mut self,
         max_events: usize,
         max_wait: Duration,
-    ) -> Result<Option<SourceBatch>, SourceError> {
+    ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
         if !matches!(self.phase, Phase::Down) && !self.owner.is_alive().await {
             // The session holding the ownership ended: another process may
             // own the slot by now. Stop, and own it again before going on.
@@ -473,19 +479,21 @@ impl Source for ReplicationSource {
                 Err(err) => Err(err),
             },
         };
-        if matches!(&result, Err(err) if err.is_transient()) {
+        if matches!(&result, Err(err) if err.class() == ErrorClass::Transient) {
             // Whatever was read of this batch comes again after the reconnect.
             self.disconnect();
         }
         result
     }
 
-    async fn ack(&mut self, token: AckToken, _outcome: &BatchOutcome) -> Result<(), SourceError> {
-        let AckToken::Lsn(lsn) = token else {
-            return Err(SourceError::Fatal(
-                "the replication source was handed a polling acknowledgement".to_string(),
-            ));
-        };
+    type Ack = Lsn;
+
+    fn lsn_of(ack: &Lsn) -> Option<u64> {
+        (ack.0 > 0).then_some(ack.0)
+    }
+
+    async fn ack(&mut self, ack: Lsn, _outcome: &BatchOutcome) -> Result<(), SourceError> {
+        let Lsn(lsn) = ack;
         if lsn == 0 || lsn <= self.acked {
             return Ok(());
         }

@@ -7,6 +7,7 @@
 
 pub use super::codes::Refusal;
 use super::codes::{self, RETRYABLE_CODES};
+use crate::policy::{Classify, ErrorClass};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
@@ -43,16 +44,10 @@ pub enum StoreError {
     Permanent(String),
 }
 
-impl StoreError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Transient(_))
-    }
-}
-
 impl From<mongodb::error::Error> for StoreError {
     fn from(err: mongodb::error::Error) -> Self {
         let text = codes::describe(&err);
-        if is_transient(&err) {
+        if err.class() == ErrorClass::Transient {
             StoreError::Transient(text)
         } else {
             StoreError::Permanent(text)
@@ -63,7 +58,7 @@ impl From<mongodb::error::Error> for StoreError {
 /// A write command's own failure: sorted by its code like a statement's.
 fn write_failure(collection: &str, err: mongodb::error::Error) -> StoreError {
     match err.kind.as_ref() {
-        ErrorKind::Command(command) if !is_transient(&err) => {
+        ErrorKind::Command(command) if err.class() != ErrorClass::Transient => {
             codes::write_error(collection, command.code, &command.message)
         }
         _ => StoreError::from(err),
@@ -71,7 +66,8 @@ fn write_failure(collection: &str, err: mongodb::error::Error) -> StoreError {
 }
 
 /// Sorts a driver error: labels, kinds, then codes (never message text).
-pub fn is_transient(err: &mongodb::error::Error) -> bool {
+/// True: transient (see [`Classify`]).
+pub(crate) fn retryable(err: &mongodb::error::Error) -> bool {
     if err.contains_label(RETRYABLE_WRITE_ERROR) || err.contains_label(TRANSIENT_TRANSACTION_ERROR)
     {
         return true;
@@ -444,6 +440,6 @@ mod tests {
         );
         let not_primary = doc! { "n": 0, "writeErrors": [ { "index": 0, "code": 10107, "errmsg": "not primary" } ] };
         let err = read_reply(&not_primary, 0, &mut WriteReport::default()).expect_err("transient");
-        assert!(err.is_transient());
+        assert_eq!(err.class(), ErrorClass::Transient);
     }
 }

@@ -5,10 +5,14 @@
 
 use super::TestDb;
 use activity_event_processor::config::PostgresConfig;
+use activity_event_processor::policy::{Classify, ErrorClass};
+use activity_event_processor::source::replication::Lsn;
 use activity_event_processor::source::replication::{
     ReplicationOptions, ReplicationSource, Resume, SlotOwner,
 };
-use activity_event_processor::source::{AckToken, BatchOutcome, Source, SourceBatch, SourceError};
+use activity_event_processor::source::{BatchOutcome, Source, SourceError};
+
+type SourceBatch = activity_event_processor::source::SourceBatch<Lsn>;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::RwLock;
@@ -163,7 +167,7 @@ pub async fn start(db: &TestDb, slot: &SlotGuard, resume: Option<u64>) -> Replic
         .expect("start returns in time");
         match started {
             Ok(source) => return source,
-            Err(err) if err.is_transient() && Instant::now() < deadline => {
+            Err(err) if err.class() == ErrorClass::Transient && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(err) => panic!("start: {err}"),
@@ -180,18 +184,15 @@ pub async fn next(
         .expect("next_batch returns in time")
 }
 
-pub async fn ack(source: &mut ReplicationSource, token: &AckToken) {
+pub async fn ack(source: &mut ReplicationSource, token: &Lsn) {
     source
-        .ack(token.clone(), &BatchOutcome::default())
+        .ack(*token, &BatchOutcome::default())
         .await
         .expect("ack");
 }
 
-pub fn lsn(token: &AckToken) -> u64 {
-    match token {
-        AckToken::Lsn(lsn) => *lsn,
-        other => panic!("a replication batch carries an LSN, not {other:?}"),
-    }
+pub fn lsn(token: &Lsn) -> u64 {
+    token.0
 }
 
 /// Event id -> times delivered.

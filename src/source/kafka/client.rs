@@ -377,12 +377,6 @@ pub enum TopicError {
     Broker(String),
 }
 
-impl TopicError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, TopicError::Unreachable { .. })
-    }
-}
-
 /// Runs a blocking librdkafka call on the blocking pool.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,

@@ -2,8 +2,8 @@
 //! decode: whatever ids it still yields, and the raw record itself (topic,
 //! partition, offset, key, value and headers) so that nothing is lost.
 
+use crate::dead_letter::DeadLetter;
 use crate::decode::{DecodeError, DecodeOptions, OutboxEvent, RawMessage};
-use crate::projection::DeadLetter;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;

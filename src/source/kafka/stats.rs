@@ -22,11 +22,6 @@ pub struct KafkaStats {
     pub deferred: AtomicU64,
     /// Tries after the first.
     pub retried: AtomicU64,
-    /// Deferred events dead-lettered after `MAX_RETRIES` tries.
-    pub expired: AtomicU64,
-    /// Deferred events dead-lettered because later events of their aggregate
-    /// took effect first.
-    pub out_of_order: AtomicU64,
 }
 
 impl KafkaStats {

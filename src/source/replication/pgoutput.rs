@@ -7,8 +7,8 @@
 //! Format: <https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html>
 
 use super::{decode_row, EVENT_COLUMNS};
+use crate::dead_letter::DeadLetter;
 use crate::decode::{DecodeError, OutboxEvent};
-use crate::projection::DeadLetter;
 
 /// The table whose inserts are events.
 const OUTBOX: &str = "event_outbox";

@@ -2,8 +2,8 @@
 //! reads, and pgoutput's tuples) into events, or dead letters with whatever
 //! could be recovered.
 
+use crate::dead_letter::DeadLetter;
 use crate::decode::{decode_text_row, DecodeError, OutboxEvent};
-use crate::projection::DeadLetter;
 use uuid::Uuid;
 
 /// The outbox columns an event is made of (the others are never read).

@@ -6,8 +6,8 @@
 use super::setup::{connect_text, query_error};
 use super::{decode_row, EVENT_COLUMNS as COLUMNS};
 use crate::config::PostgresConfig;
+use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
-use crate::projection::DeadLetter;
 use crate::source::SourceError;
 use tokio_postgres::{Client, SimpleQueryMessage};
 

@@ -17,8 +17,8 @@
 
 use super::rows::{decode_row, EVENT_COLUMNS};
 use super::setup::{query_error, wal_probe};
+use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
-use crate::projection::DeadLetter;
 use crate::source::SourceError;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;

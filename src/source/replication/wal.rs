@@ -194,6 +194,7 @@ fn classify(user: &str, context: &str, err: ReplicationError) -> SourceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{Classify, ErrorClass};
 
     #[test]
     fn errors_are_sorted_for_the_operator() {
@@ -233,13 +234,13 @@ mod tests {
                     .into(),
             ),
         );
-        assert!(!refused.is_transient(), "{refused:?}");
+        assert_ne!(refused.class(), ErrorClass::Transient, "{refused:?}");
         let gone = classify(
             "app",
             "x",
             ReplicationError::TransientConnection("PQconsumeInput failed".into()),
         );
-        assert!(gone.is_transient());
+        assert_eq!(gone.class(), ErrorClass::Transient);
         let lost = classify(
             "app",
             "x",
@@ -247,6 +248,6 @@ mod tests {
                 "[42704] replication slot \"s\" does not exist".into(),
             ),
         );
-        assert!(lost.is_transient());
+        assert_eq!(lost.class(), ErrorClass::Transient);
     }
 }

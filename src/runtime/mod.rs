@@ -1,0 +1,458 @@
+//! The runtime: one loop that ties a [`Source`] to a [`Sink`], used by `run`
+//! (replication, polling and Kafka sources into the MongoDB sink, or the
+//! discard sink) and by `relay` (replication or polling into the Kafka sink).
+//!
+//! Order of a batch, and why: the sink's effects (and dead letters) first;
+//! then the checkpoint and the outbox marks, which describe effects that are
+//! now durable; the source's acknowledgement last. A crash anywhere
+//! re-delivers the batch, which the sink absorbs (see docs/design.md, "The
+//! runtime").
+//!
+//! Every error is sorted by [`crate::policy::Classify`]: a transient one is
+//! retried with backoff, forever ([`Retry`]); an event at fault is
+//! dead-lettered inside the sink; anything else stops the runtime with
+//! [`PipelineError`]. A shutdown request stops intake; the batch in flight
+//! is finished, or abandoned unacknowledged during a retry's pause.
+
+mod marker;
+mod progress;
+mod retry;
+
+pub use crate::counters::Stats;
+pub use marker::{MarkError, OutboxMarker};
+pub use retry::Retry;
+
+use crate::checkpoint::{CheckpointError, MongoCheckpoint};
+use crate::config::PipelineConfig;
+use crate::failpoint::{self, crash_point};
+use crate::policy::{describe, Classify, ErrorClass};
+use crate::probe::Probe;
+use crate::sink::{Sink, SinkReport};
+use crate::source::{BatchOutcome, Source, SourceBatch};
+use progress::Progress;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Why the runtime stopped before it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Retrying cannot fix this: `what` says what failed and what to do.
+    #[error("{what}")]
+    Stopped {
+        what: String,
+        #[source]
+        cause: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl PipelineError {
+    fn stop(
+        what: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        PipelineError::Stopped {
+            what: what.into(),
+            cause: Box::new(cause),
+        }
+    }
+}
+
+/// The crash points (`failpoint`) at the durability boundaries of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct CrashPoints {
+    pub after_decode: Option<&'static str>,
+    pub before_write: &'static str,
+    pub after_write: &'static str,
+    pub after_checkpoint: &'static str,
+    pub before_mark: Option<&'static str>,
+    pub after_mark: Option<&'static str>,
+    pub before_ack: &'static str,
+    pub after_ack: &'static str,
+}
+
+impl CrashPoints {
+    /// `run`: into the read models.
+    pub const RUN: CrashPoints = CrashPoints {
+        after_decode: Some(failpoint::PIPELINE_AFTER_DECODE),
+        before_write: failpoint::PIPELINE_BEFORE_SINK_WRITE,
+        after_write: failpoint::PIPELINE_AFTER_SINK_WRITE,
+        after_checkpoint: failpoint::PIPELINE_AFTER_CHECKPOINT,
+        before_mark: Some(failpoint::PIPELINE_BEFORE_MARK_OUTBOX),
+        after_mark: Some(failpoint::PIPELINE_AFTER_MARK_OUTBOX),
+        before_ack: failpoint::PIPELINE_BEFORE_SOURCE_ACK,
+        after_ack: failpoint::PIPELINE_AFTER_SOURCE_ACK,
+    };
+    /// `relay`: onto the Kafka topic.
+    pub const RELAY: CrashPoints = CrashPoints {
+        after_decode: None,
+        before_write: failpoint::RELAY_BEFORE_DELIVERY,
+        after_write: failpoint::RELAY_AFTER_DELIVERY,
+        after_checkpoint: failpoint::PIPELINE_AFTER_CHECKPOINT,
+        before_mark: None,
+        after_mark: None,
+        before_ack: failpoint::RELAY_BEFORE_CAPTURE_ACK,
+        after_ack: failpoint::RELAY_AFTER_CAPTURE_ACK,
+    };
+}
+
+fn crash_at(point: Option<&'static str>) {
+    if let Some(point) = point {
+        crash_point(point);
+    }
+}
+
+/// What the workers of one process share.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: PipelineConfig,
+    /// Cancelled on the first signal: stop intake.
+    pub shutdown: CancellationToken,
+    pub stats: Arc<Stats>,
+    /// Stop once everything committed before the start is done.
+    pub until_caught_up: bool,
+    /// The stats file (`durable` after each sink write, `batch_done` after
+    /// counting).
+    pub probe: Option<Arc<Probe>>,
+}
+
+/// One worker: a source, a sink, and what lies between.
+pub struct Pipeline<S: Source, K: Sink> {
+    source: S,
+    sink: K,
+    checkpoint: Option<MongoCheckpoint>,
+    marker: Option<OutboxMarker>,
+    shared: Shared,
+    retry: Retry,
+    report_progress: bool,
+}
+
+impl<S: Source, K: Sink> Pipeline<S, K> {
+    pub fn new(source: S, sink: K, shared: &Shared) -> Pipeline<S, K> {
+        Pipeline {
+            source,
+            sink,
+            checkpoint: None,
+            marker: None,
+            retry: Retry::new(&shared.config, shared.shutdown.clone()),
+            shared: shared.clone(),
+            report_progress: true,
+        }
+    }
+
+    /// Saves each acknowledged LSN ([`Source::lsn_of`]) here first.
+    pub fn with_checkpoint(mut self, checkpoint: Option<MongoCheckpoint>) -> Self {
+        self.checkpoint = checkpoint;
+        self
+    }
+
+    /// Marks each batch's outbox rows before acknowledging it.
+    pub fn with_marker(mut self, marker: Option<OutboxMarker>) -> Self {
+        self.marker = marker;
+        self
+    }
+
+    /// Another worker of the process prints the progress line.
+    pub fn quiet(mut self) -> Self {
+        self.report_progress = false;
+        self
+    }
+
+    /// Runs until shutdown (or, with `until_caught_up`, until caught up).
+    pub async fn run(mut self) -> Result<(), PipelineError> {
+        let mut progress = Progress::new(self.shared.stats.clone());
+        let result = self.intake(&mut progress).await;
+        self.sink.close().await;
+        if self.report_progress {
+            progress.finish();
+        }
+        result
+    }
+
+    async fn intake(&mut self, progress: &mut Progress) -> Result<(), PipelineError> {
+        let mut backoff = self.retry.backoff();
+        let (size, wait) = (self.shared.config.batch_size, self.shared.config.batch_wait);
+        loop {
+            // A transaction half applied is finished first, so that the last
+            // acknowledged position covers it (a second signal still stops at once).
+            if self.shared.shutdown.is_cancelled() && !self.source.mid_transaction() {
+                tracing::info!("intake stopped");
+                return Ok(());
+            }
+            match self.source.next_batch(size, wait).await {
+                Ok(Some(batch)) => {
+                    crash_at(K::CRASH_POINTS.after_decode);
+                    backoff.reset();
+                    let span = tracing::debug_span!("batch", events = batch.events.len());
+                    if !self.process(batch).instrument(span).await? {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => {
+                    if self.idle().await? {
+                        return Ok(());
+                    }
+                }
+                Err(err) if err.class() == ErrorClass::Transient => {
+                    let error = describe(&err);
+                    if !self
+                        .retry
+                        .wait("source unavailable", &error, &mut backoff)
+                        .await
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(err) => return Err(PipelineError::stop("the source stopped", err)),
+            }
+            if self.report_progress {
+                progress.tick(&mut self.source).await;
+            }
+        }
+    }
+
+    /// Nothing came: keep the source alive; `true` once caught up (with
+    /// `until_caught_up`).
+    async fn idle(&mut self) -> Result<bool, PipelineError> {
+        if let Err(err) = self.source.idle().await {
+            if err.class() != ErrorClass::Transient {
+                return Err(PipelineError::stop("the source's keep-alive failed", err));
+            }
+            tracing::warn!(error = %describe(&err), "idle keep-alive failed");
+        }
+        if !self.shared.until_caught_up {
+            return Ok(false);
+        }
+        match self.source.caught_up().await {
+            Ok(true) => {
+                tracing::info!("caught up");
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(err) if err.class() == ErrorClass::Transient => {
+                tracing::warn!(error = %describe(&err), "cannot check progress");
+                Ok(false)
+            }
+            Err(err) => Err(PipelineError::stop("cannot check progress", err)),
+        }
+    }
+
+    /// One batch, in the order of the module's doc; `false`: shutdown came
+    /// first (nothing acknowledged).
+    async fn process(&mut self, batch: SourceBatch<S::Ack>) -> Result<bool, PipelineError> {
+        let points = K::CRASH_POINTS;
+        crash_point(points.before_write);
+        let Some(report) = self.write(&batch).await? else {
+            return Ok(false);
+        };
+        crash_point(points.after_write);
+        if let Some(probe) = &self.shared.probe {
+            probe.durable(&batch.events);
+        }
+        let outcome = BatchOutcome {
+            dead_letters: report.dead_letters.clone(),
+            // Deferred (aggregate not created yet): the source tries them again.
+            retry: report.deferred.clone(),
+        };
+        if !self.save_checkpoint(&batch.ack).await? || !self.mark(&batch, &outcome).await? {
+            return Ok(false);
+        }
+        crash_point(points.before_ack);
+        self.acknowledge(batch.ack, &outcome).await?;
+        crash_point(points.after_ack);
+        count(&self.shared.stats, &report, self.shared.probe.as_deref());
+        for letter in &outcome.dead_letters {
+            tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
+        }
+        Ok(true)
+    }
+
+    async fn write(
+        &mut self,
+        batch: &SourceBatch<S::Ack>,
+    ) -> Result<Option<SinkReport>, PipelineError> {
+        let interruptible = self.sink.interruptible();
+        let mut attempts = self.retry.attempts("writing a batch failed");
+        loop {
+            let written = if interruptible {
+                tokio::select! {
+                    biased;
+                    // Nothing of it is acknowledged: it comes again.
+                    _ = self.shared.shutdown.cancelled() => return Ok(None),
+                    written = self.sink.apply(batch) => written,
+                }
+            } else {
+                self.sink.apply(batch).await
+            };
+            let err = match written {
+                Ok(report) => return Ok(Some(report)),
+                Err(err) => err,
+            };
+            match attempts.again(err).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(err) => {
+                    return Err(PipelineError::stop(
+                        "the sink refused a batch; fix the cause and start again",
+                        err,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The MongoDB checkpoint, for a source whose acknowledgement is an LSN.
+    /// A save below the stored position is refused, logged and counted.
+    async fn save_checkpoint(&mut self, ack: &S::Ack) -> Result<bool, PipelineError> {
+        let (Some(lsn), Some(checkpoint)) = (S::lsn_of(ack), &self.checkpoint) else {
+            return Ok(true);
+        };
+        let mut attempts = self.retry.attempts("saving the checkpoint failed");
+        let saved = loop {
+            match checkpoint.save(lsn).await {
+                Ok(()) => break Ok(Some(())),
+                Err(err) => match attempts.again(err).await {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(None),
+                    Err(err) => break Err(err),
+                },
+            }
+        };
+        match saved {
+            Ok(Some(())) => {}
+            Ok(None) => return Ok(false),
+            Err(err @ CheckpointError::Backwards { .. }) => {
+                tracing::error!(error = %err, "checkpoint not saved");
+                self.shared
+                    .stats
+                    .checkpoint_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => {
+                return Err(PipelineError::stop(
+                    "cannot save the checkpoint; fix MongoDB and start again",
+                    err,
+                ))
+            }
+        }
+        crash_point(K::CRASH_POINTS.after_checkpoint);
+        Ok(true)
+    }
+
+    async fn mark(
+        &mut self,
+        batch: &SourceBatch<S::Ack>,
+        outcome: &BatchOutcome,
+    ) -> Result<bool, PipelineError> {
+        let Some(marker) = self.marker.as_mut() else {
+            return Ok(true);
+        };
+        let points = K::CRASH_POINTS;
+        crash_at(points.before_mark);
+        let mut attempts = self.retry.attempts("marking outbox rows failed");
+        let marked = loop {
+            match marker.mark(&batch.events, outcome).await {
+                Ok(()) => break Ok(Some(())),
+                Err(err) => match attempts.again(err).await {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(None),
+                    Err(err) => break Err(err),
+                },
+            }
+        };
+        match marked {
+            Ok(Some(())) => {
+                crash_at(points.after_mark);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(err) => {
+                let advice = err.advice();
+                Err(PipelineError::stop(format!("stopping: {advice}"), err))
+            }
+        }
+    }
+
+    /// The effects are durable: the source moves past the batch. A
+    /// transient failure only means the batch may come again.
+    async fn acknowledge(
+        &mut self,
+        ack: S::Ack,
+        outcome: &BatchOutcome,
+    ) -> Result<(), PipelineError> {
+        match self.source.ack(ack, outcome).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.class() == ErrorClass::Transient => {
+                tracing::warn!(error = %describe(&err), "acknowledgement failed; the batch may be delivered again");
+                Ok(())
+            }
+            Err(err) => Err(PipelineError::stop(
+                "cannot acknowledge a batch to its source; fix the cause and start again",
+                err,
+            )),
+        }
+    }
+}
+
+/// Adds what a batch did to the counters, then tells the stats file.
+fn count(stats: &Stats, report: &SinkReport, probe: Option<&Probe>) {
+    let add = |counter: &std::sync::atomic::AtomicU64, n: u64| {
+        counter.fetch_add(n, Ordering::Relaxed);
+    };
+    add(&stats.applied, report.applied as u64);
+    add(&stats.duplicates, report.duplicates as u64);
+    add(&stats.unmatched, report.unmatched as u64);
+    let letters = report.dead_letters.len();
+    let again = report.letters_again.min(letters);
+    add(&stats.dead_lettered, (letters - again) as u64);
+    add(&stats.dead_letters_again, again as u64);
+    add(&stats.batches, 1);
+    add(&stats.round_trips, u64::from(report.round_trips));
+    add(&stats.documents_written, report.documents_written);
+    if let Some(probe) = probe {
+        probe.batch_done();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dead_letter::DeadLetter;
+
+    /// What the relay's sink reports (published events applied, unpublishable
+    /// rows dead-lettered) reaches the stats file through the runtime's count.
+    #[test]
+    fn the_bench_report_counts_published_batches() {
+        let dir = std::env::temp_dir().join(format!("relay-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("report.json");
+        let stats = Arc::new(Stats::default());
+        let probe = Probe::new(path.clone(), stats.clone(), false);
+        let events = crate::history::generate(1, &crate::history::HistoryOptions::realistic(3));
+        let letter = |event: &crate::decode::OutboxEvent| DeadLetter {
+            event: event.clone(),
+            error: "malformed".into(),
+            attempts: 1,
+        };
+        let published = |events: &[crate::decode::OutboxEvent], dead: usize| SinkReport {
+            applied: events.len(),
+            dead_letters: (0..dead).map(|_| letter(&events[0])).collect(),
+            ..SinkReport::default()
+        };
+        probe.durable(&events);
+        count(&stats, &published(&events, 0), Some(&probe));
+        probe.durable(&events[..1]);
+        count(&stats, &published(&events[..1], 2), Some(&probe));
+        probe.write(true).expect("write");
+        let report: crate::probe::ProbeReport =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
+        assert_eq!(report.applied, 4);
+        assert_eq!(report.dead_lettered, 2);
+        assert_eq!(report.done, 6);
+        assert_eq!(report.batches, 2);
+        assert!(report.last_done_unix_ms.is_some());
+        assert!(report.latencies_us.is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,68 @@
+//! The relay's sink: each event encoded in Debezium's format ([`Encoder`])
+//! and produced to Kafka ([`Producer`]); `Ok` once the broker acknowledged
+//! every message of the batch (`acks=all`). A malformed outbox row is never
+//! published: it comes back as a dead letter (its row is marked `failed`).
+
+use super::{Sink, SinkReport};
+use crate::relay::producer::{DeliveryError, Producer};
+use crate::relay::{Encoder, Op, RelayError};
+use crate::runtime::CrashPoints;
+use crate::source::SourceBatch;
+
+/// Publishes batches to Kafka.
+pub struct KafkaSink {
+    encoder: Encoder,
+    producer: Producer,
+}
+
+impl KafkaSink {
+    pub fn new(encoder: Encoder, producer: Producer) -> KafkaSink {
+        KafkaSink { encoder, producer }
+    }
+
+    /// Learns a topic's partitions (every message of an aggregate goes to
+    /// the partition its id hashes to).
+    pub async fn prepare(&mut self, topic: &str) -> Result<(), RelayError> {
+        self.producer.prepare(topic).await.map(|_| ())
+    }
+}
+
+impl Sink for KafkaSink {
+    type Error = RelayError;
+
+    const CRASH_POINTS: CrashPoints = CrashPoints::RELAY;
+
+    async fn apply<A: Sync>(&mut self, batch: &SourceBatch<A>) -> Result<SinkReport, RelayError> {
+        let now = chrono::Utc::now();
+        let mut messages = Vec::with_capacity(batch.events.len());
+        for (index, event) in batch.events.iter().enumerate() {
+            let topic = self.encoder.topic_of(event);
+            self.producer.prepare(&topic).await?;
+            let op = Op::from(batch.origin(index));
+            messages.push(self.encoder.encode(event, op, now));
+        }
+        self.producer
+            .deliver(&messages)
+            .await
+            .map_err(|err| match err {
+                DeliveryError::Retry(text) => RelayError::Transient(text),
+                DeliveryError::Fatal(text) => RelayError::Fatal(text),
+            })?;
+        for letter in &batch.malformed {
+            tracing::error!(event_id = %letter.event.event_id, error = %letter.error, "outbox row cannot be relayed; it is marked failed");
+        }
+        Ok(SinkReport {
+            applied: messages.len(),
+            dead_letters: batch.malformed.clone(),
+            ..SinkReport::default()
+        })
+    }
+
+    fn interruptible(&self) -> bool {
+        true
+    }
+
+    async fn close(&mut self) {
+        self.producer.flush(std::time::Duration::from_secs(5));
+    }
+}
