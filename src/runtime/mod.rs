@@ -369,7 +369,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             Ok(None) => Ok(false),
             Err(err) => {
                 let advice = err.advice();
-                Err(PipelineError::stop(format!("stopping: {advice}"), err))
+                Err(PipelineError::stop(format!("stopping ({advice})"), err))
             }
         }
     }
