@@ -1,5 +1,6 @@
-//! Failure policy (docs/design.md section 6): how each error is sorted, and the
-//! backoff between retries of transient ones.
+//! Failure policy (docs/design.md section 6): the classes an error is sorted
+//! into, and the backoff between retries of transient ones. A leaf module:
+//! the error types implement [`Classify`] where they are defined.
 
 use rand::Rng;
 use std::time::Duration;
@@ -18,95 +19,12 @@ pub enum ErrorClass {
     Fatal,
 }
 
-/// The one place errors are sorted.
+/// The one classification of errors: each error type implements it beside
+/// its definition (by codes and kinds, never message text), and every call
+/// site that can retry, dead-letter or stop decides with it (the runtime's
+/// [`crate::runtime::Retry`] and the sinks).
 pub trait Classify {
     fn class(&self) -> ErrorClass;
-}
-
-impl Classify for crate::store::mongo::StoreError {
-    fn class(&self) -> ErrorClass {
-        use crate::store::mongo::StoreError;
-        match self {
-            StoreError::Transient(_) => ErrorClass::Transient,
-            // The written documents are at fault: their events are isolated
-            // and dead-lettered (`projection::isolate`).
-            StoreError::Refused(_) => ErrorClass::Permanent,
-            StoreError::Permanent(_) => ErrorClass::Fatal,
-        }
-    }
-}
-
-impl Classify for crate::source::SourceError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            crate::source::SourceError::Transient(_) => ErrorClass::Transient,
-            crate::source::SourceError::Fatal(_) => ErrorClass::Fatal,
-        }
-    }
-}
-
-/// A MongoDB driver error: labels, kinds, then codes (never message text).
-impl Classify for mongodb::error::Error {
-    fn class(&self) -> ErrorClass {
-        if crate::store::mongo::retryable(self) {
-            ErrorClass::Transient
-        } else {
-            ErrorClass::Fatal
-        }
-    }
-}
-
-impl Classify for crate::source::kafka::TopicError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            crate::source::kafka::TopicError::Unreachable { .. } => ErrorClass::Transient,
-            _ => ErrorClass::Fatal,
-        }
-    }
-}
-
-impl Classify for crate::route::HandlerError {
-    fn class(&self) -> ErrorClass {
-        ErrorClass::Permanent
-    }
-}
-
-impl Classify for crate::decode::DecodeError {
-    fn class(&self) -> ErrorClass {
-        ErrorClass::Permanent
-    }
-}
-
-impl Classify for tokio_postgres::Error {
-    fn class(&self) -> ErrorClass {
-        use tokio_postgres::error::SqlState;
-        match self.code() {
-            None => ErrorClass::Transient,
-            Some(code)
-                if code == &SqlState::ADMIN_SHUTDOWN
-                    || code == &SqlState::CRASH_SHUTDOWN
-                    || code == &SqlState::CANNOT_CONNECT_NOW
-                    || code == &SqlState::T_R_SERIALIZATION_FAILURE
-                    || code == &SqlState::T_R_DEADLOCK_DETECTED
-                    || code == &SqlState::TOO_MANY_CONNECTIONS =>
-            {
-                ErrorClass::Transient
-            }
-            Some(_) => ErrorClass::Fatal,
-        }
-    }
-}
-
-impl Classify for crate::relay::RelayError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            crate::relay::RelayError::Transient(_) => ErrorClass::Transient,
-            crate::relay::RelayError::Capture(err) => err.class(),
-            crate::relay::RelayError::Fatal(_) | crate::relay::RelayError::Stopped(_) => {
-                ErrorClass::Fatal
-            }
-        }
-    }
 }
 
 impl Classify for std::convert::Infallible {

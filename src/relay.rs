@@ -161,3 +161,15 @@ fn identity() -> String {
     id.truncate(80);
     id
 }
+
+impl crate::policy::Classify for crate::relay::RelayError {
+    fn class(&self) -> crate::policy::ErrorClass {
+        match self {
+            crate::relay::RelayError::Transient(_) => crate::policy::ErrorClass::Transient,
+            crate::relay::RelayError::Capture(err) => err.class(),
+            crate::relay::RelayError::Fatal(_) | crate::relay::RelayError::Stopped(_) => {
+                crate::policy::ErrorClass::Fatal
+            }
+        }
+    }
+}

@@ -324,6 +324,12 @@ fn parse_participant_left(p: &Map<String, Value>) -> Result<DomainEvent, Handler
     })
 }
 
+impl crate::policy::Classify for crate::route::HandlerError {
+    fn class(&self) -> crate::policy::ErrorClass {
+        crate::policy::ErrorClass::Permanent
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,12 @@ pub(crate) fn excerpt(value: &str) -> String {
     }
 }
 
+impl crate::policy::Classify for crate::decode::DecodeError {
+    fn class(&self) -> crate::policy::ErrorClass {
+        crate::policy::ErrorClass::Permanent
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,3 +74,23 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, OutboxError> {
     });
     Ok(client)
 }
+
+impl crate::policy::Classify for tokio_postgres::Error {
+    fn class(&self) -> crate::policy::ErrorClass {
+        use tokio_postgres::error::SqlState;
+        match self.code() {
+            None => crate::policy::ErrorClass::Transient,
+            Some(code)
+                if code == &SqlState::ADMIN_SHUTDOWN
+                    || code == &SqlState::CRASH_SHUTDOWN
+                    || code == &SqlState::CANNOT_CONNECT_NOW
+                    || code == &SqlState::T_R_SERIALIZATION_FAILURE
+                    || code == &SqlState::T_R_DEADLOCK_DETECTED
+                    || code == &SqlState::TOO_MANY_CONNECTIONS =>
+            {
+                crate::policy::ErrorClass::Transient
+            }
+            Some(_) => crate::policy::ErrorClass::Fatal,
+        }
+    }
+}

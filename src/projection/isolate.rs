@@ -157,7 +157,7 @@ async fn alone<S: Sink>(
     match sink.probe(&refusal.collection).await {
         Ok(()) => {}
         Err(StoreError::Refused(every)) => {
-            return Err(StoreError::Permanent(format!(
+            return Err(StoreError::Fatal(format!(
                 "{} refuses every write, not only an event's: {} (code {}); check the server",
                 every.collection, every.message, every.code
             )))
@@ -319,7 +319,7 @@ mod tests {
             ..Fake::default()
         };
         let err = isolate(&sink, &events(30)).await.expect_err("stops");
-        assert!(matches!(err, StoreError::Permanent(ref m) if m.contains("every write")));
+        assert!(matches!(err, StoreError::Fatal(ref m) if m.contains("every write")));
         assert!(sink.letters.borrow().is_empty());
         assert!(
             sink.attempts.borrow().len() < 10,

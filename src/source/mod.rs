@@ -153,3 +153,12 @@ pub trait Source {
         Ok(Backlog::default())
     }
 }
+
+impl crate::policy::Classify for crate::source::SourceError {
+    fn class(&self) -> crate::policy::ErrorClass {
+        match self {
+            crate::source::SourceError::Transient(_) => crate::policy::ErrorClass::Transient,
+            crate::source::SourceError::Fatal(_) => crate::policy::ErrorClass::Fatal,
+        }
+    }
+}

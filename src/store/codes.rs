@@ -84,7 +84,7 @@ pub fn write_error(collection: &str, code: i32, message: &str) -> StoreError {
         CodeClass::Transient => {
             StoreError::Transient(format!("writing {collection}: {message} (code {code})"))
         }
-        CodeClass::Fatal(advice) => StoreError::Permanent(format!(
+        CodeClass::Fatal(advice) => StoreError::Fatal(format!(
             "writing {collection}: {message} (code {code}): {advice}"
         )),
         CodeClass::Refusal => StoreError::Refused(Refusal {

@@ -41,7 +41,7 @@ pub enum StoreError {
     Refused(#[from] Refusal),
     /// Will not succeed by retrying (bad credentials, invalid command...): stop.
     #[error("mongodb: {0}")]
-    Permanent(String),
+    Fatal(String),
 }
 
 impl From<mongodb::error::Error> for StoreError {
@@ -50,7 +50,7 @@ impl From<mongodb::error::Error> for StoreError {
         if err.class() == ErrorClass::Transient {
             StoreError::Transient(text)
         } else {
-            StoreError::Permanent(text)
+            StoreError::Fatal(text)
         }
     }
 }
@@ -128,7 +128,7 @@ impl MongoStore {
         let mut options = ClientOptions::parse(uri).await.map_err(|err| {
             let secrets = crate::config::uri_secrets(uri);
             let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-            StoreError::Permanent(format!(
+            StoreError::Fatal(format!(
                 "invalid MONGODB_URI {}: {}",
                 redact_uri(uri),
                 crate::config::scrub(&err.kind.to_string(), &secrets)
@@ -367,7 +367,7 @@ fn read_reply(reply: &Document, offset: usize, report: &mut WriteReport) -> Resu
         return Err(if RETRYABLE_CODES.contains(&code) || code == 64 {
             StoreError::Transient(format!("write concern not satisfied ({code}): {message}"))
         } else {
-            StoreError::Permanent(format!("write concern error ({code}): {message}"))
+            StoreError::Fatal(format!("write concern error ({code}): {message}"))
         });
     }
     if let Some(Bson::Array(errors)) = reply.get("writeErrors") {
@@ -399,6 +399,30 @@ fn read_reply(reply: &Document, offset: usize, report: &mut WriteReport) -> Resu
         }
     }
     Ok(())
+}
+
+impl crate::policy::Classify for crate::store::mongo::StoreError {
+    fn class(&self) -> crate::policy::ErrorClass {
+        use crate::store::mongo::StoreError;
+        match self {
+            StoreError::Transient(_) => crate::policy::ErrorClass::Transient,
+            // The written documents are at fault: their events are isolated
+            // and dead-lettered (`projection::isolate`).
+            StoreError::Refused(_) => crate::policy::ErrorClass::Permanent,
+            StoreError::Fatal(_) => crate::policy::ErrorClass::Fatal,
+        }
+    }
+}
+
+/// A MongoDB driver error: labels, kinds, then codes (never message text).
+impl crate::policy::Classify for mongodb::error::Error {
+    fn class(&self) -> crate::policy::ErrorClass {
+        if crate::store::mongo::retryable(self) {
+            crate::policy::ErrorClass::Transient
+        } else {
+            crate::policy::ErrorClass::Fatal
+        }
+    }
 }
 
 #[cfg(test)]

@@ -475,6 +475,17 @@ pub fn positions(
     Ok(out)
 }
 
+impl crate::policy::Classify for crate::source::kafka::TopicError {
+    fn class(&self) -> crate::policy::ErrorClass {
+        match self {
+            crate::source::kafka::TopicError::Unreachable { .. } => {
+                crate::policy::ErrorClass::Transient
+            }
+            _ => crate::policy::ErrorClass::Fatal,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
