@@ -72,12 +72,18 @@ impl RunArgs {
 /// until it answers or shutdown is requested.
 async fn connect_store(config: &Config, retry: &Retry) -> anyhow::Result<Option<MongoStore>> {
     let uri = config.mongodb.uri.expose();
+    let at = redact_uri(uri);
     let connected = retry
         .run("mongodb unreachable", async || {
-            MongoStore::connect(uri, &config.mongodb.database).await
+            MongoStore::connect(uri, &config.mongodb.database)
+                .await
+                .map_err(|source| MongoAt {
+                    uri: at.clone(),
+                    source,
+                })
         })
         .await
-        .map_err(|e| anyhow::anyhow!("cannot use MongoDB at {}: {e}", redact_uri(uri)))?;
+        .map_err(|e| anyhow::anyhow!("cannot use MongoDB at {}: {}", e.uri, e.source))?;
     let Some(store) = connected else {
         return Ok(None);
     };
@@ -86,6 +92,21 @@ async fn connect_store(config: &Config, retry: &Retry) -> anyhow::Result<Option<
         .await
         .map_err(|e| anyhow::anyhow!("cannot create the read-model indexes: {e}"))?;
     Ok(Some(store))
+}
+
+/// A MongoDB error with the (redacted) URI it concerns, for the retry log.
+#[derive(Debug, thiserror::Error)]
+#[error("mongodb at {uri}")]
+struct MongoAt {
+    uri: String,
+    #[source]
+    source: crate::store::mongo::StoreError,
+}
+
+impl Classify for MongoAt {
+    fn class(&self) -> ErrorClass {
+        self.source.class()
+    }
 }
 
 /// Joins the consumer group, retrying while the brokers are unreachable;
