@@ -6,14 +6,18 @@
 //!
 //! The stages, top to bottom:
 //!
-//! 1. **capture** (`source`): logical replication, a polling relay, or Debezium
-//!    change events from Kafka;
+//! 1. **capture** ([`source`]): logical replication, a polling relay, or Debezium
+//!    change events from Kafka; each source acknowledges with a position of its
+//!    own type;
 //! 2. **decode** ([`decode`]): outbox rows and Kafka messages into [`decode::OutboxEvent`];
 //! 3. **route** ([`route`]): the handler registry, keyed by event type;
-//! 4. **project** ([`projection`]): fenced, idempotent writes to the read models
-//!    in MongoDB ([`store`]);
-//! 5. **checkpoint**: acknowledge a position only once MongoDB durably holds
-//!    every effect before it.
+//! 4. **sink** ([`sink`]): the read models in MongoDB ([`projection`], fenced,
+//!    idempotent writes through [`store`]), the relay's Kafka topic, or nothing;
+//! 5. **checkpoint** ([`checkpoint`]): acknowledge a position only once the sink
+//!    durably holds every effect before it.
+//!
+//! The [`runtime`] runs stages 1, 4 and 5 for every command, with one retry
+//! helper and one error policy ([`policy`]).
 //!
 //! Delivery guarantee: the transport is at-least-once; the projections are
 //! idempotent and fenced per aggregate, so the effects are exactly-once.
