@@ -1,6 +1,8 @@
 //! Capture: where events come from. Each source yields batches of decoded
-//! events together with the token that acknowledges them; the pipeline
-//! acknowledges a batch only after MongoDB durably holds its effects.
+//! events together with the acknowledgement that moves it past them, a value
+//! of the source's own type ([`Source::Ack`]); the runtime
+//! ([`crate::runtime`]) acknowledges a batch only after the sink durably
+//! holds its effects. No source touches the sink's store.
 //!
 //! Contract for every source:
 //! - at-least-once: an event may come again (after a restart, a reconnect, a
@@ -10,7 +12,7 @@
 //!   order (across aggregates any order is fine);
 //! - acknowledge after durable: [`Source::ack`] is the only thing that may move
 //!   the source's persistent position (slot LSN, outbox status, Kafka offset),
-//!   and the pipeline calls it, in batch order, only for batches whose effects
+//!   and the runtime calls it, in batch order, only for batches whose effects
 //!   are durable.
 
 pub mod kafka;
