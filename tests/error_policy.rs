@@ -4,9 +4,10 @@
 //!   `network_faults` show it for MongoDB, PostgreSQL and Kafka;
 //! - permanent: an event at fault is dead-lettered and the rest goes on:
 //!   `sink_refusals` and `crash_dead_letters` show it;
-//! - fatal: here. Marking the outbox refused for good (SQLSTATE 42501, as
-//!   when the role lost UPDATE on `event_outbox`) stops the process with one
-//!   line that says what to do, instead of retrying.
+//! - fatal: here. Marking (replication) or claiming (polling) outbox rows
+//!   refused for good (SQLSTATE 42501, as when the role lost UPDATE on
+//!   `event_outbox`) stops the process with one line that says what to do,
+//!   instead of retrying.
 //!
 //! And the checkpoint, which refuses to move backwards.
 
@@ -66,6 +67,36 @@ async fn a_refused_outbox_mark_stops_with_one_line_saying_what_to_do() {
         !log.contains("marking outbox rows failed; retrying"),
         "a permanent refusal was retried:\n{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_claim_stops_polling_with_one_line() {
+    let stage = Stage::new().await;
+    stage
+        .load(&generate(4802, &HistoryOptions::realistic(30)))
+        .await;
+    stage
+        .pg
+        .client()
+        .await
+        .batch_execute(DENY_UPDATE)
+        .await
+        .expect("deny updates");
+    let _ = std::fs::remove_file(stage.log_path());
+    let child = stage.spawn(&["--source", "polling", "--until-caught-up"], &[]);
+    let status = wait_with_timeout(child, Duration::from_secs(90), &stage);
+    let log = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
+    let _ = std::fs::remove_file(stage.log_path());
+    assert!(!status.success(), "exited 0:\n{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("cannot claim outbox rows"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0].contains("permission denied"), "{}", errors[0]);
+    assert!(!log.contains("retrying"), "a refusal was retried:\n{log}");
 }
 
 #[tokio::test]

@@ -137,13 +137,10 @@ fn checkpoint_loader(checkpoint: MongoCheckpoint) -> LoadPosition {
     Arc::new(move || {
         let checkpoint = checkpoint.clone();
         Box::pin(async move {
-            checkpoint.load().await.map_err(|err| {
-                let text = format!("cannot read the checkpoint: {err}");
-                match err.class() {
-                    ErrorClass::Transient => SourceError::Transient(text),
-                    _ => SourceError::Fatal(text),
-                }
-            })
+            checkpoint
+                .load()
+                .await
+                .map_err(|err| SourceError::failed("cannot read the checkpoint", err))
         })
     })
 }

@@ -21,6 +21,7 @@ pub mod replication;
 
 use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
+use crate::policy::{Classify, ErrorClass};
 
 /// A batch of events from a source, with the acknowledgement (`A`, the
 /// source's own [`Source::Ack`]) that moves the source past it.
@@ -97,6 +98,34 @@ pub enum SourceError {
     /// Misconfiguration or a state that retrying cannot fix: stop with this message.
     #[error("{0}")]
     Fatal(String),
+    /// A call the source made failed: `what` it was doing, the cause's class,
+    /// and the cause (its text is not repeated in `what`).
+    #[error("{what}")]
+    Failed {
+        what: String,
+        class: ErrorClass,
+        #[source]
+        cause: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl SourceError {
+    /// `cause`, sorted by its own class (a permanent one stops a source: no
+    /// event is at fault).
+    pub fn failed<E>(what: impl Into<String>, cause: E) -> SourceError
+    where
+        E: Classify + std::error::Error + Send + Sync + 'static,
+    {
+        let class = match cause.class() {
+            ErrorClass::Transient => ErrorClass::Transient,
+            _ => ErrorClass::Fatal,
+        };
+        SourceError::Failed {
+            what: what.into(),
+            class,
+            cause: Box::new(cause),
+        }
+    }
 }
 
 /// Progress of a source against the outbox, for `status` and the progress line.
@@ -156,11 +185,12 @@ pub trait Source {
     }
 }
 
-impl crate::policy::Classify for crate::source::SourceError {
-    fn class(&self) -> crate::policy::ErrorClass {
+impl Classify for SourceError {
+    fn class(&self) -> ErrorClass {
         match self {
-            crate::source::SourceError::Transient(_) => crate::policy::ErrorClass::Transient,
-            crate::source::SourceError::Fatal(_) => crate::policy::ErrorClass::Fatal,
+            SourceError::Transient(_) => ErrorClass::Transient,
+            SourceError::Fatal(_) => ErrorClass::Fatal,
+            SourceError::Failed { class, .. } => *class,
         }
     }
 }

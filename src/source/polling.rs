@@ -151,7 +151,8 @@ impl PollingSource {
             Ok(rows) => rows,
             Err(err) => {
                 self.client = None;
-                return Err(transient("cannot claim outbox rows", &err));
+                // Sorted by its code, like the acknowledgement's marks.
+                return Err(SourceError::failed("cannot claim outbox rows", err));
             }
         };
         if rows.is_empty() {
@@ -275,7 +276,9 @@ impl Source for PollingSource {
         };
         if let Err(err) = result {
             self.client = None;
-            return Err(transient("cannot mark outbox rows", &err));
+            // Sorted by its code: a refusal (the role lost UPDATE on the
+            // outbox) stops the process instead of repeating forever.
+            return Err(SourceError::failed("cannot mark outbox rows", err));
         }
         Ok(())
     }
