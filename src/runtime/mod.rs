@@ -268,6 +268,8 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         Ok(true)
     }
 
+    /// The sink applies the batch, retried while it fails transiently;
+    /// `None`: shutdown came first.
     async fn write(
         &mut self,
         batch: &SourceBatch<S::Ack>,
