@@ -46,8 +46,8 @@ impl MongoCheckpoint {
 
     /// Records `lsn` unless a later one is already there.
     pub async fn save(&self, lsn: u64) -> Result<(), StoreError> {
-        let lsn = i64::try_from(lsn)
-            .map_err(|_| StoreError::Permanent(format!("lsn {lsn} out of range")))?;
+        let lsn =
+            i64::try_from(lsn).map_err(|_| StoreError::fatal(format!("lsn {lsn} out of range")))?;
         let result = self
             .store
             .update(
@@ -61,7 +61,7 @@ impl MongoCheckpoint {
             )
             .await?;
         match result.errors.first() {
-            Some(err) => Err(StoreError::Permanent(format!(
+            Some(err) => Err(StoreError::fatal(format!(
                 "saving checkpoint {}: {}",
                 self.name, err.message
             ))),

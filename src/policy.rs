@@ -27,11 +27,11 @@ impl Classify for crate::store::mongo::StoreError {
     fn class(&self) -> ErrorClass {
         use crate::store::mongo::StoreError;
         match self {
-            StoreError::Transient(_) => ErrorClass::Transient,
+            StoreError::Transient { .. } => ErrorClass::Transient,
             // The written documents are at fault: their events are isolated
             // and dead-lettered (`projection::isolate`).
             StoreError::Refused(_) => ErrorClass::Permanent,
-            StoreError::Permanent(_) => ErrorClass::Fatal,
+            StoreError::Fatal { .. } => ErrorClass::Fatal,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod show;
 
 use crate::config::{self, Config, ConfigError, EnvMap, Flag};
 use crate::outbox;
+use crate::telemetry::Chain;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -179,7 +180,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             .await?;
             match read_model_status(&config).await {
                 Ok(models) => status.read_models = Some(models),
-                Err(err) => status.read_models_error = Some(config.scrub(&err.to_string())),
+                Err(err) => status.read_models_error = Some(config.scrub(&Chain(&err).to_string())),
             }
             if json {
                 println!("{}", serde_json::to_string(&status)?);
@@ -213,10 +214,10 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             )
             .await
             .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach MongoDB at {}: {e}",
+                anyhow::Error::new(e).context(format!(
+                    "cannot reach MongoDB at {}",
                     crate::store::mongo::redact_uri(config.mongodb.uri.expose())
-                )
+                ))
             })?;
             print!("{}", show::render(&store, args.limit).await?);
         }

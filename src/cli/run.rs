@@ -20,6 +20,7 @@ use crate::source::replication::{
 };
 use crate::source::SourceError;
 use crate::store::mongo::{redact_uri, MongoStore};
+use crate::telemetry::Chain;
 use clap::Args;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -56,21 +57,23 @@ async fn connect_store(
     loop {
         match MongoStore::connect(uri, &config.mongodb.database).await {
             Ok(store) => {
-                store
-                    .ensure_indexes()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot create the read-model indexes: {e}"))?;
+                store.ensure_indexes().await.map_err(|e| {
+                    anyhow::Error::new(e).context("cannot create the read-model indexes")
+                })?;
                 return Ok(Some(store));
             }
             Err(err) if err.is_transient() => {
                 let delay = backoff.next_delay();
-                tracing::warn!(uri = %redact_uri(uri), error = %err, retry_in_ms = delay.as_millis() as u64, "mongodb unreachable; retrying");
+                tracing::warn!(uri = %redact_uri(uri), error = %Chain(&err), retry_in_ms = delay.as_millis() as u64, "mongodb unreachable; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
-            Err(err) => anyhow::bail!("cannot use MongoDB at {}: {err}", redact_uri(uri)),
+            Err(err) => {
+                return Err(anyhow::Error::new(err)
+                    .context(format!("cannot use MongoDB at {}", redact_uri(uri))))
+            }
         }
     }
 }
@@ -129,7 +132,7 @@ fn checkpoint_loader(checkpoint: MongoCheckpoint) -> LoadPosition {
         let checkpoint = checkpoint.clone();
         Box::pin(async move {
             checkpoint.load().await.map_err(|err| {
-                let text = format!("cannot read the checkpoint: {err}");
+                let text = format!("cannot read the checkpoint: {}", Chain(&err));
                 if err.is_transient() {
                     SourceError::Transient(text)
                 } else {
