@@ -36,6 +36,7 @@ use crate::policy::Backoff;
 use crate::source::polling::PollingSource;
 use crate::source::replication::SlotOwner;
 use crate::source::{BatchOutcome, SourceError};
+use crate::telemetry::Chain;
 use capture::{Capture, Captured, SlotCapture};
 use producer::{DeliveryError, Producer};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -311,14 +312,16 @@ impl Relay<'_> {
             };
             match delivered {
                 Ok(()) => break,
-                Err(DeliveryError::Retry(err)) => {
+                Err(err @ DeliveryError::Retry { .. }) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "sending the batch again");
+                    tracing::warn!(error = %Chain(&err), retry_in_ms = delay.as_millis() as u64, "sending the batch again");
                     if self.pause(delay).await {
                         return Ok(false);
                     }
                 }
-                Err(DeliveryError::Fatal(err)) => return Err(RelayError::Fatal(err)),
+                Err(err @ DeliveryError::Fatal { .. }) => {
+                    return Err(RelayError::Fatal(Chain(&err).to_string()))
+                }
             }
         }
         crash_point(failpoint::RELAY_AFTER_DELIVERY);

@@ -95,7 +95,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     }
                 }
                 ConfigError::EnvFileRead { .. } | ConfigError::EnvFileLine { .. } => {
-                    eprintln!("invalid configuration: {err}");
+                    eprintln!("invalid configuration: {}", Chain(&err));
                 }
             }
             return ExitCode::from(EXIT_CONFIG);

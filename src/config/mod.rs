@@ -54,7 +54,7 @@ pub enum ConfigError {
     /// Every problem found, one line each.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
-    #[error("cannot read env file {path}: {source}")]
+    #[error("cannot read env file {path}")]
     EnvFileRead {
         path: String,
         #[source]

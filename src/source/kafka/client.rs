@@ -325,12 +325,13 @@ pub fn topic_partitions<C: ClientContext>(
                 TopicError::Unreachable {
                     brokers: brokers.to_string(),
                     timeout,
-                    reason: err.to_string(),
+                    source: err,
                 }
             } else {
-                TopicError::Broker(format!(
-                    "cannot read the metadata of topic `{topic}`: {err}"
-                ))
+                TopicError::Metadata {
+                    topic: topic.clone(),
+                    source: err,
+                }
             }
         })?;
         let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
@@ -350,13 +351,15 @@ pub fn topic_partitions<C: ClientContext>(
                     return Err(TopicError::Missing(topic.clone()));
                 }
                 if matches!(code, RDKafkaErrorCode::LeaderNotAvailable) {
-                    return Err(TopicError::Unreachable {
+                    return Err(TopicError::NoLeader {
+                        topic: topic.clone(),
                         brokers: brokers.to_string(),
-                        timeout,
-                        reason: format!("topic `{topic}` has no leader yet"),
                     });
                 }
-                return Err(TopicError::Broker(format!("topic `{topic}`: {code}")));
+                return Err(TopicError::Broker {
+                    topic: topic.clone(),
+                    code,
+                });
             }
         }
     }
@@ -365,21 +368,37 @@ pub fn topic_partitions<C: ClientContext>(
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
-    #[error("cannot reach the Kafka brokers at {brokers} within {timeout:?} ({reason})")]
+    #[error("cannot reach the Kafka brokers at {brokers} within {timeout:?}")]
     Unreachable {
         brokers: String,
         timeout: Duration,
-        reason: String,
+        #[source]
+        source: KafkaError,
     },
+    /// A topic being created, or one whose leader moves.
+    #[error("topic `{topic}` has no leader yet at {brokers}")]
+    NoLeader { topic: String, brokers: String },
     #[error("topic `{0}` does not exist: create it with `event-processor kafka topics create --partitions N {0}`")]
     Missing(String),
-    #[error("{0}")]
-    Broker(String),
+    #[error("cannot read the metadata of topic `{topic}`")]
+    Metadata {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("topic `{topic}`: {code}")]
+    Broker {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 impl TopicError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, TopicError::Unreachable { .. })
+        matches!(
+            self,
+            TopicError::Unreachable { .. } | TopicError::NoLeader { .. }
+        )
     }
 }
 
