@@ -98,6 +98,10 @@ async fn failed_migration_leaves_nothing_behind() {
         err.to_string().contains("migration 1 (broken) failed"),
         "{err}"
     );
+    // The server's error is the cause, not repeated in the message.
+    let cause = std::error::Error::source(&err).expect("the server's error");
+    assert!(cause.to_string().contains("no_such_function"), "{cause}");
+    assert!(!err.to_string().contains("no_such_function"), "{err}");
     let row = client
         .query_one("SELECT to_regclass('half_done') IS NULL", &[])
         .await

@@ -453,6 +453,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_driver_error_is_the_source_and_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused here");
+        let err = StoreError::from(mongodb::error::Error::from(io));
+        assert!(err.is_transient());
+        let source = std::error::Error::source(&err).expect("the driver's error");
+        assert!(source.to_string().contains("refused here"), "{source}");
+        assert_eq!(err.to_string(), "mongodb unavailable");
+        assert_eq!(
+            crate::telemetry::Chain(&err).to_string(),
+            format!("mongodb unavailable: {source}")
+        );
+        let fatal = StoreError::fatal("write concern error (100): no");
+        assert_eq!(fatal.to_string(), "mongodb: write concern error (100): no");
+        assert!(std::error::Error::source(&fatal).is_none());
+    }
+
+    #[test]
     fn credentials_are_redacted() {
         assert_eq!(
             redact_uri("mongodb://app:s3cret@db1:27017,db2/?replicaSet=rs"),

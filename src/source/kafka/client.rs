@@ -505,6 +505,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unreachable_broker_is_the_source_and_not_repeated() {
+        let err = TopicError::Unreachable {
+            brokers: "127.0.0.1:1".into(),
+            timeout: Duration::from_secs(2),
+            source: KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure),
+        };
+        assert!(err.is_transient());
+        let source = std::error::Error::source(&err).expect("the client's error");
+        assert_eq!(
+            err.to_string(),
+            "cannot reach the Kafka brokers at 127.0.0.1:1 within 2s"
+        );
+        assert!(!err.to_string().contains(&source.to_string()));
+    }
+
+    #[test]
     fn due_offsets_are_those_not_yet_committed_of_assigned_partitions() {
         let mut partitions = Partitions::default();
         let a = ("t".to_string(), 0);
