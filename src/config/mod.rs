@@ -39,6 +39,8 @@ impl fmt::Debug for Secret {
 /// One problem with one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The key as the user gave it: the flag that set it (`--workers`), or
+    /// the environment key.
     pub key: String,
     pub message: String,
 }
