@@ -50,6 +50,9 @@ pub enum RelayError {
     /// The runtime stopped.
     #[error(transparent)]
     Stopped(#[from] PipelineError),
+    /// The broker did not take a batch.
+    #[error(transparent)]
+    Delivery(#[from] producer::DeliveryError),
 }
 
 /// Runs the relay until shutdown (or, with `until_caught_up`, until caught
@@ -167,6 +170,12 @@ impl crate::policy::Classify for crate::relay::RelayError {
         match self {
             crate::relay::RelayError::Transient(_) => crate::policy::ErrorClass::Transient,
             crate::relay::RelayError::Capture(err) => err.class(),
+            crate::relay::RelayError::Delivery(producer::DeliveryError::Retry { .. }) => {
+                crate::policy::ErrorClass::Transient
+            }
+            crate::relay::RelayError::Delivery(producer::DeliveryError::Fatal { .. }) => {
+                crate::policy::ErrorClass::Fatal
+            }
             crate::relay::RelayError::Fatal(_) | crate::relay::RelayError::Stopped(_) => {
                 crate::policy::ErrorClass::Fatal
             }

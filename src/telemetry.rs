@@ -60,3 +60,29 @@ impl Write for Redacting {
         std::io::stderr().flush()
     }
 }
+
+/// An error and its causes on one line, `outer: cause: cause`, as the command
+/// line prints them: for log fields and for messages built from an error
+/// whose `Display` leaves its cause to its `source`.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::policy::describe(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_chain_is_one_line_of_every_cause() {
+        let err = Outer(std::io::Error::other("inner"));
+        assert_eq!(Chain(&err).to_string(), "outer: inner");
+    }
+}

@@ -98,6 +98,10 @@ async fn failed_migration_leaves_nothing_behind() {
         err.to_string().contains("migration 1 (broken) failed"),
         "{err}"
     );
+    // The server's error is the cause, not repeated in the message.
+    let cause = std::error::Error::source(&err).expect("the server's error");
+    assert!(cause.to_string().contains("no_such_function"), "{cause}");
+    assert!(!err.to_string().contains("no_such_function"), "{err}");
     let row = client
         .query_one("SELECT to_regclass('half_done') IS NULL", &[])
         .await
@@ -192,4 +196,68 @@ fn flags_override_the_environment() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`nope`"));
+}
+
+#[test]
+fn a_bad_value_is_named_by_the_flag_or_the_key_that_gave_it() {
+    let out = run_binary(&["run", "--workers", "0"], &[("POLL_WORKERS", "2".into())]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "invalid configuration: --workers: `0` is not a positive whole number"
+    );
+    let out = run_binary(&["run"], &[("POLL_WORKERS", "0".into())]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "invalid configuration: POLL_WORKERS: `0` is not a positive whole number"
+    );
+    let out = run_binary(
+        &["relay", "--topic", "bad topic", "--batch-size", "0"],
+        &[("RELAY_FORMAT", "xml".into())],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let problems: Vec<&str> = stderr.lines().skip(1).map(str::trim).collect();
+    assert_eq!(
+        problems,
+        [
+            "--batch-size: `0` is not a positive whole number",
+            "--topic: `bad topic` is not a Kafka topic name (1-249 characters of a-z, A-Z, 0-9, '.', '_', '-')",
+            "RELAY_FORMAT: `xml` is not one of: cdc, outbox",
+        ],
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_malformed_mongodb_uri_is_a_configuration_error_before_any_connection() {
+    for (uri, shown) in [
+        (
+            "[bad",
+            "`[bad` must start with mongodb:// or mongodb+srv://",
+        ),
+        (
+            "mongodb://app:s3cret-pw@[bad",
+            "`mongodb://***@[bad` is not a valid connection string",
+        ),
+    ] {
+        // PostgreSQL unreachable: a connection attempt would end with 1.
+        let out = run_binary(
+            &["run", "--source", "polling"],
+            &[
+                ("MONGODB_URI", uri.into()),
+                ("POSTGRES_HOST", "127.0.0.1".into()),
+                ("POSTGRES_PORT", "1".into()),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{uri}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("invalid configuration: MONGODB_URI: {shown}")),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+    }
 }

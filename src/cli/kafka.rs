@@ -1,5 +1,6 @@
 //! `relay` (outbox -> Kafka in Debezium's format) and `kafka topics create`.
 
+use super::flags::{self, Overrides};
 use crate::config::{Config, KafkaConfig};
 use crate::counters::Stats;
 use crate::probe::Probe;
@@ -15,22 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug, Default)]
 pub struct RelayArgs {
-    /// cdc: change events on one topic; outbox: the Outbox Event Router's shape
-    /// on `<prefix><aggregate type>` (overrides RELAY_FORMAT).
-    #[arg(long, value_name = "cdc|outbox")]
-    pub format: Option<String>,
-    /// JsonConverter schemas in keys and values (overrides RELAY_SCHEMAS).
-    #[arg(long, value_name = "on|off")]
-    pub schemas: Option<String>,
-    /// How to read the outbox (overrides RELAY_SOURCE).
-    #[arg(long, value_name = "replication|polling")]
-    pub source: Option<String>,
-    /// Topic of the change events (overrides KAFKA_TOPIC).
-    #[arg(long, value_name = "NAME")]
-    pub topic: Option<String>,
-    /// Most events per batch (overrides BATCH_SIZE).
-    #[arg(long, value_name = "N")]
-    pub batch_size: Option<String>,
+    /// `--format`, `--schemas`, `--source`, `--topic`, `--batch-size`.
+    #[command(flatten)]
+    pub flags: Overrides<flags::Relay>,
     /// Exit 0 once every outbox row committed before the start is published.
     #[arg(long)]
     pub until_caught_up: bool,
@@ -38,21 +26,6 @@ pub struct RelayArgs {
     /// events count as applied, unpublishable rows as dead-lettered).
     #[arg(long, hide = true, value_name = "PATH")]
     pub bench_report: Option<std::path::PathBuf>,
-}
-
-impl RelayArgs {
-    pub fn overrides(&self) -> Vec<(&'static str, &String)> {
-        [
-            ("RELAY_FORMAT", &self.format),
-            ("RELAY_SCHEMAS", &self.schemas),
-            ("RELAY_SOURCE", &self.source),
-            ("KAFKA_TOPIC", &self.topic),
-            ("BATCH_SIZE", &self.batch_size),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| value.as_ref().map(|v| (key, v)))
-        .collect()
-    }
 }
 
 #[derive(Args, Debug)]

@@ -1,12 +1,14 @@
 //! The command line: parse, load and validate configuration, dispatch.
 
 pub mod decode;
+pub mod flags;
 pub mod kafka;
 pub mod run;
 pub mod show;
 
-use crate::config::{self, Config, ConfigError, EnvMap};
+use crate::config::{self, Config, ConfigError, EnvMap, Flag};
 use crate::outbox;
+use crate::telemetry::Chain;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,40 +37,8 @@ pub struct GlobalArgs {
     /// Read variables from this file instead of `./.env`.
     #[arg(long, global = true, value_name = "PATH")]
     pub env_file: Option<PathBuf>,
-    /// Overrides POSTGRES_HOST.
-    #[arg(long, global = true, value_name = "HOST")]
-    pub postgres_host: Option<String>,
-    /// Overrides POSTGRES_PORT.
-    #[arg(long, global = true, value_name = "PORT")]
-    pub postgres_port: Option<String>,
-    /// Overrides POSTGRES_DB.
-    #[arg(long, global = true, value_name = "NAME")]
-    pub postgres_db: Option<String>,
-    /// Overrides POSTGRES_USER.
-    #[arg(long, global = true, value_name = "USER")]
-    pub postgres_user: Option<String>,
-    /// Overrides LOG_LEVEL.
-    #[arg(long, global = true, value_name = "FILTER")]
-    pub log_level: Option<String>,
-    /// Overrides LOG_FORMAT (text or json).
-    #[arg(long, global = true, value_name = "FORMAT")]
-    pub log_format: Option<String>,
-}
-
-impl GlobalArgs {
-    fn overrides(&self) -> Vec<(&'static str, &String)> {
-        [
-            ("POSTGRES_HOST", &self.postgres_host),
-            ("POSTGRES_PORT", &self.postgres_port),
-            ("POSTGRES_DB", &self.postgres_db),
-            ("POSTGRES_USER", &self.postgres_user),
-            ("LOG_LEVEL", &self.log_level),
-            ("LOG_FORMAT", &self.log_format),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| value.as_ref().map(|v| (key, v)))
-        .collect()
-    }
+    #[command(flatten)]
+    pub flags: flags::Overrides<flags::Global>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,14 +77,17 @@ pub fn main(cli: Cli) -> ExitCode {
         });
     }
     let extra = match &cli.command {
-        Command::Run(args) => args.overrides(),
-        Command::Relay(args) => args.overrides(),
-        _ => Vec::new(),
+        Command::Run(args) => args.flags.values.as_slice(),
+        Command::Relay(args) => args.flags.values.as_slice(),
+        _ => &[],
     };
-    let config = match load_config(&cli.global, &extra) {
+    let config = match load_config(&cli.global, extra) {
         Ok(config) => config,
         Err(err) => {
             match &err {
+                ConfigError::Invalid(problems) if problems.len() == 1 => {
+                    eprintln!("invalid configuration: {err}");
+                }
                 ConfigError::Invalid(problems) => {
                     eprintln!("invalid configuration ({} problems):", problems.len());
                     for line in err.to_string().lines() {
@@ -122,7 +95,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     }
                 }
                 ConfigError::EnvFileRead { .. } | ConfigError::EnvFileLine { .. } => {
-                    eprintln!("invalid configuration: {err}");
+                    eprintln!("invalid configuration: {}", Chain(&err));
                 }
             }
             return ExitCode::from(EXIT_CONFIG);
@@ -161,16 +134,12 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-/// Environment, `.env` and flags, validated.
-pub fn load_config(
-    global: &GlobalArgs,
-    extra: &[(&'static str, &String)],
-) -> Result<Config, ConfigError> {
-    let mut env: EnvMap = config::env_map(global.env_file.as_deref())?;
-    for (key, value) in global.overrides().into_iter().chain(extra.iter().copied()) {
-        env.insert(key.to_string(), value.clone());
-    }
-    Config::from_env(&env)
+/// Environment, `.env` and flags (the global ones and the command's own,
+/// `extra`), validated.
+pub fn load_config(global: &GlobalArgs, extra: &[(Flag, String)]) -> Result<Config, ConfigError> {
+    let env: EnvMap = config::env_map(global.env_file.as_deref())?;
+    let flags: Vec<(Flag, String)> = global.flags.values.iter().chain(extra).cloned().collect();
+    Config::load(&env, &flags)
 }
 
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
@@ -211,7 +180,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             .await?;
             match read_model_status(&config).await {
                 Ok(models) => status.read_models = Some(models),
-                Err(err) => status.read_models_error = Some(config.scrub(&err.to_string())),
+                Err(err) => status.read_models_error = Some(config.scrub(&Chain(&err).to_string())),
             }
             if json {
                 println!("{}", serde_json::to_string(&status)?);
@@ -245,10 +214,10 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             )
             .await
             .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach MongoDB at {}: {e}",
+                anyhow::Error::new(e).context(format!(
+                    "cannot reach MongoDB at {}",
                     crate::store::mongo::redact_uri(config.mongodb.uri.expose())
-                )
+                ))
             })?;
             print!("{}", show::render(&store, args.limit).await?);
         }

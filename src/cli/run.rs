@@ -6,6 +6,7 @@
 //! A second signal (or SHUTDOWN_TIMEOUT) drops the batch in flight at once:
 //! still safe, since nothing is acknowledged before it is durable.
 
+use super::flags::{self, Overrides};
 use crate::checkpoint::MongoCheckpoint;
 use crate::config::{Config, SourceKind};
 use crate::counters::Stats;
@@ -21,6 +22,7 @@ use crate::source::replication::{
 };
 use crate::source::SourceError;
 use crate::store::mongo::{redact_uri, MongoStore};
+
 use clap::Args;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,15 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug, Default)]
 pub struct RunArgs {
-    /// Capture method (overrides SOURCE): replication, polling or kafka.
-    #[arg(long, value_name = "SOURCE")]
-    pub source: Option<String>,
-    /// Polling workers in this process (overrides POLL_WORKERS).
-    #[arg(long, value_name = "N")]
-    pub workers: Option<String>,
-    /// Most events per batch (overrides BATCH_SIZE).
-    #[arg(long, value_name = "N")]
-    pub batch_size: Option<String>,
+    /// `--source`, `--workers`, `--batch-size`.
+    #[command(flatten)]
+    pub flags: Overrides<flags::Run>,
     /// Exit 0 once every outbox row committed before the start is applied or dead-lettered.
     #[arg(long)]
     pub until_caught_up: bool,
@@ -53,19 +49,6 @@ pub struct RunArgs {
     /// With --bench-report: record each event's commit-to-durable latency.
     #[arg(long, hide = true)]
     pub bench_latency: bool,
-}
-
-impl RunArgs {
-    pub fn overrides(&self) -> Vec<(&'static str, &String)> {
-        [
-            ("SOURCE", &self.source),
-            ("POLL_WORKERS", &self.workers),
-            ("BATCH_SIZE", &self.batch_size),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| value.as_ref().map(|v| (key, v)))
-        .collect()
-    }
 }
 
 /// Connects to MongoDB, retrying while it is unreachable (a transient state),

@@ -1,8 +1,9 @@
 //! The Kafka part of the configuration: brokers, topics, the consumer group,
 //! passthrough librdkafka properties, and the relay.
 
+use super::keys::edit_distance;
+use super::parse::Reader;
 use super::redact::scrub;
-use super::Reader;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaConfRes;
@@ -89,7 +90,7 @@ const RESERVED_PRODUCER: &[&str] = &[
 
 impl Reader<'_> {
     /// `key=value,key=value`; an empty value means none.
-    fn properties(&mut self, key: &str, reserved: &[&str]) -> KafkaProperties {
+    pub(super) fn properties(&mut self, key: &str, reserved: &[&str]) -> KafkaProperties {
         let raw = self.string(key);
         let mut pairs = Vec::new();
         for item in raw.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -119,7 +120,7 @@ impl Reader<'_> {
     }
 
     /// A comma-separated list of Kafka topic names.
-    fn topics(&mut self, key: &str) -> Vec<String> {
+    pub(super) fn topics(&mut self, key: &str) -> Vec<String> {
         let raw = self.string(key);
         let topics: Vec<String> = raw
             .split(',')
@@ -179,8 +180,8 @@ pub fn describe_refusal(err: &KafkaError, values: &[&str]) -> String {
         KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, _, name, _) => {
             let suggestion = WELL_KNOWN
                 .iter()
-                .filter(|known| super::edit_distance(known, name) <= 2)
-                .min_by_key(|known| super::edit_distance(known, name))
+                .filter(|known| edit_distance(known, name) <= 2)
+                .min_by_key(|known| edit_distance(known, name))
                 .map(|known| format!("; did you mean `{known}`?"))
                 .unwrap_or_default();
             format!("`{name}` is not a librdkafka property{suggestion}")

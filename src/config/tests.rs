@@ -1,4 +1,5 @@
 //! Unit tests of configuration loading and validation.
+use super::keys::edit_distance;
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> EnvMap {
@@ -255,5 +256,26 @@ fn secrets_cover_password_uri_and_secret_properties() {
     assert_eq!(
         config.scrub("auth failed for app:m0ng0@pw (k4fka-pw, linger 5)"),
         "auth failed for *** (***, linger 5)"
+    );
+}
+
+#[test]
+fn flags_win_and_their_problems_name_the_flag() {
+    let workers = RUN_FLAGS
+        .iter()
+        .find(|f| f.long == "workers")
+        .copied()
+        .expect("--workers");
+    let config =
+        Config::load(&env(&[("POLL_WORKERS", "2")]), &[(workers, "3".into())]).expect("valid");
+    assert_eq!(config.polling.workers, 3);
+    let err = Config::load(
+        &env(&[("POLL_WORKERS", "2"), ("BATCH_SIZE", "none")]),
+        &[(workers, "0".into())],
+    )
+    .expect_err("invalid");
+    assert_eq!(
+        err.to_string(),
+        "--workers: `0` is not a positive whole number\nBATCH_SIZE: `none` is not a positive whole number"
     );
 }

@@ -6,6 +6,7 @@
 //! processes at once, is safe. An applied migration whose text changed is
 //! refused: released migrations are never edited.
 
+use super::PgError;
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
@@ -61,23 +62,25 @@ pub enum MigrateError {
          it was migrated by a newer version; use that version"
     )]
     UnknownApplied { version: i32, name: String },
-    #[error("migration {version} ({name}) failed: {reason}")]
+    #[error("migration {version} ({name}) failed")]
     Failed {
         version: i32,
         name: &'static str,
-        reason: String,
+        #[source]
+        source: PgError,
     },
-    #[error("{context}: {reason}")]
+    #[error("{context}")]
     Database {
         context: &'static str,
-        reason: String,
+        #[source]
+        source: PgError,
     },
 }
 
 fn db(context: &'static str) -> impl Fn(tokio_postgres::Error) -> MigrateError {
     move |err| MigrateError::Database {
         context,
-        reason: super::describe(&err),
+        source: PgError(err),
     }
 }
 
@@ -157,7 +160,7 @@ async fn apply_locked(
         let failed = |err: tokio_postgres::Error| MigrateError::Failed {
             version: migration.version,
             name: migration.name,
-            reason: super::describe(&err),
+            source: PgError(err),
         };
         let tx = client.transaction().await.map_err(failed)?;
         tx.batch_execute(migration.sql).await.map_err(failed)?;

@@ -12,14 +12,17 @@ use tokio_postgres::{Client, NoTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
-    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
-    Connect { target: String, reason: String },
-    #[error("{context}: {reason}")]
+    #[error("cannot connect to PostgreSQL at {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: PgError,
+    },
+    #[error("{context}")]
     Query {
         context: &'static str,
-        reason: String,
         #[source]
-        source: tokio_postgres::Error,
+        source: PgError,
     },
     #[error(transparent)]
     Migrate(#[from] migrate::MigrateError),
@@ -29,11 +32,37 @@ impl OutboxError {
     pub(crate) fn query(context: &'static str, source: tokio_postgres::Error) -> Self {
         OutboxError::Query {
             context,
-            reason: describe(&source),
-            source,
+            source: PgError(source),
         }
     }
 }
+
+/// The PostgreSQL driver's error, shown as [`describe`] gives it: one line,
+/// the server's own message when there is one (the driver's `Display`
+/// repeats its cause and a server error's DETAIL takes a line of its own).
+/// `Debug` and [`PgError::get`] give all of it.
+pub struct PgError(pub tokio_postgres::Error);
+
+impl PgError {
+    /// The driver's error itself.
+    pub fn get(&self) -> &tokio_postgres::Error {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+impl std::fmt::Debug for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for PgError {}
 
 /// The most useful one-line account of a PostgreSQL error: the server's own
 /// message when there is one, else the chain of causes.
@@ -65,7 +94,7 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, OutboxError> {
         .await
         .map_err(|err| OutboxError::Connect {
             target: config.display_target(),
-            reason: describe(&err),
+            source: PgError(err),
         })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {

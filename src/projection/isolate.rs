@@ -157,7 +157,7 @@ async fn alone<S: Sink>(
     match sink.probe(&refusal.collection).await {
         Ok(()) => {}
         Err(StoreError::Refused(every)) => {
-            return Err(StoreError::Fatal(format!(
+            return Err(StoreError::fatal(format!(
                 "{} refuses every write, not only an event's: {} (code {}); check the server",
                 every.collection, every.message, every.code
             )))
@@ -219,7 +219,7 @@ mod tests {
             let seqs: Vec<i64> = events.iter().map(seq).collect();
             self.attempts.borrow_mut().push(seqs.clone());
             if self.transient_at == Some(self.attempts.borrow().len()) {
-                return Err(StoreError::Transient("down".into()));
+                return Err(StoreError::transient("down"));
             }
             let mut left = self.refuse_next.borrow_mut();
             if *left > 0 {
@@ -319,7 +319,7 @@ mod tests {
             ..Fake::default()
         };
         let err = isolate(&sink, &events(30)).await.expect_err("stops");
-        assert!(matches!(err, StoreError::Fatal(ref m) if m.contains("every write")));
+        assert!(matches!(err, StoreError::Fatal { ref what, .. } if what.contains("every write")));
         assert!(sink.letters.borrow().is_empty());
         assert!(
             sink.attempts.borrow().len() < 10,

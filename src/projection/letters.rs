@@ -232,7 +232,7 @@ impl Projector {
                     *round_trips += 1;
                 }
                 StoreError::Refused(refusal) => {
-                    return Err(StoreError::Fatal(format!(
+                    return Err(StoreError::fatal(format!(
                         "cannot write the dead letter of event {}: {refusal}",
                         letter.event.event_id
                     )))

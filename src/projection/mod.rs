@@ -143,8 +143,8 @@ impl Projector {
                 }
             }
         }
-        Err(StoreError::Transient(
-            "another writer keeps changing the same documents; will retry".into(),
+        Err(StoreError::transient(
+            "another writer keeps changing the same documents; will retry",
         ))
     }
 
@@ -527,7 +527,7 @@ fn doc_id(doc: &Document) -> Result<Uuid, StoreError> {
         .ok()
         .and_then(|s| Uuid::parse_str(s).ok())
         .ok_or_else(|| {
-            StoreError::Fatal(format!(
+            StoreError::fatal(format!(
                 "read model document with a non-uuid _id ({}): {FOREIGN}",
                 codes::shorten(&format!("{:?}", doc.get("_id")), 80)
             ))
@@ -539,7 +539,7 @@ const FOREIGN: &str = "it was not written by this processor; remove it, \
                        or point MONGODB_DB at the processor's own database";
 
 fn corrupt(collection: &str, id: Uuid, reason: &str) -> StoreError {
-    StoreError::Fatal(format!(
+    StoreError::fatal(format!(
         "read model {collection}/{id} is not in the expected shape ({}): {FOREIGN}",
         codes::shorten(reason, 80)
     ))

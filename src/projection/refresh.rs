@@ -47,8 +47,8 @@ pub(super) async fn run(
         }
         tracing::debug!("copy refresh lost a race; redoing it from fresh reads");
     }
-    Err(StoreError::Transient(
-        "copies keep changing under the refresh; will retry".into(),
+    Err(StoreError::transient(
+        "copies keep changing under the refresh; will retry",
     ))
 }
 

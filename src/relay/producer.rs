@@ -9,6 +9,7 @@ use super::RelayError;
 use crate::config::KafkaConfig;
 use crate::policy::{Classify, ErrorClass};
 use crate::source::kafka::{base_config, topic_partitions, QuietContext};
+use crate::telemetry::Chain;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
@@ -54,15 +55,24 @@ pub fn partition_for(key: &[u8], partitions: usize) -> i32 {
     (positive % (partitions.max(1) as u32)) as i32
 }
 
-/// Why a batch was not delivered.
+/// Why a batch was not delivered: what failed, and the client's error
+/// when there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     /// Send the whole batch again after a pause (duplicates are fine).
-    #[error("{0}")]
-    Retry(String),
+    #[error("{what}")]
+    Retry {
+        what: String,
+        #[source]
+        source: Option<KafkaError>,
+    },
     /// Retrying cannot fix it.
-    #[error("{0}")]
-    Fatal(String),
+    #[error("{what}")]
+    Fatal {
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 pub struct Producer {
@@ -124,9 +134,9 @@ impl Producer {
         .map_err(|e| RelayError::Fatal(format!("kafka metadata task failed: {e}")))?
         .map_err(|e| {
             if e.class() == ErrorClass::Transient {
-                RelayError::Transient(e.to_string())
+                RelayError::Transient(Chain(&e).to_string())
             } else {
-                RelayError::Fatal(e.to_string())
+                RelayError::Fatal(Chain(&e).to_string())
             }
         })?;
         let count = counts.first().map_or(1, |(_, n)| *n);
@@ -217,9 +227,17 @@ impl Producer {
             tracing::warn!(%code, reason, "the kafka producer failed fatally; starting a new one");
             match create(&self.config) {
                 Ok(fresh) => self.inner = fresh,
-                Err(e) => return DeliveryError::Fatal(e.to_string()),
+                Err(e) => {
+                    return DeliveryError::Fatal {
+                        what: "cannot start a new kafka producer".into(),
+                        source: Some(Box::new(e)),
+                    }
+                }
             }
-            return DeliveryError::Retry(format!("kafka producer failed ({code}: {reason})"));
+            return DeliveryError::Retry {
+                what: format!("kafka producer failed ({code}: {reason})"),
+                source: None,
+            };
         }
         match err.rdkafka_error_code() {
             Some(
@@ -233,8 +251,14 @@ impl Producer {
                 | RDKafkaErrorCode::UnknownTopic
                 | RDKafkaErrorCode::UnknownTopicOrPartition
                 | RDKafkaErrorCode::UnknownPartition,
-            ) => DeliveryError::Fatal(format!("kafka refused a message: {err}")),
-            _ => DeliveryError::Retry(format!("kafka delivery failed: {err}")),
+            ) => DeliveryError::Fatal {
+                what: "kafka refused a message".into(),
+                source: Some(Box::new(err)),
+            },
+            _ => DeliveryError::Retry {
+                what: "kafka delivery failed".into(),
+                source: Some(err),
+            },
         }
     }
 

@@ -4,7 +4,7 @@
 //! published: it comes back as a dead letter (its row is marked `failed`).
 
 use super::{Sink, SinkReport};
-use crate::relay::producer::{DeliveryError, Producer};
+use crate::relay::producer::Producer;
 use crate::relay::{Encoder, Op, RelayError};
 use crate::runtime::CrashPoints;
 use crate::source::SourceBatch;
@@ -41,13 +41,7 @@ impl Sink for KafkaSink {
             let op = Op::from(batch.origin(index));
             messages.push(self.encoder.encode(event, op, now));
         }
-        self.producer
-            .deliver(&messages)
-            .await
-            .map_err(|err| match err {
-                DeliveryError::Retry(text) => RelayError::Transient(text),
-                DeliveryError::Fatal(text) => RelayError::Fatal(text),
-            })?;
+        self.producer.deliver(&messages).await?;
         for letter in &batch.malformed {
             tracing::error!(event_id = %letter.event.event_id, error = %letter.error, "outbox row cannot be relayed; it is marked failed");
         }

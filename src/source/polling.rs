@@ -17,6 +17,7 @@ use crate::config::{PollingConfig, PostgresConfig};
 use crate::dead_letter::DeadLetter;
 use crate::decode::{decode_text_row, OutboxEvent};
 use crate::outbox::{self, describe};
+use crate::telemetry::Chain;
 use std::time::Duration;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -65,7 +66,7 @@ const COLUMNS: [&str; 7] = [
 pub async fn release_claims(pg: &PostgresConfig, prefix: &str) -> Result<u64, SourceError> {
     let client = outbox::connect(pg)
         .await
-        .map_err(|e| SourceError::Transient(e.to_string()))?;
+        .map_err(|e| SourceError::Transient(Chain(&e).to_string()))?;
     client
         .execute(
             "UPDATE event_outbox SET status = 'pending', lock_id = NULL
@@ -129,7 +130,7 @@ impl PollingSource {
         if self.client.is_none() {
             let client = outbox::connect(&self.pg)
                 .await
-                .map_err(|e| SourceError::Transient(e.to_string()))?;
+                .map_err(|e| SourceError::Transient(Chain(&e).to_string()))?;
             self.client = Some(client);
         }
         self.client

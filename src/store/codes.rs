@@ -82,9 +82,9 @@ pub fn write_error(collection: &str, code: i32, message: &str) -> StoreError {
     let message = shorten(message, MESSAGE_MAX);
     match classify(code) {
         CodeClass::Transient => {
-            StoreError::Transient(format!("writing {collection}: {message} (code {code})"))
+            StoreError::transient(format!("writing {collection}: {message} (code {code})"))
         }
-        CodeClass::Fatal(advice) => StoreError::Fatal(format!(
+        CodeClass::Fatal(advice) => StoreError::fatal(format!(
             "writing {collection}: {message} (code {code}): {advice}"
         )),
         CodeClass::Refusal => StoreError::Refused(Refusal {
@@ -103,6 +103,32 @@ pub struct Refusal {
     pub code: i32,
     pub message: String,
 }
+
+/// The MongoDB driver's error, shown as [`describe`] summarises it: the
+/// driver's own `Display` is its debug dump (hundreds of characters on one
+/// line, labels and all). `Debug` and [`DriverError::get`] give all of it.
+pub struct DriverError(pub mongodb::error::Error);
+
+impl DriverError {
+    /// The driver's error itself.
+    pub fn get(&self) -> &mongodb::error::Error {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+impl std::fmt::Debug for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for DriverError {}
 
 /// One short line for a driver error: its kind, code and message, without
 /// the server's raw reply or the driver's debug output.

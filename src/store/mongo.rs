@@ -5,9 +5,8 @@
 //! round trip carries a whole batch on every MongoDB 6/7/8 (no `bulkWrite`,
 //! which needs 8), and each statement's error is read by its numeric code.
 
-pub use super::codes::Refusal;
 use super::codes::{self, RETRYABLE_CODES};
-use crate::policy::{Classify, ErrorClass};
+pub use super::codes::{DriverError, Refusal};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
@@ -30,27 +29,72 @@ pub const WRITE_CHUNK: usize = 1000;
 /// Duplicate key: on a fenced upsert, "someone already holds a newer state".
 pub const DUPLICATE_KEY: i32 = 11000;
 
+/// A failure of the read-model database. `what` says what failed when the
+/// driver's error (`source`) does not, or what the server answered when
+/// there is no driver error (a statement's code in a write reply).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Worth retrying: the server is down, restarting, unreachable or not primary.
-    #[error("mongodb unavailable: {0}")]
-    Transient(String),
+    #[error("mongodb unavailable{}", colon(what))]
+    Transient {
+        what: String,
+        #[source]
+        source: Option<DriverError>,
+    },
     /// The server refused a write because of the documents it held (see
     /// [`codes`]): the events behind them are at fault, not the process.
     #[error(transparent)]
     Refused(#[from] Refusal),
     /// Will not succeed by retrying (bad credentials, invalid command...): stop.
-    #[error("mongodb: {0}")]
-    Fatal(String),
+    #[error("mongodb{}", colon(what))]
+    Fatal {
+        what: String,
+        #[source]
+        source: Option<DriverError>,
+    },
+}
+
+/// `: what`, or nothing when `what` is empty (the source says it all).
+fn colon(what: &str) -> String {
+    if what.is_empty() {
+        String::new()
+    } else {
+        format!(": {what}")
+    }
+}
+
+impl StoreError {
+    /// A transient failure the server reported without a driver error.
+    pub fn transient(what: impl Into<String>) -> Self {
+        StoreError::Transient {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A fatal failure the server reported without a driver error.
+    pub fn fatal(what: impl Into<String>) -> Self {
+        StoreError::Fatal {
+            what: what.into(),
+            source: None,
+        }
+    }
 }
 
 impl From<mongodb::error::Error> for StoreError {
     fn from(err: mongodb::error::Error) -> Self {
-        let text = codes::describe(&err);
-        if err.class() == ErrorClass::Transient {
-            StoreError::Transient(text)
+        let transient = retryable(&err);
+        let source = Some(DriverError(err));
+        if transient {
+            StoreError::Transient {
+                what: String::new(),
+                source,
+            }
         } else {
-            StoreError::Fatal(text)
+            StoreError::Fatal {
+                what: String::new(),
+                source,
+            }
         }
     }
 }
@@ -58,7 +102,7 @@ impl From<mongodb::error::Error> for StoreError {
 /// A write command's own failure: sorted by its code like a statement's.
 fn write_failure(collection: &str, err: mongodb::error::Error) -> StoreError {
     match err.kind.as_ref() {
-        ErrorKind::Command(command) if err.class() != ErrorClass::Transient => {
+        ErrorKind::Command(command) if !retryable(&err) => {
             codes::write_error(collection, command.code, &command.message)
         }
         _ => StoreError::from(err),
@@ -128,7 +172,7 @@ impl MongoStore {
         let mut options = ClientOptions::parse(uri).await.map_err(|err| {
             let secrets = crate::config::uri_secrets(uri);
             let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-            StoreError::Fatal(format!(
+            StoreError::fatal(format!(
                 "invalid MONGODB_URI {}: {}",
                 redact_uri(uri),
                 crate::config::scrub(&err.kind.to_string(), &secrets)
@@ -365,9 +409,9 @@ fn read_reply(reply: &Document, offset: usize, report: &mut WriteReport) -> Resu
         let code = wce.get_i32("code").unwrap_or(0);
         let message = codes::shorten(wce.get_str("errmsg").unwrap_or("write concern error"), 160);
         return Err(if RETRYABLE_CODES.contains(&code) || code == 64 {
-            StoreError::Transient(format!("write concern not satisfied ({code}): {message}"))
+            StoreError::transient(format!("write concern not satisfied ({code}): {message}"))
         } else {
-            StoreError::Fatal(format!("write concern error ({code}): {message}"))
+            StoreError::fatal(format!("write concern error ({code}): {message}"))
         });
     }
     if let Some(Bson::Array(errors)) = reply.get("writeErrors") {
@@ -387,7 +431,7 @@ fn read_reply(reply: &Document, offset: usize, report: &mut WriteReport) -> Resu
             };
             let message = error.get_str("errmsg").unwrap_or("").to_string();
             if RETRYABLE_CODES.contains(&code) {
-                return Err(StoreError::Transient(format!(
+                return Err(StoreError::transient(format!(
                     "write failed ({code}): {message}"
                 )));
             }
@@ -405,11 +449,11 @@ impl crate::policy::Classify for crate::store::mongo::StoreError {
     fn class(&self) -> crate::policy::ErrorClass {
         use crate::store::mongo::StoreError;
         match self {
-            StoreError::Transient(_) => crate::policy::ErrorClass::Transient,
+            StoreError::Transient { .. } => crate::policy::ErrorClass::Transient,
             // The written documents are at fault: their events are isolated
             // and dead-lettered (`projection::isolate`).
             StoreError::Refused(_) => crate::policy::ErrorClass::Permanent,
-            StoreError::Fatal(_) => crate::policy::ErrorClass::Fatal,
+            StoreError::Fatal { .. } => crate::policy::ErrorClass::Fatal,
         }
     }
 }
@@ -428,6 +472,27 @@ impl crate::policy::Classify for mongodb::error::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{Classify, ErrorClass};
+
+    #[test]
+    fn a_driver_error_is_the_source_and_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused here");
+        let err = StoreError::from(mongodb::error::Error::from(io));
+        assert_eq!(
+            crate::policy::Classify::class(&err),
+            crate::policy::ErrorClass::Transient
+        );
+        let source = std::error::Error::source(&err).expect("the driver's error");
+        assert!(source.to_string().contains("refused here"), "{source}");
+        assert_eq!(err.to_string(), "mongodb unavailable");
+        assert_eq!(
+            crate::telemetry::Chain(&err).to_string(),
+            format!("mongodb unavailable: {source}")
+        );
+        let fatal = StoreError::fatal("write concern error (100): no");
+        assert_eq!(fatal.to_string(), "mongodb: write concern error (100): no");
+        assert!(std::error::Error::source(&fatal).is_none());
+    }
 
     #[test]
     fn credentials_are_redacted() {

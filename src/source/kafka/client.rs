@@ -325,12 +325,13 @@ pub fn topic_partitions<C: ClientContext>(
                 TopicError::Unreachable {
                     brokers: brokers.to_string(),
                     timeout,
-                    reason: err.to_string(),
+                    source: err,
                 }
             } else {
-                TopicError::Broker(format!(
-                    "cannot read the metadata of topic `{topic}`: {err}"
-                ))
+                TopicError::Metadata {
+                    topic: topic.clone(),
+                    source: err,
+                }
             }
         })?;
         let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
@@ -350,13 +351,15 @@ pub fn topic_partitions<C: ClientContext>(
                     return Err(TopicError::Missing(topic.clone()));
                 }
                 if matches!(code, RDKafkaErrorCode::LeaderNotAvailable) {
-                    return Err(TopicError::Unreachable {
+                    return Err(TopicError::NoLeader {
+                        topic: topic.clone(),
                         brokers: brokers.to_string(),
-                        timeout,
-                        reason: format!("topic `{topic}` has no leader yet"),
                     });
                 }
-                return Err(TopicError::Broker(format!("topic `{topic}`: {code}")));
+                return Err(TopicError::Broker {
+                    topic: topic.clone(),
+                    code,
+                });
             }
         }
     }
@@ -365,16 +368,29 @@ pub fn topic_partitions<C: ClientContext>(
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
-    #[error("cannot reach the Kafka brokers at {brokers} within {timeout:?} ({reason})")]
+    #[error("cannot reach the Kafka brokers at {brokers} within {timeout:?}")]
     Unreachable {
         brokers: String,
         timeout: Duration,
-        reason: String,
+        #[source]
+        source: KafkaError,
     },
+    /// A topic being created, or one whose leader moves.
+    #[error("topic `{topic}` has no leader yet at {brokers}")]
+    NoLeader { topic: String, brokers: String },
     #[error("topic `{0}` does not exist: create it with `event-processor kafka topics create --partitions N {0}`")]
     Missing(String),
-    #[error("{0}")]
-    Broker(String),
+    #[error("cannot read the metadata of topic `{topic}`")]
+    Metadata {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("topic `{topic}`: {code}")]
+    Broker {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 /// Runs a blocking librdkafka call on the blocking pool.
@@ -478,7 +494,8 @@ pub fn positions(
 impl crate::policy::Classify for crate::source::kafka::TopicError {
     fn class(&self) -> crate::policy::ErrorClass {
         match self {
-            crate::source::kafka::TopicError::Unreachable { .. } => {
+            crate::source::kafka::TopicError::Unreachable { .. }
+            | crate::source::kafka::TopicError::NoLeader { .. } => {
                 crate::policy::ErrorClass::Transient
             }
             _ => crate::policy::ErrorClass::Fatal,
@@ -489,6 +506,25 @@ impl crate::policy::Classify for crate::source::kafka::TopicError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_broker_is_the_source_and_not_repeated() {
+        let err = TopicError::Unreachable {
+            brokers: "127.0.0.1:1".into(),
+            timeout: Duration::from_secs(2),
+            source: KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure),
+        };
+        assert_eq!(
+            crate::policy::Classify::class(&err),
+            crate::policy::ErrorClass::Transient
+        );
+        let source = std::error::Error::source(&err).expect("the client's error");
+        assert_eq!(
+            err.to_string(),
+            "cannot reach the Kafka brokers at 127.0.0.1:1 within 2s"
+        );
+        assert!(!err.to_string().contains(&source.to_string()));
+    }
 
     #[test]
     fn due_offsets_are_those_not_yet_committed_of_assigned_partitions() {
