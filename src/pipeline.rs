@@ -15,9 +15,9 @@ use crate::config::{PipelineConfig, PostgresConfig};
 use crate::failpoint::{self, crash_point};
 use crate::outbox;
 use crate::policy::Backoff;
-use crate::probe::Probe;
 use crate::projection::{BatchReport, Projector};
 use crate::source::{AckToken, BatchOutcome, Source, SourceBatch};
+use crate::stats_file::StatsFile;
 use std::future::Future;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,8 +99,8 @@ impl OutboxMarker {
 /// One worker's loop.
 pub struct Pipeline<S: Source> {
     pub source: S,
-    /// `None`: the no-op sink (`bench`): every event counts as applied and
-    /// nothing is written.
+    /// `None`: the discard sink: every event counts as applied and nothing
+    /// is written.
     pub projector: Option<Projector>,
     pub checkpoint: Option<MongoCheckpoint>,
     pub marker: Option<OutboxMarker>,
@@ -110,8 +110,8 @@ pub struct Pipeline<S: Source> {
     pub until_caught_up: bool,
     /// This worker prints the progress line for the process.
     pub report_progress: bool,
-    /// Measurements for `bench`.
-    pub probe: Option<Arc<Probe>>,
+    /// The stats file (`--stats-file`), told of every durable batch.
+    pub stats_file: Option<Arc<StatsFile>>,
 }
 
 enum Step<T> {
@@ -237,8 +237,8 @@ impl<S: Source> Pipeline<S> {
             Step::Interrupted => return Ok(Step::Interrupted),
         };
         crash_point(failpoint::PIPELINE_AFTER_SINK_WRITE);
-        if let Some(probe) = &self.probe {
-            probe.durable(events);
+        if let Some(stats_file) = &self.stats_file {
+            stats_file.durable(events);
         }
         let mut outcome = BatchOutcome {
             dead_letters: report.dead_letters.clone(),
@@ -368,8 +368,8 @@ impl<S: Source> Pipeline<S> {
         stats
             .documents_written
             .fetch_add(report.documents_written, Ordering::Relaxed);
-        if let Some(probe) = &self.probe {
-            probe.batch_done();
+        if let Some(stats_file) = &self.stats_file {
+            stats_file.batch_done();
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `event-processor` started by `bench` as a child process (so its CPU time and
-//! peak RSS are its own), watched through its `--bench-report` file.
+//! peak RSS are its own), watched through its `--stats-file`.
 
-use crate::probe::ProbeReport;
+use crate::stats_file::StatsReport as ProbeReport;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ pub struct Child {
 }
 
 impl Child {
-    /// Starts `event-processor <args> --bench-report <dir>/<name>.json` with
+    /// Starts `event-processor <args> --stats-file <dir>/<name>.json` with
     /// `env` added; its stderr goes to `<dir>/<name>.log`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> Result<Child> {
         let exe = std::env::current_exe().context("cannot find the event-processor binary")?;
@@ -26,7 +26,7 @@ impl Child {
         let mut command = tokio::process::Command::new(exe);
         command
             .args(args)
-            .arg("--bench-report")
+            .arg("--stats-file")
             .arg(&report)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("LOG_FORMAT", "text")
@@ -142,5 +142,30 @@ impl Child {
             Some(report) if report.finished => Ok(report),
             _ => Err(self.failure("exited without its final report")),
         }
+    }
+}
+
+/// CPU seconds of the children this process has waited for (user + system),
+/// from `/proc/self/stat`.
+pub fn children_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 of the whole line, i.e.
+    // indexes 13 and 14 after "state".
+    let tick = |i: usize| -> Option<f64> { fields.get(i)?.parse::<f64>().ok() };
+    let hz = 100.0; // USER_HZ is 100 on every Linux ABI.
+    Some((tick(13)? + tick(14)?) / hz)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_cpu_of_its_children() {
+        let before = super::children_cpu_seconds().expect("cpu");
+        let status = std::process::Command::new("true").status().expect("true");
+        assert!(status.success());
+        assert!(super::children_cpu_seconds().expect("cpu") >= before);
     }
 }

@@ -14,7 +14,7 @@
 //! 9. Kafka: the relay beside raw produce, the kafka source beside raw consume.
 //!
 //! Every `run` is a child process (its CPU time and RSS are its own), watched
-//! through the file its hidden `--bench-report` flag writes.
+//! through its stats file (`--stats-file`).
 
 mod capture;
 pub mod chart;
@@ -27,7 +27,7 @@ mod sink;
 use crate::config::Config;
 use crate::decode::OutboxEvent;
 use crate::history::{generate, HistoryOptions};
-use crate::probe::ProbeReport;
+use crate::stats_file::{LatencyReport, StatsReport as ProbeReport};
 use crate::store::mongo::MongoStore;
 use anyhow::{Context, Result};
 use child::Child;
@@ -469,6 +469,18 @@ fn throughput(report: &ProbeReport, since_ms: i64, expected: u64) -> Vec<(f64, f
     points
 }
 
+/// The latencies of a stats file, milliseconds, sorted: each bucket's events
+/// at its upper bound (at most 1/128 above the true value), kept within the
+/// exact minimum and maximum.
+fn latencies_ms(latency: &LatencyReport) -> Vec<f64> {
+    let mut values = Vec::with_capacity(latency.count as usize);
+    for &(_, high, count) in &latency.buckets {
+        let us = high.clamp(latency.min_us, latency.max_us);
+        values.extend(std::iter::repeat_n(us as f64 / 1000.0, count as usize));
+    }
+    values
+}
+
 /// The `p` quantile (0..=1) of sorted values, nearest rank.
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
@@ -511,6 +523,18 @@ mod tests {
         // Nothing after the last event.
         let points = throughput(&report, 2_000, 300);
         assert_eq!(points, vec![(1.0, 100.0), (2.0, 200.0)]);
+    }
+
+    #[test]
+    fn latencies_come_from_the_buckets_within_the_extremes() {
+        let latency = LatencyReport {
+            count: 4,
+            min_us: 1_000,
+            max_us: 2_010,
+            sum_us: 6_020,
+            buckets: vec![(992, 999, 1), (1_000, 1_007, 1), (2_000, 2_015, 2)],
+        };
+        assert_eq!(latencies_ms(&latency), vec![1.0, 1.007, 2.01, 2.01]);
     }
 
     #[test]

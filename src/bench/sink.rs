@@ -317,7 +317,7 @@ impl Bench {
                 ..HistoryOptions::realistic(count)
             },
         );
-        let (mut child, _pg, client) = self.follower("latency", &["--bench-latency"]).await?;
+        let (mut child, _pg, client) = self.follower("latency", &[]).await?;
         let mut progress = self.progress_fn("offered load", count as u64);
         let started_ms = chrono::Utc::now().timestamp_millis();
         let offered =
@@ -335,12 +335,7 @@ impl Bench {
             "latency run (50% load)".into(),
             throughput(&report, started_ms, count as u64),
         ));
-        let mut latencies: Vec<f64> = report
-            .latencies_us
-            .iter()
-            .map(|&us| us as f64 / 1000.0)
-            .collect();
-        latencies.sort_by(f64::total_cmp);
+        let latencies = latencies_ms(&report.latency);
         let r = &mut self.results;
         r.push(
             "latency.offered_per_s",

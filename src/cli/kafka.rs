@@ -2,9 +2,9 @@
 
 use crate::config::{Config, KafkaConfig};
 use crate::pipeline::Stats;
-use crate::probe::Probe;
 use crate::relay::{self, OnPublished, RelayOptions};
 use crate::source::kafka::{base_config, is_unreachable, topic_partitions, QuietContext};
+use crate::stats_file::StatsFile;
 use clap::{Args, Subcommand};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
@@ -33,10 +33,9 @@ pub struct RelayArgs {
     /// Exit 0 once every outbox row committed before the start is published.
     #[arg(long)]
     pub until_caught_up: bool,
-    /// Write `bench`'s measurements to this file while running (published
-    /// events count as applied, unpublishable rows as dead-lettered).
-    #[arg(long, hide = true, value_name = "PATH")]
-    pub bench_report: Option<std::path::PathBuf>,
+    /// (Published events count as applied, unpublishable rows as dead-lettered.)
+    #[command(flatten)]
+    pub stats: super::StatsFileArgs,
 }
 
 impl RelayArgs {
@@ -91,30 +90,17 @@ pub async fn relay(
     args: &RelayArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let probe_stats = Arc::new(Stats::default());
-    let probe = args
-        .bench_report
-        .clone()
-        .map(|path| Probe::new(path, probe_stats.clone(), false));
-    let options = RelayOptions {
-        until_caught_up: args.until_caught_up,
-        on_published: probe
-            .as_ref()
-            .map(|p| probe_hook(p.clone(), probe_stats.clone())),
-    };
-    let probe_stop = CancellationToken::new();
-    let probe_writer = probe.as_ref().map(|p| p.spawn_writer(probe_stop.clone()));
-    let result = relay::run(&config, &options, shutdown).await;
-    probe_stop.cancel();
-    if let Some(writer) = probe_writer {
-        let _ = writer.await;
-    }
-    if let Some(probe) = &probe {
-        probe
-            .write(true)
-            .map_err(|e| anyhow::anyhow!("cannot write the bench report: {e}"))?;
-    }
-    let stats = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let counted = Arc::new(Stats::default());
+    let stats = super::with_stats_file(&args.stats, counted.clone(), |file| async move {
+        let options = RelayOptions {
+            until_caught_up: args.until_caught_up,
+            on_published: file.map(|file| stats_hook(file, counted)),
+        };
+        relay::run(&config, &options, shutdown)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .await?;
     tracing::info!(
         relayed = stats.relayed.load(Ordering::Relaxed),
         batches = stats.batches.load(Ordering::Relaxed),
@@ -124,9 +110,9 @@ pub async fn relay(
     Ok(())
 }
 
-/// Feeds `probe` from the relay: published events count as applied,
+/// Feeds the stats file from the relay: published events count as applied,
 /// unpublishable rows as dead-lettered.
-fn probe_hook(probe: Arc<Probe>, stats: Arc<Stats>) -> OnPublished {
+fn stats_hook(file: Arc<StatsFile>, stats: Arc<Stats>) -> OnPublished {
     Arc::new(move |events, unpublishable| {
         stats
             .applied
@@ -135,8 +121,8 @@ fn probe_hook(probe: Arc<Probe>, stats: Arc<Stats>) -> OnPublished {
             .dead_lettered
             .fetch_add(unpublishable as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
-        probe.durable(events);
-        probe.batch_done();
+        file.durable(events);
+        file.batch_done();
     })
 }
 
@@ -251,26 +237,40 @@ pub async fn create_topics(
 mod tests {
     use super::*;
 
+    fn event(created_at: Option<chrono::DateTime<chrono::Utc>>) -> crate::decode::OutboxEvent {
+        crate::decode::OutboxEvent {
+            event_id: uuid::Uuid::new_v4(),
+            sequence_id: Some(1),
+            aggregate_id: uuid::Uuid::new_v4(),
+            aggregate_type: "User".into(),
+            event_type: "UserCreated".into(),
+            payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}),
+            created_at,
+        }
+    }
+
     #[test]
-    fn the_bench_report_counts_published_batches() {
-        let dir = std::env::temp_dir().join(format!("relay-probe-{}", std::process::id()));
+    fn the_stats_file_counts_published_batches() {
+        let dir = std::env::temp_dir().join(format!("relay-stats-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("report.json");
+        let path = dir.join("stats.json");
         let stats = Arc::new(Stats::default());
-        let probe = Probe::new(path.clone(), stats.clone(), false);
-        let hook = probe_hook(probe.clone(), stats);
-        let events = crate::history::generate(1, &crate::history::HistoryOptions::realistic(3));
+        let file = StatsFile::new(path.clone(), stats.clone());
+        let hook = stats_hook(file.clone(), stats);
+        let now = chrono::Utc::now();
+        let events = [event(Some(now)), event(Some(now)), event(None)];
         hook(&events, 0);
         hook(&events[..1], 2);
-        probe.write(true).expect("write");
-        let report: crate::probe::ProbeReport =
+        file.write(true).expect("write");
+        let report: crate::stats_file::StatsReport =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
         assert_eq!(report.applied, 4);
         assert_eq!(report.dead_lettered, 2);
         assert_eq!(report.done, 6);
         assert_eq!(report.batches, 2);
         assert!(report.last_done_unix_ms.is_some());
-        assert!(report.latencies_us.is_empty());
+        // Commit-to-published latency of the events that have a `created_at`.
+        assert_eq!(report.latency.count, 3);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -10,7 +10,6 @@ use crate::checkpoint::MongoCheckpoint;
 use crate::config::{Config, SourceKind};
 use crate::pipeline::{OutboxMarker, Pipeline, Stats};
 use crate::policy::Backoff;
-use crate::probe::Probe;
 use crate::projection::Projector;
 use crate::source::kafka::KafkaSource;
 use crate::source::polling::PollingSource;
@@ -18,6 +17,7 @@ use crate::source::replication::{
     self, LoadPosition, ReplicationOptions, ReplicationSource, Resume, SlotOwner,
 };
 use crate::source::SourceError;
+use crate::stats_file::StatsFile;
 use crate::store::mongo::{redact_uri, MongoStore};
 use clap::Args;
 use std::sync::Arc;
@@ -38,16 +38,12 @@ pub struct RunArgs {
     /// Exit 0 once every outbox row committed before the start is applied or dead-lettered.
     #[arg(long)]
     pub until_caught_up: bool,
-    /// `discard`: the no-op sink `bench` measures capture with (nothing is
-    /// written; replication resumes from the slot's own position).
+    /// `discard`: nothing is written (measures the capture alone;
+    /// replication resumes from the slot's own position).
     #[arg(long, hide = true, value_name = "SINK", default_value = "project")]
     pub sink: String,
-    /// Write `bench`'s measurements to this file while running.
-    #[arg(long, hide = true, value_name = "PATH")]
-    pub bench_report: Option<std::path::PathBuf>,
-    /// With --bench-report: record each event's commit-to-durable latency.
-    #[arg(long, hide = true)]
-    pub bench_latency: bool,
+    #[command(flatten)]
+    pub stats: super::StatsFileArgs,
 }
 
 impl RunArgs {
@@ -218,23 +214,10 @@ pub async fn run(
     };
     let projector = store.clone().map(Projector::new);
     let stats = Arc::new(Stats::default());
-    let probe = args
-        .bench_report
-        .clone()
-        .map(|path| Probe::new(path, stats.clone(), args.bench_latency));
-    let probe_stop = CancellationToken::new();
-    let probe_writer = probe.as_ref().map(|p| p.spawn_writer(probe_stop.clone()));
-    let result = run_source(&config, args, shutdown, store, projector, &stats, &probe).await;
-    probe_stop.cancel();
-    if let Some(writer) = probe_writer {
-        let _ = writer.await;
-    }
-    if let Some(probe) = &probe {
-        probe
-            .write(true)
-            .map_err(|e| anyhow::anyhow!("cannot write the bench report: {e}"))?;
-    }
-    result
+    super::with_stats_file(&args.stats, stats.clone(), |file| {
+        run_source(&config, args, shutdown, store, projector, &stats, file)
+    })
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -245,7 +228,7 @@ async fn run_source(
     store: Option<MongoStore>,
     projector: Option<Projector>,
     stats: &Arc<Stats>,
-    probe: &Option<Arc<Probe>>,
+    stats_file: Option<Arc<StatsFile>>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         source = ?config.source,
@@ -312,7 +295,7 @@ async fn run_source(
                 stats: stats.clone(),
                 until_caught_up: args.until_caught_up,
                 report_progress: true,
-                probe: probe.clone(),
+                stats_file: stats_file.clone(),
             };
             let result = pipeline.run().await;
             owner.release().await;
@@ -338,7 +321,7 @@ async fn run_source(
                     stats: stats.clone(),
                     until_caught_up: args.until_caught_up,
                     report_progress: index == 0,
-                    probe: probe.clone(),
+                    stats_file: stats_file.clone(),
                 };
                 workers.spawn(pipeline.run());
             }
@@ -370,7 +353,7 @@ async fn run_source(
                 stats: stats.clone(),
                 until_caught_up: args.until_caught_up,
                 report_progress: true,
-                probe: probe.clone(),
+                stats_file: stats_file.clone(),
             };
             pipeline.run().await?;
             let relaxed = std::sync::atomic::Ordering::Relaxed;
