@@ -18,13 +18,11 @@
 //! Delivery guarantee: the transport is at-least-once; the projections are
 //! idempotent and fenced per aggregate, so the effects are exactly-once.
 
-pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod failpoint;
-pub mod history;
 pub mod outbox;
 pub mod pipeline;
 pub mod policy;

@@ -25,7 +25,7 @@ pub mod debezium;
 pub(crate) mod producer;
 
 pub use debezium::{jsonb_text, zoned_timestamp, Encoder, Message, Op, Shape, SnapshotMark};
-pub use producer::{murmur2, partition_for};
+pub use producer::{create as create_producer, murmur2, partition_for};
 
 use crate::checkpoint::mark_outbox;
 use crate::config::{Config, RelayFormat, RelaySource};
@@ -71,7 +71,7 @@ pub type OnPublished = Arc<dyn Fn(&[OutboxEvent], usize) + Send + Sync>;
 pub struct RelayOptions {
     /// Stop once everything committed before the start is published.
     pub until_caught_up: bool,
-    /// Told of every published batch (`bench`'s measurements).
+    /// Told of every published batch (the stats file).
     pub on_published: Option<OnPublished>,
 }
 

@@ -6,8 +6,8 @@
 
 mod common;
 
+use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::decode::OutboxEvent;
-use activity_event_processor::history::{generate, HistoryOptions};
 use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
 use activity_event_processor::projection::{DeadLetter, Projector};
 use activity_event_processor::store::mongo::DEAD_LETTERS;

@@ -96,8 +96,6 @@ pub enum Command {
     Relay(kafka::RelayArgs),
     /// Kafka administration: `kafka topics create [--partitions N] [TOPIC...]`.
     Kafka(kafka::KafkaArgs),
-    /// Measure every stage beside its physical limit, on fresh databases (see README "Performance").
-    Bench(crate::bench::BenchArgs),
 }
 
 /// `--stats-file`, on `run` and `relay`.
@@ -160,15 +158,7 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let log_level = match &cli.command {
-        // `bench` migrates a dozen fresh databases: their lines are noise there.
-        Command::Bench(_) => format!(
-            "{},activity_event_processor::outbox::migrate=warn",
-            config.log_level
-        ),
-        _ => config.log_level.clone(),
-    };
-    crate::telemetry::init_logging(&log_level, config.log_format, config.secrets());
+    crate::telemetry::init_logging(&config.log_level, config.log_format, config.secrets());
     // Errors come from drivers and libraries too: clear them of every secret.
     let scrubber = config.clone();
     // One thread: the work is I/O-bound, and a second thread only adds
@@ -267,9 +257,6 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 .await;
         }
         Command::Kafka(args) => kafka::execute(&config, &args).await?,
-        Command::Bench(args) => {
-            crate::bench::run(config, args).await?;
-        }
         Command::Show(args) => {
             let store = crate::store::mongo::MongoStore::connect(
                 config.mongodb.uri.expose(),

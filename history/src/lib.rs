@@ -5,7 +5,7 @@
 //! Used by the tests (against the reference fold), by `bench`, and by anyone
 //! who wants a realistic outbox to play with.
 
-use crate::decode::OutboxEvent;
+use activity_event_processor::decode::OutboxEvent;
 use chrono::{DateTime, Duration, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -104,7 +104,11 @@ impl Bench {
         &self,
         name: &str,
         extra: &[&str],
-    ) -> Result<(Child, crate::config::PostgresConfig, Client)> {
+    ) -> Result<(
+        Child,
+        activity_event_processor::config::PostgresConfig,
+        Client,
+    )> {
         let db = format!("aep_bench_{}", name.replace('-', "_"));
         let (pg, client) = pg::fresh_database(&self.admin, &self.config.postgres, &db).await?;
         self.mongo(&db).await?;
@@ -136,7 +140,10 @@ impl Bench {
         let batch = self.config.pipeline.batch_size.max(1);
         let mut written = 0usize;
         let mut elapsed = 0.0;
-        for collection in [crate::store::mongo::USERS, crate::store::mongo::ACTIVITIES] {
+        for collection in [
+            activity_event_processor::store::mongo::USERS,
+            activity_event_processor::store::mongo::ACTIVITIES,
+        ] {
             let docs = source
                 .find(collection, doc! {}, None)
                 .await

@@ -24,11 +24,11 @@ mod pg;
 pub mod report;
 mod sink;
 
-use crate::config::Config;
-use crate::decode::OutboxEvent;
-use crate::history::{generate, HistoryOptions};
-use crate::stats_file::{LatencyReport, StatsReport as ProbeReport};
-use crate::store::mongo::MongoStore;
+use activity_event_history::{generate, HistoryOptions};
+use activity_event_processor::config::Config;
+use activity_event_processor::decode::OutboxEvent;
+use activity_event_processor::stats_file::{LatencyReport, StatsReport};
+use activity_event_processor::store::mongo::MongoStore;
 use anyhow::{Context, Result};
 use child::Child;
 use clap::Args;
@@ -112,7 +112,7 @@ pub async fn run(config: Config, args: BenchArgs) -> Result<PathBuf> {
     let stamp = started_at.format("%Y%m%dT%H%M%SZ").to_string();
     let dir = args.out.join(format!("{stamp}-logs"));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let admin = crate::outbox::connect(&config.postgres).await?;
+    let admin = activity_event_processor::outbox::connect(&config.postgres).await?;
     let mut bench = Bench {
         results: Results {
             format: report::FORMAT_VERSION,
@@ -256,7 +256,7 @@ impl Bench {
     /// Environment for a child `run` against `pg`.
     fn child_env(
         &self,
-        pg: &crate::config::PostgresConfig,
+        pg: &activity_event_processor::config::PostgresConfig,
         slot: &str,
         source: &str,
     ) -> Vec<(&'static str, String)> {
@@ -431,7 +431,7 @@ impl Bench {
 }
 
 /// events / (time from `since_ms` to the child's last durable batch).
-fn rate_since(report: &ProbeReport, since_ms: i64, events: u64) -> Result<f64> {
+fn rate_since(report: &StatsReport, since_ms: i64, events: u64) -> Result<f64> {
     if report.done < events {
         anyhow::bail!("the processor handled {} of {events} events", report.done);
     }
@@ -444,7 +444,7 @@ fn rate_since(report: &ProbeReport, since_ms: i64, events: u64) -> Result<f64> {
 
 /// Events/s per whole second, from a report's timeline, starting at `since_ms`
 /// and ending once `expected` events are done.
-fn throughput(report: &ProbeReport, since_ms: i64, expected: u64) -> Vec<(f64, f64)> {
+fn throughput(report: &StatsReport, since_ms: i64, expected: u64) -> Vec<(f64, f64)> {
     let offset = (since_ms - report.started_unix_ms) as f64 / 1000.0;
     let mut points = Vec::new();
     let mut previous: Option<(f64, u64)> = None;
@@ -505,7 +505,7 @@ mod tests {
 
     #[test]
     fn throughput_is_per_second_after_the_start() {
-        let report = ProbeReport {
+        let report = StatsReport {
             started_unix_ms: 1_000,
             timeline: vec![
                 (0.5, 0),
@@ -515,7 +515,7 @@ mod tests {
                 (3.5, 350),
                 (4.0, 400),
             ],
-            ..ProbeReport::default()
+            ..StatsReport::default()
         };
         // The data became visible 1 s after the process started.
         let points = throughput(&report, 2_000, 1_000);
@@ -539,10 +539,10 @@ mod tests {
 
     #[test]
     fn a_rate_needs_every_event_done() {
-        let report = ProbeReport {
+        let report = StatsReport {
             done: 10,
             last_done_unix_ms: Some(3_000),
-            ..ProbeReport::default()
+            ..StatsReport::default()
         };
         assert_eq!(rate_since(&report, 1_000, 10).expect("rate"), 5.0);
         assert!(rate_since(&report, 1_000, 11).is_err());

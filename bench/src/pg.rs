@@ -2,9 +2,9 @@
 //! limits (server-side decoding, `pg_recvlogical`), the bare claim query and
 //! the paced inserter of the latency stage.
 
-use crate::config::PostgresConfig;
-use crate::decode::OutboxEvent;
-use crate::outbox::{self, migrate};
+use activity_event_processor::config::PostgresConfig;
+use activity_event_processor::decode::OutboxEvent;
+use activity_event_processor::outbox::{self, migrate};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
