@@ -1,6 +1,7 @@
-//! `bench`: every stage of the pipeline measured beside its physical limit,
-//! in one run, on fresh databases, so that ratios stay meaningful on a noisy
-//! machine. The numbered stages follow the README's "Performance" section:
+//! The benchmark (`event-processor-bench`, run by `scripts/bench.sh`): every
+//! stage of the pipeline measured beside its physical limit, in one run, on
+//! fresh databases, so that ratios stay meaningful on a noisy machine. The
+//! numbered stages follow the README's "Performance" section:
 //!
 //! 1. load: a generated history inserted with `COPY`;
 //! 2. capture limits: PostgreSQL's own decoding with no client
