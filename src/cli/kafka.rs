@@ -33,7 +33,8 @@ pub struct RelayArgs {
     /// Exit 0 once every outbox row committed before the start is published.
     #[arg(long)]
     pub until_caught_up: bool,
-    /// (Published events count as applied, unpublishable rows as dead-lettered.)
+    // In the stats file, published events count as applied and
+    // unpublishable rows as dead-lettered.
     #[command(flatten)]
     pub stats: super::StatsFileArgs,
 }
