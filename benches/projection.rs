@@ -13,7 +13,7 @@
 //! ```
 //! Under `cargo test --all-targets` it runs as a quick smoke test.
 
-use activity_event_processor::history::{generate, HistoryOptions};
+use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::projection::Projector;
 use activity_event_processor::store::mongo::MongoStore;
 use mongodb::bson::doc;

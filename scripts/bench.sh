@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The benchmark in one command: installs prerequisites, builds the release binary,
+# The benchmark in one command: installs prerequisites, builds the release binaries
+# (`event-processor` and the benchmark's own `event-processor-bench`, crate bench/),
 # starts its own fresh services (PostgreSQL, MongoDB-wire SecantusDB, Kafka-API tansu)
-# in a private state dir, runs `event-processor bench` and stops the services again.
+# in a private state dir, runs `event-processor-bench` and stops the services again.
 # Results: bench/results/<timestamp>.json, -latency.svg, -throughput.svg.
-# Arguments go to `bench`, e.g. scripts/bench.sh --events 50000 --compare bench/results/X.json
+# Arguments go to the benchmark, e.g. scripts/bench.sh --events 50000 --compare bench/results/X.json
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -13,8 +14,8 @@ cargo_on_path
 banner "setup (scripts/setup.sh)"
 bash scripts/setup.sh
 
-banner "building event-processor (release)"
-cargo build --release --locked --quiet
+banner "building event-processor and event-processor-bench (release)"
+cargo build --release --locked --quiet --workspace
 
 export SERVICES_DIR=${BENCH_SERVICES_DIR:-$PWD/.services/bench-$$}
 cleanup() {
@@ -29,5 +30,6 @@ banner "starting fresh services ($SERVICES_DIR)"
 services_env=$(bash scripts/services.sh up pg mongo kafka)
 eval "$services_env"
 
-banner "event-processor bench $*"
-target/release/event-processor bench "$@"
+banner "event-processor-bench $*"
+# It measures the event-processor binary beside it (target/release).
+target/release/event-processor-bench "$@"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (also what CI runs): installs prerequisites, starts its own
 # services (PostgreSQL, MongoDB-wire SecantusDB, Kafka-API tansu) in a private state dir,
-# runs rustfmt, clippy, every test target (built with the crash points of the
+# runs rustfmt, clippy, every test target of the workspace (the product, the benchmark
+# in bench/ and the histories in history/; built with the crash points of the
 # `failpoints` feature, which tests/fault_matrix.rs needs) and the fuzz targets
 # (scripts/fuzz.sh, 20 s each), and always stops the services at the end.
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
@@ -35,13 +36,13 @@ if [[ -f Cargo.lock ]]; then locked=(--locked); fi
 banner "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-banner "cargo clippy --all-targets ${locked[*]} -- -D warnings"
-cargo clippy --all-targets "${locked[@]}" -- -D warnings
+banner "cargo clippy --workspace --all-targets ${locked[*]} -- -D warnings"
+cargo clippy --workspace --all-targets "${locked[@]}" -- -D warnings
 
 # The crash points (src/failpoint.rs) exist only with the `failpoints` feature:
 # the tests run with it (tests/fault_matrix.rs needs it), so clippy checks it too.
-banner "cargo clippy --all-targets --features failpoints ${locked[*]} -- -D warnings"
-cargo clippy --all-targets --features failpoints "${locked[@]}" -- -D warnings
+banner "cargo clippy --workspace --all-targets --features failpoints ${locked[*]} -- -D warnings"
+cargo clippy --workspace --all-targets --features failpoints "${locked[@]}" -- -D warnings
 
 banner "the plain build has no crash points"
 # Without the feature the `fail` crate is not even in the dependency graph.
@@ -51,10 +52,11 @@ if cargo tree "${locked[@]}" --edges normal --prefix none | grep -q '^fail v'; t
 fi
 echo "ok: no fail crate without --features failpoints"
 
-# Every test binary runs even when one fails, so one run names every failure.
-banner "cargo test --all-targets --no-fail-fast --features failpoints ${locked[*]} $*"
+# Every test binary runs even when one fails, so one run names every failure. The
+# benchmark's test runs the event-processor binary this builds (same target folder).
+banner "cargo test --workspace --all-targets --no-fail-fast --features failpoints ${locked[*]} $*"
 log=$(mktemp)
-cargo test --all-targets --no-fail-fast --features failpoints "${locked[@]}" "$@" 2>&1 | tee "$log"
+cargo test --workspace --all-targets --no-fail-fast --features failpoints "${locked[@]}" "$@" 2>&1 | tee "$log"
 
 # The fuzz targets, a bounded time each (FUZZ_SECONDS, default 20; 0 skips them).
 fuzz_seconds=${FUZZ_SECONDS:-20}

@@ -22,7 +22,6 @@
 //! Delivery guarantee: the transport is at-least-once; the projections are
 //! idempotent and fenced per aggregate, so the effects are exactly-once.
 
-pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -30,15 +29,14 @@ pub mod counters;
 pub mod dead_letter;
 pub mod decode;
 pub mod failpoint;
-pub mod history;
 pub mod outbox;
 pub mod policy;
-pub mod probe;
 pub mod projection;
 pub mod relay;
 pub mod route;
 pub mod runtime;
 pub mod sink;
 pub mod source;
+pub mod stats_file;
 pub mod store;
 pub mod telemetry;

@@ -7,8 +7,8 @@
 mod common;
 use common::kafka;
 
+use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::decode::OutboxEvent;
-use activity_event_processor::history::{generate, HistoryOptions};
 use common::pipeline::{kill_9, Stage};
 use std::process::Child;
 use std::time::{Duration, Instant};

@@ -14,8 +14,8 @@
 mod common;
 use common::kafka;
 
+use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::checkpoint::{CheckpointError, MongoCheckpoint};
-use activity_event_processor::history::{generate, HistoryOptions};
 use common::mongo::TestMongo;
 use common::pipeline::{wait_with_timeout, Stage};
 use std::time::Duration;

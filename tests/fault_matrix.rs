@@ -34,10 +34,10 @@ mod matrix {
     use super::common::crash::{self, spawn};
     use super::common::kafka::{self, Proc, Slots};
     use super::common::pipeline::Stage;
+    use activity_event_history::{generate, HistoryOptions};
     use activity_event_processor::checkpoint::CHECKPOINTS;
     use activity_event_processor::decode::OutboxEvent;
     use activity_event_processor::failpoint::{self as fp, ALL};
-    use activity_event_processor::history::{generate, HistoryOptions};
     use mongodb::bson::doc;
     use std::io::Write;
     use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 mod common;
 use common::kafka;
 
-use activity_event_processor::history::{generate, HistoryOptions};
+use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::projection::fold::ReferenceFold;
 use activity_event_processor::store::mongo::USERS;
 use common::pipeline::Stage;

@@ -8,7 +8,7 @@
 mod common;
 use common::kafka;
 
-use activity_event_processor::history::{generate, HistoryOptions};
+use activity_event_history::{generate, HistoryOptions};
 use common::mongo::{fail_command_off, FAILPOINT};
 use common::pipeline::{kill_9, Stage};
 use mongodb::bson::{doc, Document};

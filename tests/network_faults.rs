@@ -10,7 +10,7 @@
 
 mod common;
 
-use activity_event_processor::history::{generate, HistoryOptions};
+use activity_event_history::{generate, HistoryOptions};
 use common::faults::{
     confirmed_flush, mongo_checkpoint, play_faults, spawn_run, stop_gracefully,
     wait_converged_alive, wait_finished, write_slowly,

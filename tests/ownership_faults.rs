@@ -8,8 +8,8 @@
 
 mod common;
 
+use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::decode::OutboxEvent;
-use activity_event_processor::history::{generate, HistoryOptions};
 use common::faults::{
     line_count, lines_with, log_path, logged_at, longest_unowned_streaming, spawn_run, streamers,
     wait_finished, wait_for_line, write_slowly, OwnershipWatch,

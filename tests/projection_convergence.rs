@@ -4,8 +4,8 @@
 
 mod common;
 
+use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::decode::OutboxEvent;
-use activity_event_processor::history::{generate, HistoryOptions};
 use activity_event_processor::projection::fold::ReferenceFold;
 use activity_event_processor::projection::Projector;
 use common::mongo::TestMongo;

@@ -5,7 +5,7 @@
 
 mod common;
 
-use activity_event_processor::history::{generate, HistoryOptions};
+use activity_event_history::{generate, HistoryOptions};
 use common::pipeline::{kill_9, Stage};
 use common::services::OwnServices;
 use mongodb::bson::doc;

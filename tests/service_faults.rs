@@ -6,7 +6,7 @@
 mod common;
 use common::kafka;
 
-use activity_event_processor::history::{generate, HistoryOptions};
+use activity_event_history::{generate, HistoryOptions};
 use common::pipeline::{kill_9, Stage};
 use std::time::Duration;
 

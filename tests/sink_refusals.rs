@@ -6,9 +6,9 @@
 
 mod common;
 
+use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::dead_letter::DeadLetter;
 use activity_event_processor::decode::OutboxEvent;
-use activity_event_processor::history::{generate, HistoryOptions};
 use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
 use activity_event_processor::projection::Projector;
 use activity_event_processor::store::mongo::DEAD_LETTERS;

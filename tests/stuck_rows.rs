@@ -7,7 +7,7 @@
 mod common;
 use common::kafka;
 
-use activity_event_processor::history::{generate, HistoryOptions};
+use activity_event_history::{generate, HistoryOptions};
 use common::pipeline::Stage;
 use mongodb::bson::doc;
 use std::time::Duration;

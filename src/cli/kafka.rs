@@ -3,7 +3,6 @@
 use super::flags::{self, Overrides};
 use crate::config::{Config, KafkaConfig};
 use crate::counters::Stats;
-use crate::probe::Probe;
 use crate::relay;
 use crate::runtime::Shared;
 use crate::source::kafka::{base_config, is_unreachable, topic_partitions, QuietContext};
@@ -22,10 +21,10 @@ pub struct RelayArgs {
     /// Exit 0 once every outbox row committed before the start is published.
     #[arg(long)]
     pub until_caught_up: bool,
-    /// Write `bench`'s measurements to this file while running (published
-    /// events count as applied, unpublishable rows as dead-lettered).
-    #[arg(long, hide = true, value_name = "PATH")]
-    pub bench_report: Option<std::path::PathBuf>,
+    // In the stats file, published events count as applied and
+    // unpublishable rows as dead-lettered.
+    #[command(flatten)]
+    pub stats: super::StatsFileArgs,
 }
 
 #[derive(Args, Debug)]
@@ -67,30 +66,19 @@ pub async fn relay(
 ) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     // Published events count as applied, unpublishable rows as dead-lettered.
-    let probe = args
-        .bench_report
-        .clone()
-        .map(|path| Probe::new(path, stats.clone(), false));
-    let shared = Shared {
-        config: config.pipeline.clone(),
-        shutdown,
-        stats: stats.clone(),
-        until_caught_up: args.until_caught_up,
-        probe: probe.clone(),
-    };
-    let probe_stop = CancellationToken::new();
-    let probe_writer = probe.as_ref().map(|p| p.spawn_writer(probe_stop.clone()));
-    let result = relay::run(&config, &shared).await;
-    probe_stop.cancel();
-    if let Some(writer) = probe_writer {
-        let _ = writer.await;
-    }
-    if let Some(probe) = &probe {
-        probe
-            .write(true)
-            .map_err(|e| anyhow::anyhow!("cannot write the bench report: {e}"))?;
-    }
-    result?;
+    super::with_stats_file(&args.stats, stats.clone(), |stats_file| async {
+        let shared = Shared {
+            config: config.pipeline.clone(),
+            shutdown,
+            stats: stats.clone(),
+            until_caught_up: args.until_caught_up,
+            stats_file,
+        };
+        relay::run(&config, &shared)
+            .await
+            .map_err(anyhow::Error::from)
+    })
+    .await?;
     tracing::info!(
         relayed = stats.applied.load(Ordering::Relaxed),
         batches = stats.batches.load(Ordering::Relaxed),

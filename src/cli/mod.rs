@@ -7,11 +7,14 @@ pub mod run;
 pub mod show;
 
 use crate::config::{self, Config, ConfigError, EnvMap, Flag};
+use crate::counters::Stats;
 use crate::outbox;
+use crate::stats_file::StatsFile;
 use crate::telemetry::Chain;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Exit status for a configuration problem (as for a usage error).
 pub const EXIT_CONFIG: u8 = 2;
@@ -63,8 +66,35 @@ pub enum Command {
     Relay(kafka::RelayArgs),
     /// Kafka administration: `kafka topics create [--partitions N] [TOPIC...]`.
     Kafka(kafka::KafkaArgs),
-    /// Measure every stage beside its physical limit, on fresh databases (see README "Performance").
-    Bench(crate::bench::BenchArgs),
+}
+
+/// `--stats-file`, on `run` and `relay`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct StatsFileArgs {
+    /// Keep this JSON file current (every 250 ms and at exit) with the
+    /// counters, throughput, CPU time, peak RSS and the distribution of
+    /// commit-to-durable latencies (README "Stats file").
+    #[arg(long, value_name = "PATH")]
+    pub stats_file: Option<PathBuf>,
+}
+
+/// Runs `job`, keeping the stats file current if one is asked for.
+async fn with_stats_file<T, F, Fut>(
+    args: &StatsFileArgs,
+    stats: Arc<Stats>,
+    job: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(Option<Arc<StatsFile>>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let Some(path) = &args.stats_file else {
+        return job(None).await;
+    };
+    let file = StatsFile::new(path.clone(), stats);
+    let (result, written) = file.around(job(Some(file.clone()))).await;
+    written.map_err(|e| anyhow::anyhow!("cannot write the stats file {}: {e}", path.display()))?;
+    result
 }
 
 /// Runs the parsed command line; the binary's whole body.
@@ -101,20 +131,12 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let log_level = match &cli.command {
-        // `bench` migrates a dozen fresh databases: their lines are noise there.
-        Command::Bench(_) => format!(
-            "{},activity_event_processor::outbox::migrate=warn",
-            config.log_level
-        ),
-        _ => config.log_level.clone(),
-    };
-    crate::telemetry::init_logging(&log_level, config.log_format, config.secrets());
+    crate::telemetry::init_logging(&config.log_level, config.log_format, config.secrets());
     // Errors come from drivers and libraries too: clear them of every secret.
     let scrubber = config.clone();
     // One thread: the work is I/O-bound, and a second thread only adds
-    // cross-thread wake-ups (measured by `bench`: 1.5x the CPU per captured
-    // event of one thread, at no gain in events/s).
+    // cross-thread wake-ups (measured: 1.5x the CPU per captured event of
+    // one thread, at no gain in events/s).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -204,9 +226,6 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 .await;
         }
         Command::Kafka(args) => kafka::execute(&config, &args).await?,
-        Command::Bench(args) => {
-            crate::bench::run(config, args).await?;
-        }
         Command::Show(args) => {
             let store = crate::store::mongo::MongoStore::connect(
                 config.mongodb.uri.expose(),

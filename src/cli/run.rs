@@ -11,7 +11,6 @@ use crate::checkpoint::MongoCheckpoint;
 use crate::config::{Config, SourceKind};
 use crate::counters::Stats;
 use crate::policy::{Classify, ErrorClass};
-use crate::probe::Probe;
 use crate::projection::Projector;
 use crate::runtime::{OutboxMarker, Pipeline, Retry, Shared};
 use crate::sink::{DiscardSink, MongoSink, Sink};
@@ -43,12 +42,8 @@ pub struct RunArgs {
     /// slot's own position).
     #[arg(long, value_name = "project|discard", default_value = "project")]
     pub sink: String,
-    /// Write `bench`'s measurements to this file while running.
-    #[arg(long, hide = true, value_name = "PATH")]
-    pub bench_report: Option<std::path::PathBuf>,
-    /// With --bench-report: record each event's commit-to-durable latency.
-    #[arg(long, hide = true)]
-    pub bench_latency: bool,
+    #[command(flatten)]
+    pub stats: super::StatsFileArgs,
 }
 
 /// Connects to MongoDB, retrying while it is unreachable (a transient state),
@@ -188,49 +183,37 @@ pub async fn run(
         }
     };
     let stats = Arc::new(Stats::default());
-    let probe = args
-        .bench_report
-        .clone()
-        .map(|path| Probe::new(path, stats.clone(), args.bench_latency));
-    let shared = Shared {
-        config: config.pipeline.clone(),
-        shutdown,
-        stats: stats.clone(),
-        until_caught_up: args.until_caught_up,
-        probe: probe.clone(),
-    };
-    let probe_stop = CancellationToken::new();
-    let probe_writer = probe.as_ref().map(|p| p.spawn_writer(probe_stop.clone()));
-    let result = match store {
-        Some(store) => {
-            let mut sink = MongoSink::new(Projector::new(store.clone()));
-            if config.source == SourceKind::Kafka {
-                // An aggregate's creation may still be on its way (another
-                // partition): the source tries such events again.
-                sink = sink.deferring(config.pipeline.max_retries);
+    let result = super::with_stats_file(&args.stats, stats.clone(), |stats_file| async {
+        let shared = Shared {
+            config: config.pipeline.clone(),
+            shutdown,
+            stats: stats.clone(),
+            until_caught_up: args.until_caught_up,
+            stats_file,
+        };
+        match store {
+            Some(store) => {
+                let mut sink = MongoSink::new(Projector::new(store.clone()));
+                if config.source == SourceKind::Kafka {
+                    // An aggregate's creation may still be on its way (another
+                    // partition): the source tries such events again.
+                    sink = sink.deferring(config.pipeline.max_retries);
+                }
+                let deferral = sink.deferral_stats();
+                let result = run_source(&config, &shared, Some(store), sink).await;
+                if let Some(deferral) = deferral {
+                    tracing::info!(
+                        expired = deferral.expired.load(Ordering::Relaxed),
+                        out_of_order = deferral.out_of_order.load(Ordering::Relaxed),
+                        "deferred events dead-lettered"
+                    );
+                }
+                result
             }
-            let deferral = sink.deferral_stats();
-            let result = run_source(&config, &shared, Some(store), sink).await;
-            if let Some(deferral) = deferral {
-                tracing::info!(
-                    expired = deferral.expired.load(Ordering::Relaxed),
-                    out_of_order = deferral.out_of_order.load(Ordering::Relaxed),
-                    "deferred events dead-lettered"
-                );
-            }
-            result
+            None => run_source(&config, &shared, None, DiscardSink).await,
         }
-        None => run_source(&config, &shared, None, DiscardSink).await,
-    };
-    probe_stop.cancel();
-    if let Some(writer) = probe_writer {
-        let _ = writer.await;
-    }
-    if let Some(probe) = &probe {
-        probe
-            .write(true)
-            .map_err(|e| anyhow::anyhow!("cannot write the bench report: {e}"))?;
-    }
+    })
+    .await;
     result?;
     let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     tracing::info!(

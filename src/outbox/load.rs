@@ -1,5 +1,6 @@
 //! Bulk loading of events into the outbox with binary `COPY` (the fastest way
-//! in): for tests, demos and `bench`. The write side itself inserts row by row.
+//! in), for loading many generated events at once. The write side itself
+//! inserts row by row.
 
 use super::OutboxError;
 use crate::decode::OutboxEvent;

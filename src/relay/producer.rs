@@ -84,8 +84,8 @@ pub struct Producer {
 }
 
 /// The relay's producer: idempotent, `acks=all`, no local timeout, murmur2
-/// partitions (also what `bench` measures raw produce with).
-pub(crate) fn create(config: &KafkaConfig) -> Result<FutureProducer<QuietContext>, RelayError> {
+/// partitions.
+pub fn create(config: &KafkaConfig) -> Result<FutureProducer<QuietContext>, RelayError> {
     let mut client = base_config(config);
     client
         .set("enable.idempotence", "true")

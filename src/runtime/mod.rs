@@ -26,9 +26,9 @@ use crate::checkpoint::{CheckpointError, MongoCheckpoint};
 use crate::config::PipelineConfig;
 use crate::failpoint::{self, crash_point};
 use crate::policy::{describe, Classify, ErrorClass};
-use crate::probe::Probe;
 use crate::sink::{Sink, SinkReport};
 use crate::source::{BatchOutcome, Source, SourceBatch};
+use crate::stats_file::StatsFile;
 use progress::Progress;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -114,7 +114,7 @@ pub struct Shared {
     pub until_caught_up: bool,
     /// The stats file (`durable` after each sink write, `batch_done` after
     /// counting).
-    pub probe: Option<Arc<Probe>>,
+    pub stats_file: Option<Arc<StatsFile>>,
 }
 
 /// One worker: a source, a sink, and what lies between.
@@ -247,8 +247,8 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             return Ok(false);
         };
         crash_point(points.after_write);
-        if let Some(probe) = &self.shared.probe {
-            probe.durable(&batch.events);
+        if let Some(stats_file) = &self.shared.stats_file {
+            stats_file.durable(&batch.events);
         }
         let outcome = BatchOutcome {
             dead_letters: report.dead_letters.clone(),
@@ -261,7 +261,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         crash_point(points.before_ack);
         self.acknowledge(batch.ack, &outcome).await?;
         crash_point(points.after_ack);
-        count(&self.shared.stats, &report, self.shared.probe.as_deref());
+        count(
+            &self.shared.stats,
+            &report,
+            self.shared.stats_file.as_deref(),
+        );
         for letter in &outcome.dead_letters {
             tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
         }
@@ -398,7 +402,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
 }
 
 /// Adds what a batch did to the counters, then tells the stats file.
-fn count(stats: &Stats, report: &SinkReport, probe: Option<&Probe>) {
+fn count(stats: &Stats, report: &SinkReport, stats_file: Option<&StatsFile>) {
     let add = |counter: &std::sync::atomic::AtomicU64, n: u64| {
         counter.fetch_add(n, Ordering::Relaxed);
     };
@@ -412,8 +416,8 @@ fn count(stats: &Stats, report: &SinkReport, probe: Option<&Probe>) {
     add(&stats.batches, 1);
     add(&stats.round_trips, u64::from(report.round_trips));
     add(&stats.documents_written, report.documents_written);
-    if let Some(probe) = probe {
-        probe.batch_done();
+    if let Some(stats_file) = stats_file {
+        stats_file.batch_done();
     }
 }
 
@@ -425,13 +429,23 @@ mod tests {
     /// What the relay's sink reports (published events applied, unpublishable
     /// rows dead-lettered) reaches the stats file through the runtime's count.
     #[test]
-    fn the_bench_report_counts_published_batches() {
-        let dir = std::env::temp_dir().join(format!("relay-probe-{}", std::process::id()));
+    fn the_stats_file_counts_published_batches() {
+        let dir = std::env::temp_dir().join(format!("relay-stats-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("report.json");
+        let path = dir.join("stats.json");
         let stats = Arc::new(Stats::default());
-        let probe = Probe::new(path.clone(), stats.clone(), false);
-        let events = crate::history::generate(1, &crate::history::HistoryOptions::realistic(3));
+        let file = StatsFile::new(path.clone(), stats.clone());
+        let event = |created_at| crate::decode::OutboxEvent {
+            event_id: uuid::Uuid::new_v4(),
+            sequence_id: Some(1),
+            aggregate_id: uuid::Uuid::new_v4(),
+            aggregate_type: "User".into(),
+            event_type: "UserCreated".into(),
+            payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}),
+            created_at,
+        };
+        let now = chrono::Utc::now();
+        let events = [event(Some(now)), event(Some(now)), event(None)];
         let letter = |event: &crate::decode::OutboxEvent| DeadLetter {
             event: event.clone(),
             error: "malformed".into(),
@@ -442,19 +456,20 @@ mod tests {
             dead_letters: (0..dead).map(|_| letter(&events[0])).collect(),
             ..SinkReport::default()
         };
-        probe.durable(&events);
-        count(&stats, &published(&events, 0), Some(&probe));
-        probe.durable(&events[..1]);
-        count(&stats, &published(&events[..1], 2), Some(&probe));
-        probe.write(true).expect("write");
-        let report: crate::probe::ProbeReport =
+        file.durable(&events);
+        count(&stats, &published(&events, 0), Some(&file));
+        file.durable(&events[..1]);
+        count(&stats, &published(&events[..1], 2), Some(&file));
+        file.write(true).expect("write");
+        let report: crate::stats_file::StatsReport =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
         assert_eq!(report.applied, 4);
         assert_eq!(report.dead_lettered, 2);
         assert_eq!(report.done, 6);
         assert_eq!(report.batches, 2);
         assert!(report.last_done_unix_ms.is_some());
-        assert!(report.latencies_us.is_empty());
+        // Commit-to-durable latency of the events that have a `created_at`.
+        assert_eq!(report.latency.count, 3);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -158,8 +158,8 @@ pub struct ReplicationSource {
     sweeper: Box<sweep::Sweeper>,
 }
 
-/// The slot's confirmed position, if the slot exists (for the no-op sink of
-/// `bench`, which keeps no checkpoint of its own).
+/// The slot's confirmed position, if the slot exists (for the discard sink,
+/// which keeps no checkpoint of its own).
 pub async fn slot_position(pg: &PostgresConfig, slot: &str) -> Result<Option<u64>, SourceError> {
     let admin = setup::connect(pg).await?;
     Ok(setup::slot_info(&admin, slot, &pg.database)

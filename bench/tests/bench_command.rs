@@ -1,25 +1,68 @@
-//! `event-processor bench` end to end on the real services, at a small size:
+//! `event-processor-bench` end to end on the real services, at a small size:
 //! every stage runs, every figure is there and sane, the ratios are the
 //! quotients of their figures, the charts are written, `--compare` reads an
 //! earlier file, and bad arguments are refused. (How fast things are is the
 //! benchmark's business, never a test's: nothing here asserts a speed.)
+//!
+//! The processes it measures are the product's `event-processor` binary,
+//! found in the shared target folder (`cargo test --workspace` builds it).
 
-mod common;
-
-use activity_event_processor::bench::report::Results;
+use activity_event_bench::report::Results;
 use std::path::{Path, PathBuf};
 
+/// A variable `scripts/services.sh up` exports.
+fn service_env(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| {
+        panic!(
+            "{key} is not set: this test needs the real services. Start them with\n    \
+             eval \"$(scripts/services.sh up)\"\n(or run the whole suite with scripts/test.sh)"
+        )
+    })
+}
+
+/// The product's binary, beside the benchmark's in the target folder.
+fn processor_binary() -> String {
+    let path =
+        Path::new(env!("CARGO_BIN_EXE_event-processor-bench")).with_file_name("event-processor");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build --workspace` (or run `cargo test --workspace`)",
+        path.display()
+    );
+    path.to_string_lossy().to_string()
+}
+
 fn env() -> Vec<(&'static str, String)> {
-    let pg = common::postgres_config("postgres");
     vec![
-        ("POSTGRES_HOST", pg.host.clone()),
-        ("POSTGRES_PORT", pg.port.to_string()),
+        ("POSTGRES_HOST", service_env("POSTGRES_HOST")),
+        ("POSTGRES_PORT", service_env("POSTGRES_PORT")),
         ("POSTGRES_DB", "postgres".to_string()),
-        ("POSTGRES_USER", pg.user.clone()),
-        ("MONGODB_URI", common::mongo::mongodb_uri()),
-        ("KAFKA_BROKERS", common::kafka::brokers()),
+        (
+            "POSTGRES_USER",
+            std::env::var("POSTGRES_USER").unwrap_or_else(|_| "postgres".into()),
+        ),
+        ("MONGODB_URI", service_env("MONGODB_URI")),
+        ("KAFKA_BROKERS", service_env("KAFKA_BROKERS")),
         ("LOG_LEVEL", "warn".to_string()),
+        ("EVENT_PROCESSOR_BIN", processor_binary()),
     ]
+}
+
+/// Runs the benchmark's binary with `env` added to a clean environment.
+fn run_bench(args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_event-processor-bench"));
+    command.args(args).env_clear();
+    for key in ["PATH", "HOME"] {
+        if let Ok(value) = std::env::var(key) {
+            command.env(key, value);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    // No `.env` of the developer's may leak in.
+    command.current_dir(std::env::temp_dir());
+    command.output().expect("run event-processor-bench")
 }
 
 fn out_dir(name: &str) -> PathBuf {
@@ -57,9 +100,8 @@ fn figure(results: &Results, id: &str) -> f64 {
 fn bench_measures_every_stage_and_writes_its_results() {
     let dir = out_dir("full");
     let out = dir.to_string_lossy().to_string();
-    let output = common::run_binary(
+    let output = run_bench(
         &[
-            "bench",
             "--events",
             "3000",
             "--sink-events",
@@ -190,9 +232,8 @@ fn bench_measures_every_stage_and_writes_its_results() {
 
     // --compare: a quick second run shows the change against the first.
     let again = out_dir("again");
-    let output = common::run_binary(
+    let output = run_bench(
         &[
-            "bench",
             "--events",
             "500",
             "--skip",
@@ -222,20 +263,14 @@ fn bench_measures_every_stage_and_writes_its_results() {
 fn bench_refuses_bad_arguments_before_touching_anything() {
     let dir = out_dir("bad");
     let out = dir.to_string_lossy().to_string();
-    let output = common::run_binary(&["bench", "--skip", "warp-drive", "--out", &out], &env());
+    let output = run_bench(&["--skip", "warp-drive", "--out", &out], &env());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("`warp-drive` is not a stage"), "{stderr}");
 
     let missing = dir.join("nope.json");
-    let output = common::run_binary(
-        &[
-            "bench",
-            "--compare",
-            &missing.to_string_lossy(),
-            "--out",
-            &out,
-        ],
+    let output = run_bench(
+        &["--compare", &missing.to_string_lossy(), "--out", &out],
         &env(),
     );
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -1,6 +1,7 @@
-//! `bench`: every stage of the pipeline measured beside its physical limit,
-//! in one run, on fresh databases, so that ratios stay meaningful on a noisy
-//! machine. The numbered stages follow the README's "Performance" section:
+//! The benchmark (`event-processor-bench`, run by `scripts/bench.sh`): every
+//! stage of the pipeline measured beside its physical limit, in one run, on
+//! fresh databases, so that ratios stay meaningful on a noisy machine. The
+//! numbered stages follow the README's "Performance" section:
 //!
 //! 1. load: a generated history inserted with `COPY`;
 //! 2. capture limits: PostgreSQL's own decoding with no client
@@ -14,7 +15,7 @@
 //! 9. Kafka: the relay beside raw produce, the kafka source beside raw consume.
 //!
 //! Every `run` is a child process (its CPU time and RSS are its own), watched
-//! through the file its hidden `--bench-report` flag writes.
+//! through its stats file (`--stats-file`).
 
 mod capture;
 pub mod chart;
@@ -24,11 +25,11 @@ mod pg;
 pub mod report;
 mod sink;
 
-use crate::config::Config;
-use crate::decode::OutboxEvent;
-use crate::history::{generate, HistoryOptions};
-use crate::probe::ProbeReport;
-use crate::store::mongo::MongoStore;
+use activity_event_history::{generate, HistoryOptions};
+use activity_event_processor::config::Config;
+use activity_event_processor::decode::OutboxEvent;
+use activity_event_processor::stats_file::{LatencyReport, StatsReport};
+use activity_event_processor::store::mongo::MongoStore;
 use anyhow::{Context, Result};
 use child::Child;
 use clap::Args;
@@ -112,7 +113,7 @@ pub async fn run(config: Config, args: BenchArgs) -> Result<PathBuf> {
     let stamp = started_at.format("%Y%m%dT%H%M%SZ").to_string();
     let dir = args.out.join(format!("{stamp}-logs"));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let admin = crate::outbox::connect(&config.postgres).await?;
+    let admin = activity_event_processor::outbox::connect(&config.postgres).await?;
     let mut bench = Bench {
         results: Results {
             format: report::FORMAT_VERSION,
@@ -256,7 +257,7 @@ impl Bench {
     /// Environment for a child `run` against `pg`.
     fn child_env(
         &self,
-        pg: &crate::config::PostgresConfig,
+        pg: &activity_event_processor::config::PostgresConfig,
         slot: &str,
         source: &str,
     ) -> Vec<(&'static str, String)> {
@@ -431,7 +432,7 @@ impl Bench {
 }
 
 /// events / (time from `since_ms` to the child's last durable batch).
-fn rate_since(report: &ProbeReport, since_ms: i64, events: u64) -> Result<f64> {
+fn rate_since(report: &StatsReport, since_ms: i64, events: u64) -> Result<f64> {
     if report.done < events {
         anyhow::bail!("the processor handled {} of {events} events", report.done);
     }
@@ -444,7 +445,7 @@ fn rate_since(report: &ProbeReport, since_ms: i64, events: u64) -> Result<f64> {
 
 /// Events/s per whole second, from a report's timeline, starting at `since_ms`
 /// and ending once `expected` events are done.
-fn throughput(report: &ProbeReport, since_ms: i64, expected: u64) -> Vec<(f64, f64)> {
+fn throughput(report: &StatsReport, since_ms: i64, expected: u64) -> Vec<(f64, f64)> {
     let offset = (since_ms - report.started_unix_ms) as f64 / 1000.0;
     let mut points = Vec::new();
     let mut previous: Option<(f64, u64)> = None;
@@ -467,6 +468,18 @@ fn throughput(report: &ProbeReport, since_ms: i64, expected: u64) -> Vec<(f64, f
         }
     }
     points
+}
+
+/// The latencies of a stats file, milliseconds, sorted: each bucket's events
+/// at its upper bound (at most 1/128 above the true value), kept within the
+/// exact minimum and maximum.
+fn latencies_ms(latency: &LatencyReport) -> Vec<f64> {
+    let mut values = Vec::with_capacity(latency.count as usize);
+    for &(_, high, count) in &latency.buckets {
+        let us = high.clamp(latency.min_us, latency.max_us);
+        values.extend(std::iter::repeat_n(us as f64 / 1000.0, count as usize));
+    }
+    values
 }
 
 /// The `p` quantile (0..=1) of sorted values, nearest rank.
@@ -493,7 +506,7 @@ mod tests {
 
     #[test]
     fn throughput_is_per_second_after_the_start() {
-        let report = ProbeReport {
+        let report = StatsReport {
             started_unix_ms: 1_000,
             timeline: vec![
                 (0.5, 0),
@@ -503,7 +516,7 @@ mod tests {
                 (3.5, 350),
                 (4.0, 400),
             ],
-            ..ProbeReport::default()
+            ..StatsReport::default()
         };
         // The data became visible 1 s after the process started.
         let points = throughput(&report, 2_000, 1_000);
@@ -514,11 +527,23 @@ mod tests {
     }
 
     #[test]
+    fn latencies_come_from_the_buckets_within_the_extremes() {
+        let latency = LatencyReport {
+            count: 4,
+            min_us: 1_000,
+            max_us: 2_010,
+            sum_us: 6_020,
+            buckets: vec![(992, 999, 1), (1_000, 1_007, 1), (2_000, 2_015, 2)],
+        };
+        assert_eq!(latencies_ms(&latency), vec![1.0, 1.007, 2.01, 2.01]);
+    }
+
+    #[test]
     fn a_rate_needs_every_event_done() {
-        let report = ProbeReport {
+        let report = StatsReport {
             done: 10,
             last_done_unix_ms: Some(3_000),
-            ..ProbeReport::default()
+            ..StatsReport::default()
         };
         assert_eq!(rate_since(&report, 1_000, 10).expect("rate"), 5.0);
         assert!(rate_since(&report, 1_000, 11).is_err());

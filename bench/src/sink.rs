@@ -104,7 +104,11 @@ impl Bench {
         &self,
         name: &str,
         extra: &[&str],
-    ) -> Result<(Child, crate::config::PostgresConfig, Client)> {
+    ) -> Result<(
+        Child,
+        activity_event_processor::config::PostgresConfig,
+        Client,
+    )> {
         let db = format!("aep_bench_{}", name.replace('-', "_"));
         let (pg, client) = pg::fresh_database(&self.admin, &self.config.postgres, &db).await?;
         self.mongo(&db).await?;
@@ -136,7 +140,10 @@ impl Bench {
         let batch = self.config.pipeline.batch_size.max(1);
         let mut written = 0usize;
         let mut elapsed = 0.0;
-        for collection in [crate::store::mongo::USERS, crate::store::mongo::ACTIVITIES] {
+        for collection in [
+            activity_event_processor::store::mongo::USERS,
+            activity_event_processor::store::mongo::ACTIVITIES,
+        ] {
             let docs = source
                 .find(collection, doc! {}, None)
                 .await
@@ -317,7 +324,7 @@ impl Bench {
                 ..HistoryOptions::realistic(count)
             },
         );
-        let (mut child, _pg, client) = self.follower("latency", &["--bench-latency"]).await?;
+        let (mut child, _pg, client) = self.follower("latency", &[]).await?;
         let mut progress = self.progress_fn("offered load", count as u64);
         let started_ms = chrono::Utc::now().timestamp_millis();
         let offered =
@@ -335,12 +342,7 @@ impl Bench {
             "latency run (50% load)".into(),
             throughput(&report, started_ms, count as u64),
         ));
-        let mut latencies: Vec<f64> = report
-            .latencies_us
-            .iter()
-            .map(|&us| us as f64 / 1000.0)
-            .collect();
-        latencies.sort_by(f64::total_cmp);
+        let latencies = latencies_ms(&report.latency);
         let r = &mut self.results;
         r.push(
             "latency.offered_per_s",

@@ -2,10 +2,11 @@
 //! payloads, a little poison and some unknown event types. Deterministic for a
 //! seed, so a failing test or a benchmark run can be repeated exactly.
 //!
-//! Used by the tests (against the reference fold), by `bench`, and by anyone
-//! who wants a realistic outbox to play with.
+//! Used by the product's tests (against the reference fold) and benches, by
+//! the benchmark (`event-processor-bench`), and by anyone who wants a
+//! realistic outbox to play with.
 
-use crate::decode::OutboxEvent;
+use activity_event_processor::decode::OutboxEvent;
 use chrono::{DateTime, Duration, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

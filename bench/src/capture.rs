@@ -241,7 +241,7 @@ impl Bench {
                     ..HistoryOptions::realistic(size)
                 },
             );
-            crate::outbox::load::copy_events(&client, &events).await?;
+            activity_event_processor::outbox::load::copy_events(&client, &events).await?;
             loaded += size;
             progress(loaded as u64);
         }

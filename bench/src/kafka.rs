@@ -16,11 +16,11 @@
 use super::child::Child;
 use super::report::{Better, Results};
 use super::{pg, rate_since, Bench};
-use crate::config::KafkaConfig;
-use crate::decode::OutboxEvent;
-use crate::probe::ProbeReport;
-use crate::relay::{partition_for, Encoder, Message, Op, Shape, SnapshotMark};
-use crate::source::kafka::{base_config, consumer_config, QuietContext};
+use activity_event_processor::config::KafkaConfig;
+use activity_event_processor::decode::OutboxEvent;
+use activity_event_processor::relay::{partition_for, Encoder, Message, Op, Shape, SnapshotMark};
+use activity_event_processor::source::kafka::{base_config, consumer_config, QuietContext};
+use activity_event_processor::stats_file::StatsReport;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -72,7 +72,7 @@ pub async fn stage(bench: &mut Bench) -> Result<()> {
 async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Result<()> {
     let n = bench.history.len() as u64;
     bench.results.machine.kafka = Some(describe_broker(kafka).await?);
-    let lines = crate::cli::kafka::create_topics(
+    let lines = activity_event_processor::cli::kafka::create_topics(
         kafka,
         &[names.relayed.clone(), names.raw.clone()],
         PARTITIONS,
@@ -230,7 +230,7 @@ struct ChildCost {
 }
 
 impl ChildCost {
-    fn of(report: &ProbeReport, spawned_ms: i64, events: u64) -> ChildCost {
+    fn of(report: &StatsReport, spawned_ms: i64, events: u64) -> ChildCost {
         ChildCost {
             first_batch_s: report
                 .first_done_unix_ms
@@ -344,7 +344,7 @@ fn message_pool(
 
 /// The relay's own producer settings.
 fn producer(kafka: &KafkaConfig) -> Result<FutureProducer<QuietContext>> {
-    crate::relay::producer::create(kafka).map_err(|e| anyhow::anyhow!("{e}"))
+    activity_event_processor::relay::create_producer(kafka).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Sends `count` messages cycling through `pool` (each to the partition the
@@ -469,12 +469,14 @@ async fn raw_consume(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{generate, HistoryOptions};
+    use activity_event_history::{generate, HistoryOptions};
 
     #[test]
     fn the_pool_samples_the_whole_history_as_the_relay_encodes_it() {
-        let config =
-            crate::config::Config::from_env(&crate::config::EnvMap::new()).expect("default config");
+        let config = activity_event_processor::config::Config::from_env(
+            &activity_event_processor::config::EnvMap::new(),
+        )
+        .expect("default config");
         let history = generate(3, &HistoryOptions::realistic(25_000));
         let pool = message_pool(&history, &config.kafka, "aep_bench_1_raw", "db");
         assert_eq!(pool.len(), 8_334); // every 3rd event

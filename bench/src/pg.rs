@@ -2,9 +2,9 @@
 //! limits (server-side decoding, `pg_recvlogical`), the bare claim query and
 //! the paced inserter of the latency stage.
 
-use crate::config::PostgresConfig;
-use crate::decode::OutboxEvent;
-use crate::outbox::{self, migrate};
+use activity_event_processor::config::PostgresConfig;
+use activity_event_processor::decode::OutboxEvent;
+use activity_event_processor::outbox::{self, migrate};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -149,7 +149,7 @@ pub async fn recvlogical(
     let bin = pg_bindir()
         .context("pg_recvlogical not found: set PGBIN to PostgreSQL's bin folder")?
         .join("pg_recvlogical");
-    let cpu_before = crate::probe::children_cpu_seconds().unwrap_or(0.0);
+    let cpu_before = super::child::children_cpu_seconds().unwrap_or(0.0);
     let started = Instant::now();
     let mut command = tokio::process::Command::new(&bin);
     command
@@ -176,7 +176,7 @@ pub async fn recvlogical(
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    let cpu = crate::probe::children_cpu_seconds().unwrap_or(0.0) - cpu_before;
+    let cpu = super::child::children_cpu_seconds().unwrap_or(0.0) - cpu_before;
     Ok((events as f64 / elapsed.max(1e-6), cpu))
 }
 

@@ -1,7 +1,7 @@
-//! `event-processor` started by `bench` as a child process (so its CPU time and
-//! peak RSS are its own), watched through its `--bench-report` file.
+//! `event-processor` started by the benchmark as a child process (so its CPU
+//! time and peak RSS are its own), watched through its `--stats-file`.
 
-use crate::probe::ProbeReport;
+use activity_event_processor::stats_file::StatsReport;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,10 +14,10 @@ pub struct Child {
 }
 
 impl Child {
-    /// Starts `event-processor <args> --bench-report <dir>/<name>.json` with
+    /// Starts `event-processor <args> --stats-file <dir>/<name>.json` with
     /// `env` added; its stderr goes to `<dir>/<name>.log`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> Result<Child> {
-        let exe = std::env::current_exe().context("cannot find the event-processor binary")?;
+        let exe = processor_binary()?;
         let report = dir.join(format!("{name}.json"));
         let log = dir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&report);
@@ -26,7 +26,7 @@ impl Child {
         let mut command = tokio::process::Command::new(exe);
         command
             .args(args)
-            .arg("--bench-report")
+            .arg("--stats-file")
             .arg(&report)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("LOG_FORMAT", "text")
@@ -46,7 +46,7 @@ impl Child {
     }
 
     /// The latest report, if one was written.
-    pub fn report(&self) -> Option<ProbeReport> {
+    pub fn report(&self) -> Option<StatsReport> {
         let bytes = std::fs::read(&self.report).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
@@ -71,7 +71,7 @@ impl Child {
         expected: u64,
         timeout: Duration,
         mut progress: impl FnMut(u64),
-    ) -> Result<ProbeReport> {
+    ) -> Result<StatsReport> {
         let started = Instant::now();
         loop {
             if let Some(report) = self.report() {
@@ -99,7 +99,7 @@ impl Child {
         mut self,
         timeout: Duration,
         mut progress: impl FnMut(u64),
-    ) -> Result<ProbeReport> {
+    ) -> Result<StatsReport> {
         let started = Instant::now();
         loop {
             if let Ok(Some(status)) = self.process.try_wait() {
@@ -119,7 +119,7 @@ impl Child {
     }
 
     /// SIGTERM, wait for a graceful exit, return the final report.
-    pub async fn stop(mut self) -> Result<ProbeReport> {
+    pub async fn stop(mut self) -> Result<StatsReport> {
         if let Some(pid) = self.process.id() {
             let _ = tokio::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
@@ -137,10 +137,52 @@ impl Child {
         }
     }
 
-    fn final_report(&self) -> Result<ProbeReport> {
+    fn final_report(&self) -> Result<StatsReport> {
         match self.report() {
             Some(report) if report.finished => Ok(report),
             _ => Err(self.failure("exited without its final report")),
         }
+    }
+}
+
+/// The `event-processor` binary: `EVENT_PROCESSOR_BIN` if set, else the one
+/// beside this binary (cargo builds both into the same target folder).
+fn processor_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("EVENT_PROCESSOR_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let me = std::env::current_exe().context("cannot find this binary's folder")?;
+    let path = me.with_file_name("event-processor");
+    if !path.is_file() {
+        anyhow::bail!(
+            "{} not found: build it (`cargo build --release --workspace`) or set EVENT_PROCESSOR_BIN",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// CPU seconds of the children this process has waited for (user + system),
+/// from `/proc/self/stat`.
+pub fn children_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 of the whole line, i.e.
+    // indexes 13 and 14 after "state".
+    let tick = |i: usize| -> Option<f64> { fields.get(i)?.parse::<f64>().ok() };
+    let hz = 100.0; // USER_HZ is 100 on every Linux ABI.
+    Some((tick(13)? + tick(14)?) / hz)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_cpu_of_its_children() {
+        let before = super::children_cpu_seconds().expect("cpu");
+        let status = std::process::Command::new("true").status().expect("true");
+        assert!(status.success());
+        assert!(super::children_cpu_seconds().expect("cpu") >= before);
     }
 }
