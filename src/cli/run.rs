@@ -10,7 +10,7 @@ use super::flags::{self, Overrides};
 use crate::checkpoint::MongoCheckpoint;
 use crate::config::{Config, SourceKind};
 use crate::counters::Stats;
-use crate::policy::{Classify, ErrorClass};
+use crate::policy::{describe, Classify, ErrorClass};
 use crate::projection::Projector;
 use crate::runtime::{OutboxMarker, Pipeline, Retry, Shared};
 use crate::sink::{DiscardSink, MongoSink, Sink};
@@ -61,14 +61,14 @@ async fn connect_store(config: &Config, retry: &Retry) -> anyhow::Result<Option<
                 })
         })
         .await
-        .map_err(|e| anyhow::anyhow!("cannot use MongoDB at {}: {}", e.uri, e.source))?;
+        .map_err(|e| anyhow::anyhow!("cannot use MongoDB at {}: {}", e.uri, describe(&e.source)))?;
     let Some(store) = connected else {
         return Ok(None);
     };
     store
         .ensure_indexes()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot create the read-model indexes: {e}"))?;
+        .map_err(|e| anyhow::Error::new(e).context("cannot create the read-model indexes"))?;
     Ok(Some(store))
 }
 
@@ -95,7 +95,7 @@ async fn start_kafka(config: &Config, retry: &Retry) -> anyhow::Result<Option<Ka
             KafkaSource::start(&config.kafka, &config.pipeline).await
         })
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
+        .map_err(anyhow::Error::new)
 }
 
 /// Waits until this process owns the slot, retrying while PostgreSQL is
@@ -106,7 +106,7 @@ async fn acquire(owner: &SlotOwner, retry: &Retry) -> anyhow::Result<bool> {
             owner.acquire(retry.shutdown()).await
         })
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(anyhow::Error::new)?;
     Ok(owned == Some(true))
 }
 
@@ -254,7 +254,7 @@ async fn run_source<K: Sink + Clone + 'static>(
                     worker_identity(index),
                 )
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(anyhow::Error::new)?;
                 let pipeline = Pipeline::new(source, sink.clone(), shared);
                 let pipeline = if index == 0 {
                     pipeline
@@ -313,7 +313,7 @@ async fn run_replication<K: Sink>(
         None => Resume::At(
             replication::slot_position(&config.postgres, &config.replication.slot)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
+                .map_err(anyhow::Error::new)?,
         ),
     };
     let options = ReplicationOptions {
@@ -332,7 +332,7 @@ async fn run_replication<K: Sink>(
             .await
         })
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(anyhow::Error::new)?;
     let Some(source) = started else {
         return Ok(());
     };

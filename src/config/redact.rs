@@ -118,6 +118,14 @@ pub(super) fn uri_problem(uri: &str) -> Option<String> {
             redact_uri(uri)
         ));
     }
+    // A URI is ASCII (anything else is percent-encoded); the driver's parser
+    // also assumes it, and panics on some multi-byte text after a `%`.
+    if !uri.is_ascii() {
+        return Some(format!(
+            "`{}` has characters that must be percent-encoded (a URI is ASCII)",
+            redact_uri(uri)
+        ));
+    }
     let err = mongodb::options::ConnectionString::parse(uri).err()?;
     let reason = match err.kind.as_ref() {
         mongodb::error::ErrorKind::InvalidArgument { message, .. } => message.clone(),
@@ -262,6 +270,15 @@ mod tests {
             );
         }
         assert!(uri_secrets("mongodb://h:27017/").is_empty());
+    }
+
+    #[test]
+    fn a_uri_that_is_not_ascii_is_refused_before_the_driver_reads_it() {
+        // `%` then multi-byte text made the driver's parser panic.
+        let uri = "mongodb://u:p%\u{2496}\u{2496}@local/";
+        let problem = uri_problem(uri).expect("refused");
+        assert!(problem.contains("percent-encoded"), "{problem}");
+        assert!(uri_problem("mongodb://u:p%C3%A9@local/").is_none());
     }
 
     #[test]

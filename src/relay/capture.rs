@@ -69,7 +69,7 @@ async fn slot_state(
 async fn connect(pg: &PostgresConfig) -> Result<Client, SourceError> {
     outbox::connect(pg)
         .await
-        .map_err(|e| SourceError::Transient(e.to_string()))
+        .map_err(|e| SourceError::Transient(crate::policy::describe(&e)))
 }
 
 /// Drops a slot once no backend uses it (a closed stream's backend may take

@@ -329,7 +329,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             Ok(Some(())) => {}
             Ok(None) => return Ok(false),
             Err(err @ CheckpointError::Backwards { .. }) => {
-                tracing::error!(error = %err, "checkpoint not saved");
+                tracing::error!(error = %describe(&err), "checkpoint not saved");
                 self.shared
                     .stats
                     .checkpoint_refused

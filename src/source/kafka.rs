@@ -43,7 +43,7 @@ use crate::config::{KafkaConfig, PipelineConfig};
 use crate::dead_letter::DeadLetter;
 use crate::decode::{decode_message, DecodeOptions, Decoded, OutboxEvent, SkipReason};
 use crate::failpoint::{self, crash_point};
-use crate::policy::{Classify, ErrorClass};
+use crate::policy::{describe, Classify, ErrorClass};
 use client::{blocking, describe_tps, lock, poll_records, positions, GroupContext, Partitions, Tp};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use retry::{InFlight, Retries};
@@ -109,8 +109,8 @@ impl KafkaSource {
         blocking(move || topic_partitions(checked.client(), &brokers, &topics, timeout))
             .await?
             .map_err(|e| match e {
-                e if e.class() == ErrorClass::Transient => SourceError::Transient(e.to_string()),
-                e => SourceError::Fatal(e.to_string()),
+                e if e.class() == ErrorClass::Transient => SourceError::Transient(describe(&e)),
+                e => SourceError::Fatal(describe(&e)),
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
