@@ -25,6 +25,7 @@ pub mod config;
 pub mod decode;
 pub mod failpoint;
 pub mod history;
+pub mod observe;
 pub mod outbox;
 pub mod pipeline;
 pub mod policy;
