@@ -26,7 +26,9 @@ pub use server::{parse_metrics_addr, serve, Observed, Server, DEFAULT_METRICS_AD
 use crate::config::SourceKind;
 use std::time::{Duration, SystemTime};
 
-/// `n` events of `event_type` from `source` came to `outcome`.
+/// `n` events of `event_type` from `source` came to `outcome`. Each call
+/// looks its counter up (a hash and a read lock): count a batch per type and
+/// outcome, not each event.
 pub fn events(source: SourceKind, event_type: &str, outcome: Outcome, n: u64) {
     install().events(source, event_type, outcome, n);
 }
