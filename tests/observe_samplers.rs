@@ -339,3 +339,62 @@ async fn the_kafka_check_goes_red_on_a_frozen_broker_and_green_after() {
         .expect("the sampler stops on shutdown")
         .expect("the sampler never panics");
 }
+
+#[tokio::test]
+async fn one_look_of_each_sampler_fills_the_checks_a_status_shows() {
+    let db = TestDb::migrated().await;
+    let health = Health::new();
+    let sampling = Sampling::default();
+    let metrics = fresh_metrics();
+    let slot = slot_name();
+    SlotLagSampler {
+        pg: db.config.clone(),
+        slot: slot.clone(),
+        durable_lsn: Arc::new(AtomicU64::new(0)),
+        sampling,
+        health: health.clone(),
+        metrics,
+    }
+    .check_once()
+    .await;
+    MongoSampler {
+        uri: common::mongo::mongodb_uri(),
+        database: "aep_test_status".into(),
+        sampling,
+        health: health.clone(),
+        metrics,
+    }
+    .check_once()
+    .await;
+    let mut client = rdkafka::ClientConfig::new();
+    client.set(
+        "bootstrap.servers",
+        std::env::var("KAFKA_BROKERS").expect("KAFKA_BROKERS is set by the services script"),
+    );
+    KafkaSampler {
+        client,
+        topic: None,
+        sampling,
+        health: health.clone(),
+    }
+    .check_once()
+    .await;
+    let readiness = health.readiness();
+    let state = |name: &str| {
+        readiness
+            .checks
+            .iter()
+            .find(|check| check.name == name)
+            .map(|check| (check.state, check.reason.clone()))
+    };
+    assert_eq!(state(CHECK_POSTGRES), Some(("ok", None)), "{readiness:?}");
+    assert_eq!(state(CHECK_MONGODB), Some(("ok", None)), "{readiness:?}");
+    assert_eq!(state(CHECK_KAFKA), Some(("ok", None)), "{readiness:?}");
+    let (slot_state, reason) = state(CHECK_SLOT).expect("the slot check is there");
+    assert_eq!(slot_state, "failing");
+    assert!(
+        reason.is_some_and(|reason| reason.contains(&slot)),
+        "{readiness:?}"
+    );
+    assert!(!readiness.ready);
+}

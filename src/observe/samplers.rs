@@ -150,6 +150,18 @@ pub struct SlotLagSampler {
 }
 
 impl SlotLagSampler {
+    /// One sample into `health`, for a person's `status` (a stall shows
+    /// only over time: one look finds `progress` ok).
+    pub async fn check_once(&self) {
+        let mut connection = Connection {
+            pg: self.pg.clone(),
+            timeout: self.sampling.timeout,
+            client: None,
+        };
+        let mut stall = StallWatch::new(self.sampling.stall_after);
+        self.sample(&mut connection, &mut stall).await;
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         for check in [CHECK_POSTGRES, CHECK_SLOT, CHECK_PROGRESS] {
             self.health.expect(check);
@@ -253,6 +265,18 @@ pub struct BacklogSampler {
 }
 
 impl BacklogSampler {
+    /// One sample into `health`, for a person's `status` (a stall shows
+    /// only over time: one look finds `progress` ok).
+    pub async fn check_once(&self) {
+        let mut connection = Connection {
+            pg: self.pg.clone(),
+            timeout: self.sampling.timeout,
+            client: None,
+        };
+        let mut stall = StallWatch::new(self.sampling.stall_after);
+        self.sample(&mut connection, &mut stall).await;
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         for check in [CHECK_POSTGRES, CHECK_PROGRESS] {
             self.health.expect(check);
@@ -313,6 +337,14 @@ pub struct MongoSampler {
 }
 
 impl MongoSampler {
+    /// One ping into `health`.
+    pub async fn check_once(&self) {
+        match self.sample(&mut None).await {
+            Ok(()) => self.health.set_ok(CHECK_MONGODB),
+            Err(reason) => self.health.set_failing(CHECK_MONGODB, reason),
+        }
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         self.health.expect(CHECK_MONGODB);
         let mut client: Option<mongodb::Client> = None;
@@ -406,45 +438,58 @@ pub struct KafkaSampler {
 impl KafkaSampler {
     pub async fn run(self, shutdown: CancellationToken) {
         self.health.expect(CHECK_KAFKA);
-        let producer: rdkafka::producer::BaseProducer = match self.client.create() {
-            Ok(producer) => producer,
+        let Some(producer) = self.client() else {
+            return;
+        };
+        let mut ticker = Ticker::new(self.sampling.interval);
+        while ticker.next(&shutdown).await {
+            unless_shutdown(&shutdown, self.sample(producer.clone())).await;
+        }
+    }
+
+    /// One metadata request into `health`.
+    pub async fn check_once(&self) {
+        if let Some(producer) = self.client() {
+            self.sample(producer).await;
+        }
+    }
+
+    fn client(&self) -> Option<Arc<rdkafka::producer::BaseProducer>> {
+        match self.client.create() {
+            Ok(producer) => Some(Arc::new(producer)),
             Err(err) => {
                 self.health
                     .set_failing(CHECK_KAFKA, format!("cannot create a Kafka client: {err}"));
-                return;
+                None
             }
-        };
-        let producer = Arc::new(producer);
-        let mut ticker = Ticker::new(self.sampling.interval);
-        while ticker.next(&shutdown).await {
-            let producer = producer.clone();
-            let this = &self;
-            let sample = async move {
-                let (topic, timeout) = (this.topic.clone(), this.sampling.timeout);
-                // librdkafka blocks: off the async workers.
-                let answered = tokio::task::spawn_blocking(move || {
-                    producer
-                        .client()
-                        .fetch_metadata(topic.as_deref(), timeout)
-                        .map(|metadata| metadata.brokers().len())
-                })
-                .await;
-                match answered {
-                    Ok(Ok(brokers)) if brokers > 0 => this.health.set_ok(CHECK_KAFKA),
-                    Ok(Ok(_)) => this.health.set_failing(CHECK_KAFKA, "Kafka knows no broker"),
-                    Ok(Err(err)) => this.health.set_failing(
-                        CHECK_KAFKA,
-                        format!(
-                            "the Kafka brokers did not answer a metadata request within {} s: {err}",
-                            timeout.as_secs_f64()
-                        ),
-                    ),
-                    Err(err) => this
-                        .health
-                        .set_failing(CHECK_KAFKA, format!("the metadata request failed: {err}")),
-                }
-            };
-            unless_shutdown(&shutdown, sample).await;
+        }
+    }
+
+    async fn sample(&self, producer: Arc<rdkafka::producer::BaseProducer>) {
+        let (topic, timeout) = (self.topic.clone(), self.sampling.timeout);
+        // librdkafka blocks: off the async workers.
+        let answered = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(topic.as_deref(), timeout)
+                .map(|metadata| metadata.brokers().len())
+        })
+        .await;
+        match answered {
+            Ok(Ok(brokers)) if brokers > 0 => self.health.set_ok(CHECK_KAFKA),
+            Ok(Ok(_)) => self
+                .health
+                .set_failing(CHECK_KAFKA, "Kafka knows no broker"),
+            Ok(Err(err)) => self.health.set_failing(
+                CHECK_KAFKA,
+                format!(
+                    "the Kafka brokers did not answer a metadata request within {} s: {err}",
+                    timeout.as_secs_f64()
+                ),
+            ),
+            Err(err) => self
+                .health
+                .set_failing(CHECK_KAFKA, format!("the metadata request failed: {err}")),
         }
     }
 }
