@@ -194,7 +194,7 @@ impl StallWatch {
         let still = now.saturating_duration_since(self.moving_at);
         (still > self.threshold).then(|| {
             format!(
-                "no progress for {} s while {backlog} is waiting (durable position {position})",
+                "no progress for {} s: the durable position stays at {position} while work waits",
                 still.as_secs()
             )
         })

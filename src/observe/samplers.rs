@@ -193,10 +193,18 @@ impl SlotLagSampler {
                 return;
             }
         };
+        let read = row
+            .try_get::<_, PgLsn>(0)
+            .and_then(|current| Ok((u64::from(current), row.try_get::<_, Option<String>>(1)?)));
+        let (current, slot) = match read {
+            Ok(read) => read,
+            Err(err) => {
+                self.health
+                    .set_failing(CHECK_POSTGRES, crate::outbox::describe(&err));
+                return;
+            }
+        };
         self.health.set_ok(CHECK_POSTGRES);
-        let current: PgLsn = row.get(0);
-        let current = u64::from(current);
-        let slot: Option<String> = row.get(1);
         let slot: Option<serde_json::Value> =
             slot.and_then(|text| serde_json::from_str(&text).ok());
         let Some(slot) = slot else {
@@ -308,9 +316,19 @@ impl BacklogSampler {
                 return;
             }
         };
+        let read = row
+            .try_get::<_, i64>(0)
+            .and_then(|rows| Ok((rows, row.try_get::<_, Option<f64>>(1)?)));
+        let (rows, oldest) = match read {
+            Ok(read) => read,
+            Err(err) => {
+                self.health
+                    .set_failing(CHECK_POSTGRES, crate::outbox::describe(&err));
+                return;
+            }
+        };
         self.health.set_ok(CHECK_POSTGRES);
-        let rows = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-        let oldest: Option<f64> = row.get(1);
+        let rows = u64::try_from(rows).unwrap_or(0);
         let oldest =
             oldest.map(|age| Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default());
         self.metrics.polling_backlog(rows, oldest);
