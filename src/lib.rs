@@ -29,6 +29,7 @@ pub mod counters;
 pub mod dead_letter;
 pub mod decode;
 pub mod failpoint;
+pub mod observe;
 pub mod outbox;
 pub mod policy;
 pub mod projection;

@@ -172,6 +172,7 @@ pub mod crash;
 pub mod faults;
 pub mod kafka;
 pub mod mongo;
+pub mod observe;
 pub mod pipeline;
 pub mod proxy;
 pub mod replication;
