@@ -265,8 +265,11 @@ async fn after_postgres_restarts_exactly_one_of_two_processes_captures() {
     stage.wait_converged(first, LIMIT).await;
     let restart = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
+        // Counted before the restart: a process may reconnect and log before
+        // the restart command returns.
+        let lines = pair.lines();
         tokio::task::block_in_place(|| services.control(&["pg-restart", "immediate"]));
-        (Instant::now(), pair.lines())
+        (Instant::now(), lines)
     };
     let (_, (restarted, lines)) = tokio::join!(
         write_slowly(&stage, rest, 10, Duration::from_millis(100)),

@@ -26,7 +26,7 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 ];
 
 /// Events per batch: one event on a quiet outbox up to the batch size limit
-/// (`BATCH_SIZE`, 1,000 by default; the bench runs up to 10,000).
+/// (`BATCH_SIZE`, 1,000 by default; up to 10,000).
 pub const BATCH_SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
 ];
