@@ -3,6 +3,7 @@
 # printing the reproducer. scripts/test.sh (and so CI) runs it after the tests.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     default: 20 s each, every target
+#   FUZZ_BUILD_ONLY=1 scripts/fuzz.sh                     builds the targets and stops
 #
 # Installs cargo-fuzz (pinned) into .cargo-home/bin if it is not there. libFuzzer needs
 # unstable rustc flags: RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. Without
@@ -48,6 +49,10 @@ start=$SECONDS
 log "cargo fuzz build --sanitizer $sanitizer ($(cargo --version))"
 run_quiet cargo fuzz build --sanitizer "$sanitizer"
 build_seconds=$((SECONDS - start))
+if [[ ${FUZZ_BUILD_ONLY:-0} == 1 ]]; then
+  log "fuzz targets built in ${build_seconds}s"
+  exit 0
+fi
 
 summaries=()
 failed=()

@@ -17,7 +17,12 @@ bash scripts/setup.sh
 
 # Always a private set of services, so a developer's own (SERVICES_DIR) are left alone.
 export SERVICES_DIR=${TEST_SERVICES_DIR:-$PWD/.services/test-$$}
+fuzz_seconds=${FUZZ_SECONDS:-20}
+fuzz_build_pid=
+fuzz_build_log=$PWD/fuzz/target/build.log
 cleanup() {
+  # The background build is a process group of its own (setsid): stop all of it.
+  if [[ -n $fuzz_build_pid ]]; then kill -- "-$fuzz_build_pid" 2>/dev/null || true; fi
   banner "stopping services ($SERVICES_DIR)"
   bash scripts/services.sh down || true
 }
@@ -52,6 +57,16 @@ if cargo tree "${locked[@]}" --edges normal --prefix none | grep -q '^fail v'; t
 fi
 echo "ok: no fail crate without --features failpoints"
 
+# The fuzz targets' instrumented build (a second build of every dependency) runs
+# alongside the tests, at the lowest CPU priority: the tests mostly wait on the
+# services. The fuzzers themselves run after the tests.
+if [[ $fuzz_seconds != 0 ]]; then
+  banner "building the fuzz targets in the background (log: $fuzz_build_log)"
+  mkdir -p fuzz/target
+  FUZZ_BUILD_ONLY=1 setsid nice -n 19 bash scripts/fuzz.sh >"$fuzz_build_log" 2>&1 &
+  fuzz_build_pid=$!
+fi
+
 # Every test binary runs even when one fails, so one run names every failure. The
 # benchmark's test runs the event-processor binary this builds (same target folder).
 banner "cargo test --workspace --all-targets --no-fail-fast --features failpoints ${locked[*]} $*"
@@ -59,8 +74,14 @@ log=$(mktemp)
 cargo test --workspace --all-targets --no-fail-fast --features failpoints "${locked[@]}" "$@" 2>&1 | tee "$log"
 
 # The fuzz targets, a bounded time each (FUZZ_SECONDS, default 20; 0 skips them).
-fuzz_seconds=${FUZZ_SECONDS:-20}
 if [[ $fuzz_seconds != 0 ]]; then
+  banner "waiting for the fuzz targets' build"
+  if ! wait "$fuzz_build_pid"; then
+    fuzz_build_pid=
+    tail -n 40 "$fuzz_build_log" >&2
+    die "building the fuzz targets failed (log: $fuzz_build_log)"
+  fi
+  fuzz_build_pid=
   banner "scripts/fuzz.sh $fuzz_seconds"
   bash scripts/fuzz.sh "$fuzz_seconds"
 fi
