@@ -63,6 +63,7 @@ pub async fn relay(
     config: Config,
     args: &RelayArgs,
     shutdown: CancellationToken,
+    observing: &super::observing::Observing,
 ) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     // Published events count as applied, unpublishable rows as dead-lettered.
@@ -73,6 +74,7 @@ pub async fn relay(
             stats: stats.clone(),
             until_caught_up: args.until_caught_up,
             stats_file,
+            health: observing.health.clone(),
         };
         relay::run(&config, &shared)
             .await

@@ -167,6 +167,7 @@ pub async fn run(
     config: Config,
     args: &RunArgs,
     shutdown: CancellationToken,
+    observing: &super::observing::Observing,
 ) -> anyhow::Result<()> {
     let discard = match args.sink.as_str() {
         "project" => false,
@@ -190,6 +191,7 @@ pub async fn run(
             stats: stats.clone(),
             until_caught_up: args.until_caught_up,
             stats_file,
+            health: observing.health.clone(),
         };
         match store {
             Some(store) => {

@@ -115,6 +115,8 @@ pub struct Shared {
     /// The stats file (`durable` after each sink write, `batch_done` after
     /// counting).
     pub stats_file: Option<Arc<StatsFile>>,
+    /// The checks `/readyz` shows, and the liveness tick of `/healthz`.
+    pub health: crate::observe::Health,
 }
 
 /// One worker: a source, a sink, and what lies between.
