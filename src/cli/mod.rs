@@ -212,9 +212,15 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             }
         }
         Command::Run(args) => {
-            let Some(observing) = observed(&config).await else {
+            let Some(mut observing) = observed(&config).await else {
                 return Ok(ExitCode::from(EXIT_CONFIG));
             };
+            observing.sample(
+                &config,
+                observing::Capture::of_run(&config),
+                args.sink != "discard",
+                config.source == config::SourceKind::Kafka,
+            );
             let timeout = config.pipeline.shutdown_timeout;
             let after = config.clone();
             let code = until_signalled(timeout, |shutdown| {
@@ -229,9 +235,16 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             return Ok(code);
         }
         Command::Relay(args) => {
-            let Some(observing) = observed(&config).await else {
+            let Some(mut observing) = observed(&config).await else {
                 return Ok(ExitCode::from(EXIT_CONFIG));
             };
+            let capture = match config.kafka.relay.source {
+                config::RelaySource::Replication => observing::Capture::Replication {
+                    slot: &config.kafka.relay.slot,
+                },
+                config::RelaySource::Polling => observing::Capture::Polling,
+            };
+            observing.sample(&config, capture, false, true);
             let timeout = config.pipeline.shutdown_timeout;
             let code = until_signalled(timeout, |shutdown| {
                 kafka::relay(config, &args, shutdown, &observing)
