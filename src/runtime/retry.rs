@@ -252,6 +252,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_outage_fails_its_check_until_it_ends() {
+        let health = Health::new();
+        let retry = retry(CancellationToken::new()).with_health(health.clone());
+        let state = |health: &Health| {
+            health
+                .readiness()
+                .checks
+                .iter()
+                .find(|check| check.name == "runtime_mongodb")
+                .map(|check| check.state)
+        };
+        let mut seen = Vec::new();
+        let done = retry
+            .run(Component::Mongodb, "mongodb unreachable", async || {
+                seen.push(state(&health));
+                if seen.len() < 3 {
+                    Err(SourceError::Transient("down".into()))
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .expect("done");
+        assert_eq!(done, Some(()));
+        assert_eq!(seen, [None, Some("failing"), Some("failing")]);
+        assert_eq!(state(&health), Some("ok"));
+        assert!(health.readiness().ready);
+    }
+
+    #[tokio::test]
     async fn shutdown_stops_the_retries() {
         let shutdown = CancellationToken::new();
         shutdown.cancel();
