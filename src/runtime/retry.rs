@@ -4,7 +4,8 @@
 //!
 //! An outage is logged twice, not once per attempt: at warn when it starts
 //! ("... ; retrying", with the error), at info when it ends (how long, how
-//! many attempts); the attempts between are at debug. While it lasts the
+//! many attempts); the attempts between are at debug, unless their error
+//! differs from the last one logged (a new cause is logged at warn). While it lasts the
 //! component's health check fails (`/readyz`) and each attempt counts in
 //! `event_processor_retries_total`.
 
@@ -127,6 +128,8 @@ pub struct Outage<'a> {
     component: Component,
     what: &'a str,
     began: Option<(Instant, u32)>,
+    /// The error last logged at warn: a different one is news, logged too.
+    last_error: String,
 }
 
 impl<'a> Outage<'a> {
@@ -135,6 +138,7 @@ impl<'a> Outage<'a> {
             component,
             what,
             began: None,
+            last_error: String::new(),
         }
     }
 
@@ -149,6 +153,7 @@ impl<'a> Outage<'a> {
         match &mut self.began {
             None => {
                 self.began = Some((Instant::now(), 1));
+                self.last_error = error.to_string();
                 tracing::warn!(error, attempt, retry_in_ms, "{}; retrying", self.what);
                 if let Some(health) = &retry.health {
                     health.set_failing(check_of(self.component), format!("{}: {error}", self.what));
@@ -156,7 +161,12 @@ impl<'a> Outage<'a> {
             }
             Some((_, failures)) => {
                 *failures += 1;
-                tracing::debug!(error, attempt, retry_in_ms, "{}; retrying", self.what);
+                if error == self.last_error {
+                    tracing::debug!(error, attempt, retry_in_ms, "{}; retrying", self.what);
+                } else {
+                    self.last_error = error.to_string();
+                    tracing::warn!(error, attempt, retry_in_ms, "{}; still retrying", self.what);
+                }
             }
         }
         retry.pause(delay).await
