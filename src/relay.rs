@@ -28,6 +28,7 @@ pub use debezium::{jsonb_text, zoned_timestamp, Encoder, Message, Op, Shape, Sna
 pub use producer::{create as create_producer, murmur2, partition_for};
 
 use crate::config::{Config, RelayFormat, RelaySource};
+use crate::observe::Component;
 use crate::runtime::{OutboxMarker, Pipeline, PipelineError, Retry, Shared};
 use crate::sink::KafkaSink;
 use crate::source::polling::PollingSource;
@@ -77,10 +78,13 @@ pub async fn run(config: &Config, shared: &Shared) -> Result<(), RelayError> {
         &config.postgres.database,
     );
     let mut sink = KafkaSink::new(encoder, Producer::new(kafka)?);
-    let retry = Retry::new(&config.pipeline, shared.shutdown.clone());
+    let retry =
+        Retry::new(&config.pipeline, shared.shutdown.clone()).with_health(shared.health.clone());
     if shape == Shape::Cdc {
         let prepared = retry
-            .run("kafka unavailable", async || sink.prepare(&topic).await)
+            .run(Component::Kafka, "kafka unavailable", async || {
+                sink.prepare(&topic).await
+            })
             .await?;
         if prepared.is_none() {
             return Ok(());
@@ -113,9 +117,14 @@ pub async fn run(config: &Config, shared: &Shared) -> Result<(), RelayError> {
         }
         RelaySource::Polling => {
             let polling = retry
-                .run("cannot start the outbox capture", async || {
-                    PollingSource::start(&config.postgres, config.polling.clone(), identity()).await
-                })
+                .run(
+                    Component::Postgres,
+                    "cannot start the outbox capture",
+                    async || {
+                        PollingSource::start(&config.postgres, config.polling.clone(), identity())
+                            .await
+                    },
+                )
                 .await
                 .map_err(RelayError::Capture)?;
             let Some(source) = polling else {
@@ -137,19 +146,23 @@ async fn start_slot_capture(
     let relay = &config.kafka.relay;
     let owner = SlotOwner::new(&config.postgres, &relay.slot);
     let started = retry
-        .run("cannot start the outbox capture", async || {
-            if !owner.acquire(retry.shutdown()).await? {
-                return Ok(None);
-            }
-            SlotCapture::start(
-                &config.postgres,
-                owner.clone(),
-                &relay.slot,
-                &config.replication.publication,
-            )
-            .await
-            .map(Some)
-        })
+        .run(
+            Component::Replication,
+            "cannot start the outbox capture",
+            async || {
+                if !owner.acquire(retry.shutdown()).await? {
+                    return Ok(None);
+                }
+                SlotCapture::start(
+                    &config.postgres,
+                    owner.clone(),
+                    &relay.slot,
+                    &config.replication.publication,
+                )
+                .await
+                .map(Some)
+            },
+        )
         .await
         .map_err(RelayError::Capture)?;
     Ok(started.flatten())

@@ -261,3 +261,33 @@ fn a_malformed_mongodb_uri_is_a_configuration_error_before_any_connection() {
         assert!(!stderr.contains("s3cret-pw"), "{stderr}");
     }
 }
+
+#[test]
+fn the_metrics_address_is_checked_before_anything_runs() {
+    let out = run_binary(&["run"], &[("METRICS_ADDR", "9464".into())]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .starts_with("invalid configuration: METRICS_ADDR: \"9464\" is not an address"),
+        "{out:?}"
+    );
+    // A port already taken: exit 2 as well, naming the address, before any
+    // database is touched (none is reachable here).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    for command in ["run", "relay"] {
+        let out = run_binary(
+            &[command],
+            &[
+                ("METRICS_ADDR", addr.clone()),
+                ("POSTGRES_PORT", "1".into()),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{command}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("cannot serve /metrics on METRICS_ADDR {addr}")),
+            "{command}: {stderr}"
+        );
+    }
+}

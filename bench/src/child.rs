@@ -28,6 +28,8 @@ impl Child {
             .args(args)
             .arg("--stats-file")
             .arg(&report)
+            // Several processes may run at once: each takes a free port.
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("LOG_FORMAT", "text")
             .stdin(std::process::Stdio::null())

@@ -63,16 +63,24 @@ pub async fn relay(
     config: Config,
     args: &RelayArgs,
     shutdown: CancellationToken,
+    observing: &super::observing::Observing,
 ) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     // Published events count as applied, unpublishable rows as dead-lettered.
     super::with_stats_file(&args.stats, stats.clone(), |stats_file| async {
         let shared = Shared {
             config: config.pipeline.clone(),
+            source: match config.kafka.relay.source {
+                crate::config::RelaySource::Replication => crate::config::SourceKind::Replication,
+                crate::config::RelaySource::Polling => crate::config::SourceKind::Polling,
+            },
             shutdown,
             stats: stats.clone(),
             until_caught_up: args.until_caught_up,
             stats_file,
+            health: observing.health.clone(),
+            durable_lsn: observing.durable_lsn.clone(),
+            acknowledged: observing.acknowledged.clone(),
         };
         relay::run(&config, &shared)
             .await

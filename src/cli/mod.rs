@@ -3,6 +3,7 @@
 pub mod decode;
 pub mod flags;
 pub mod kafka;
+pub mod observing;
 pub mod run;
 pub mod show;
 
@@ -211,19 +212,46 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             }
         }
         Command::Run(args) => {
+            let Some(mut observing) = observed(&config).await else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            };
+            observing.sample(
+                &config,
+                observing::Capture::of_run(&config),
+                args.sink != "discard",
+                config.source == config::SourceKind::Kafka,
+            );
             let timeout = config.pipeline.shutdown_timeout;
             let after = config.clone();
-            let code =
-                until_signalled(timeout, |shutdown| run::run(config, &args, shutdown)).await?;
+            let code = until_signalled(timeout, |shutdown| {
+                run::run(config, &args, shutdown, &observing)
+            })
+            .await;
+            observing.stop().await;
+            let code = code?;
             if code == ExitCode::from(130) {
                 run::release_after_hard_stop(&after).await;
             }
             return Ok(code);
         }
         Command::Relay(args) => {
+            let Some(mut observing) = observed(&config).await else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            };
+            let capture = match config.kafka.relay.source {
+                config::RelaySource::Replication => observing::Capture::Replication {
+                    slot: &config.kafka.relay.slot,
+                },
+                config::RelaySource::Polling => observing::Capture::Polling,
+            };
+            observing.sample(&config, capture, false, true);
             let timeout = config.pipeline.shutdown_timeout;
-            return until_signalled(timeout, |shutdown| kafka::relay(config, &args, shutdown))
-                .await;
+            let code = until_signalled(timeout, |shutdown| {
+                kafka::relay(config, &args, shutdown, &observing)
+            })
+            .await;
+            observing.stop().await;
+            return code;
         }
         Command::Kafka(args) => kafka::execute(&config, &args).await?,
         Command::Show(args) => {
@@ -243,6 +271,18 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         Command::Decode(_) => unreachable_decode(),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The metrics server of `run` and `relay`; `None` (said on stderr) when it
+/// cannot listen where `METRICS_ADDR` says, a problem of configuration.
+async fn observed(config: &Config) -> Option<observing::Observing> {
+    match observing::Observing::start(config).await {
+        Ok(observing) => Some(observing),
+        Err(err) => {
+            eprintln!("invalid configuration: {}", Chain(&err));
+            None
+        }
+    }
 }
 
 /// Runs a long job: the first SIGINT/SIGTERM cancels its token (it finishes

@@ -10,6 +10,7 @@ use super::flags::{self, Overrides};
 use crate::checkpoint::MongoCheckpoint;
 use crate::config::{Config, SourceKind};
 use crate::counters::Stats;
+use crate::observe::Component;
 use crate::policy::{describe, Classify, ErrorClass};
 use crate::projection::Projector;
 use crate::runtime::{OutboxMarker, Pipeline, Retry, Shared};
@@ -52,7 +53,7 @@ async fn connect_store(config: &Config, retry: &Retry) -> anyhow::Result<Option<
     let uri = config.mongodb.uri.expose();
     let at = redact_uri(uri);
     let connected = retry
-        .run("mongodb unreachable", async || {
+        .run(Component::Mongodb, "mongodb unreachable", async || {
             MongoStore::connect(uri, &config.mongodb.database)
                 .await
                 .map_err(|source| MongoAt {
@@ -91,9 +92,11 @@ impl Classify for MongoAt {
 /// `None` when shutdown came first.
 async fn start_kafka(config: &Config, retry: &Retry) -> anyhow::Result<Option<KafkaSource>> {
     retry
-        .run("cannot start the kafka consumer", async || {
-            KafkaSource::start(&config.kafka, &config.pipeline).await
-        })
+        .run(
+            Component::Kafka,
+            "cannot start the kafka consumer",
+            async || KafkaSource::start(&config.kafka, &config.pipeline).await,
+        )
         .await
         .map_err(anyhow::Error::new)
 }
@@ -102,9 +105,11 @@ async fn start_kafka(config: &Config, retry: &Retry) -> anyhow::Result<Option<Ka
 /// unreachable; `false` when shutdown came first.
 async fn acquire(owner: &SlotOwner, retry: &Retry) -> anyhow::Result<bool> {
     let owned = retry
-        .run("cannot take the slot ownership", async || {
-            owner.acquire(retry.shutdown()).await
-        })
+        .run(
+            Component::Postgres,
+            "cannot take the slot ownership",
+            async || owner.acquire(retry.shutdown()).await,
+        )
         .await
         .map_err(anyhow::Error::new)?;
     Ok(owned == Some(true))
@@ -167,13 +172,15 @@ pub async fn run(
     config: Config,
     args: &RunArgs,
     shutdown: CancellationToken,
+    observing: &super::observing::Observing,
 ) -> anyhow::Result<()> {
     let discard = match args.sink.as_str() {
         "project" => false,
         "discard" => true,
         other => anyhow::bail!("--sink `{other}` is not one of: project, discard"),
     };
-    let retry = Retry::new(&config.pipeline, shutdown.clone());
+    let retry =
+        Retry::new(&config.pipeline, shutdown.clone()).with_health(observing.health.clone());
     let store = if discard {
         None
     } else {
@@ -186,10 +193,14 @@ pub async fn run(
     let result = super::with_stats_file(&args.stats, stats.clone(), |stats_file| async {
         let shared = Shared {
             config: config.pipeline.clone(),
+            source: config.source,
             shutdown,
             stats: stats.clone(),
             until_caught_up: args.until_caught_up,
             stats_file,
+            health: observing.health.clone(),
+            durable_lsn: observing.durable_lsn.clone(),
+            acknowledged: observing.acknowledged.clone(),
         };
         match store {
             Some(store) => {
@@ -272,7 +283,8 @@ async fn run_source<K: Sink + Clone + 'static>(
             Ok(())
         }
         SourceKind::Kafka => {
-            let retry = Retry::new(&config.pipeline, shared.shutdown.clone());
+            let retry = Retry::new(&config.pipeline, shared.shutdown.clone())
+                .with_health(shared.health.clone());
             let Some(source) = start_kafka(config, &retry).await? else {
                 return Ok(());
             };
@@ -300,7 +312,8 @@ async fn run_replication<K: Sink>(
     store: Option<MongoStore>,
     sink: K,
 ) -> anyhow::Result<()> {
-    let retry = Retry::new(&config.pipeline, shared.shutdown.clone());
+    let retry =
+        Retry::new(&config.pipeline, shared.shutdown.clone()).with_health(shared.health.clone());
     let checkpoint =
         store.map(|store| MongoCheckpoint::new(store, config.replication.slot.clone()));
     let owner = SlotOwner::new(&config.postgres, &config.replication.slot);
@@ -322,15 +335,19 @@ async fn run_replication<K: Sink>(
         sweep: config.pipeline.mark_processed && checkpoint.is_some(),
     };
     let started = retry
-        .run("cannot start replication", async || {
-            ReplicationSource::start(
-                &config.postgres,
-                options.clone(),
-                owner.clone(),
-                resume.clone(),
-            )
-            .await
-        })
+        .run(
+            Component::Replication,
+            "cannot start replication",
+            async || {
+                ReplicationSource::start(
+                    &config.postgres,
+                    options.clone(),
+                    owner.clone(),
+                    resume.clone(),
+                )
+                .await
+            },
+        )
         .await
         .map_err(anyhow::Error::new)?;
     let Some(source) = started else {

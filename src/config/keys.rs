@@ -150,6 +150,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "how the relay reads the outbox: replication or polling",
     ),
     (
+        "METRICS_ADDR",
+        "127.0.0.1:9464",
+        "where run and relay serve /metrics, /healthz and /readyz: ip:port (loopback by default; port 0 picks a free one) or off",
+    ),
+    (
         "LOG_LEVEL",
         "info",
         "tracing filter: error, warn, info, debug, trace or a directive list",
@@ -245,7 +250,15 @@ pub(super) fn misspelt(key: &str) -> Option<&'static str> {
     let prefix = key.split('_').next().unwrap_or("");
     if !matches!(
         prefix,
-        "POSTGRES" | "MONGODB" | "KAFKA" | "POLL" | "REPLICATION" | "BATCH" | "RETRY" | "RELAY"
+        "POSTGRES"
+            | "MONGODB"
+            | "KAFKA"
+            | "POLL"
+            | "REPLICATION"
+            | "BATCH"
+            | "RETRY"
+            | "RELAY"
+            | "METRICS"
     ) {
         return None;
     }

@@ -153,6 +153,8 @@ pub struct Config {
     pub polling: PollingConfig,
     pub pipeline: PipelineConfig,
     pub kafka: KafkaConfig,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub log_level: String,
     pub log_format: LogFormat,
 }

@@ -200,6 +200,15 @@ impl Config {
             shutdown_timeout: r.duration("SHUTDOWN_TIMEOUT"),
         };
         let kafka = kafka::kafka_config(&mut r, &replication.slot);
+        let metrics_addr = match crate::observe::parse_metrics_addr(&r.raw("METRICS_ADDR")) {
+            Ok(addr) => addr,
+            Err(problem) => {
+                // Named once, by the problem's key.
+                let problem = problem.trim_start_matches("METRICS_ADDR ").to_string();
+                r.problem("METRICS_ADDR", problem);
+                None
+            }
+        };
         let log_level = r.non_empty("LOG_LEVEL");
         let log_format = match r.string("LOG_FORMAT").to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
@@ -221,6 +230,7 @@ impl Config {
                 polling,
                 pipeline,
                 kafka,
+                metrics_addr,
                 log_level,
                 log_format,
             })

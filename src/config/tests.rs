@@ -279,3 +279,28 @@ fn flags_win_and_their_problems_name_the_flag() {
         "--workers: `0` is not a positive whole number\nBATCH_SIZE: `none` is not a positive whole number"
     );
 }
+
+#[test]
+fn the_metrics_server_listens_on_loopback_unless_told() {
+    let config = Config::from_env(&EnvMap::new()).expect("defaults are valid");
+    assert_eq!(
+        config.metrics_addr,
+        Some(crate::observe::DEFAULT_METRICS_ADDR)
+    );
+    assert!(config
+        .metrics_addr
+        .is_some_and(|addr| addr.ip().is_loopback()));
+    let off = Config::from_env(&env(&[("METRICS_ADDR", "off")])).expect("off is valid");
+    assert_eq!(off.metrics_addr, None);
+    let err = Config::from_env(&env(&[("METRICS_ADDR", "everywhere")])).expect_err("invalid");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("METRICS_ADDR: \"everywhere\" is not an address"),
+        "{text}"
+    );
+    let typo = Config::from_env(&env(&[("METRICS_ADR", "off")])).expect_err("a typo");
+    assert!(
+        typo.to_string().contains("did you mean METRICS_ADDR?"),
+        "{typo}"
+    );
+}

@@ -221,14 +221,14 @@ impl SlotLagSampler {
             ),
             None => self.health.set_ok(CHECK_SLOT),
         }
-        let durable = match self.durable_lsn.load(Ordering::Acquire) {
-            0 => slot
-                .get("confirmed_flush_lsn")
-                .and_then(serde_json::Value::as_str)
-                .and_then(|lsn| lsn.parse::<PgLsn>().ok())
-                .map_or(0, u64::from),
-            lsn => lsn,
-        };
+        // What the slot confirmed is durable too (the source confirms only
+        // durable positions, and moves an idle slot past WAL of no interest).
+        let confirmed = slot
+            .get("confirmed_flush_lsn")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|lsn| lsn.parse::<PgLsn>().ok())
+            .map_or(0, u64::from);
+        let durable = self.durable_lsn.load(Ordering::Acquire).max(confirmed);
         let lag = current.saturating_sub(durable);
         self.metrics.slot_lag(lag);
         self.metrics.checkpoint_lsn(durable);

@@ -15,16 +15,18 @@
 //! is finished, or abandoned unacknowledged during a retry's pause.
 
 mod marker;
+mod observed;
 mod progress;
 mod retry;
 
 pub use crate::counters::Stats;
 pub use marker::{MarkError, OutboxMarker};
-pub use retry::Retry;
+pub use retry::{Outage, Retry};
 
 use crate::checkpoint::{CheckpointError, MongoCheckpoint};
-use crate::config::PipelineConfig;
+use crate::config::{PipelineConfig, SourceKind};
 use crate::failpoint::{self, crash_point};
+use crate::observe::Component;
 use crate::policy::{describe, Classify, ErrorClass};
 use crate::sink::{Sink, SinkReport};
 use crate::source::{BatchOutcome, Source, SourceBatch};
@@ -107,6 +109,8 @@ fn crash_at(point: Option<&'static str>) {
 #[derive(Clone)]
 pub struct Shared {
     pub config: PipelineConfig,
+    /// Which capture feeds the workers (the `source` label of the metrics).
+    pub source: SourceKind,
     /// Cancelled on the first signal: stop intake.
     pub shutdown: CancellationToken,
     pub stats: Arc<Stats>,
@@ -115,6 +119,12 @@ pub struct Shared {
     /// The stats file (`durable` after each sink write, `batch_done` after
     /// counting).
     pub stats_file: Option<Arc<StatsFile>>,
+    /// The checks `/readyz` shows, and the liveness tick of `/healthz`.
+    pub health: crate::observe::Health,
+    /// The LSN of the last acknowledged batch (sources with LSNs).
+    pub durable_lsn: Arc<std::sync::atomic::AtomicU64>,
+    /// Events acknowledged so far.
+    pub acknowledged: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One worker: a source, a sink, and what lies between.
@@ -135,7 +145,8 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             sink,
             checkpoint: None,
             marker: None,
-            retry: Retry::new(&shared.config, shared.shutdown.clone()),
+            retry: Retry::new(&shared.config, shared.shutdown.clone())
+                .with_health(shared.health.clone()),
             shared: shared.clone(),
             report_progress: true,
         }
@@ -172,8 +183,10 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
 
     async fn intake(&mut self, progress: &mut Progress) -> Result<(), PipelineError> {
         let mut backoff = self.retry.backoff();
+        let mut outage = Outage::new(source_component(self.shared.source), "source unavailable");
         let (size, wait) = (self.shared.config.batch_size, self.shared.config.batch_wait);
         loop {
+            self.shared.health.tick();
             // A transaction half applied is finished first, so that the last
             // acknowledged position covers it (a second signal still stops at once).
             if self.shared.shutdown.is_cancelled() && !self.source.mid_transaction() {
@@ -184,23 +197,23 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                 Ok(Some(batch)) => {
                     crash_at(K::CRASH_POINTS.after_decode);
                     backoff.reset();
+                    outage.recovered(&self.retry);
+                    observed::received(self.shared.source, &batch.events, batch.malformed.len());
                     let span = tracing::debug_span!("batch", events = batch.events.len());
                     if !self.process(batch).instrument(span).await? {
                         return Ok(());
                     }
                 }
                 Ok(None) => {
+                    backoff.reset();
+                    outage.recovered(&self.retry);
                     if self.idle().await? {
                         return Ok(());
                     }
                 }
                 Err(err) if err.class() == ErrorClass::Transient => {
                     let error = describe(&err);
-                    if !self
-                        .retry
-                        .wait("source unavailable", &error, &mut backoff)
-                        .await
-                    {
+                    if !outage.failed(&self.retry, &error, &mut backoff).await {
                         return Ok(());
                     }
                 }
@@ -259,13 +272,22 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             return Ok(false);
         }
         crash_point(points.before_ack);
+        let lsn = S::lsn_of(&batch.ack);
         self.acknowledge(batch.ack, &outcome).await?;
+        if let Some(lsn) = lsn {
+            self.shared.durable_lsn.fetch_max(lsn, Ordering::Release);
+        }
+        self.shared.acknowledged.fetch_add(
+            (batch.events.len() + batch.malformed.len()) as u64,
+            Ordering::Release,
+        );
         crash_point(points.after_ack);
         count(
             &self.shared.stats,
             &report,
             self.shared.stats_file.as_deref(),
         );
+        observed::durable(self.shared.source, &batch.events, &report);
         for letter in &outcome.dead_letters {
             tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
         }
@@ -279,7 +301,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         batch: &SourceBatch<S::Ack>,
     ) -> Result<Option<SinkReport>, PipelineError> {
         let interruptible = self.sink.interruptible();
-        let mut attempts = self.retry.attempts("writing a batch failed");
+        let mut attempts = self.retry.attempts(K::COMPONENT, "writing a batch failed");
         loop {
             let written = if interruptible {
                 tokio::select! {
@@ -292,7 +314,10 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                 self.sink.apply(batch).await
             };
             let err = match written {
-                Ok(report) => return Ok(Some(report)),
+                Ok(report) => {
+                    attempts.recovered();
+                    return Ok(Some(report));
+                }
                 Err(err) => err,
             };
             match attempts.again(err).await {
@@ -314,10 +339,15 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         let (Some(lsn), Some(checkpoint)) = (S::lsn_of(ack), &self.checkpoint) else {
             return Ok(true);
         };
-        let mut attempts = self.retry.attempts("saving the checkpoint failed");
+        let mut attempts = self
+            .retry
+            .attempts(Component::Mongodb, "saving the checkpoint failed");
         let saved = loop {
             match checkpoint.save(lsn).await {
-                Ok(()) => break Ok(Some(())),
+                Ok(()) => {
+                    attempts.recovered();
+                    break Ok(Some(()));
+                }
                 Err(err) => match attempts.again(err).await {
                     Ok(true) => {}
                     Ok(false) => break Ok(None),
@@ -356,10 +386,15 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         };
         let points = K::CRASH_POINTS;
         crash_at(points.before_mark);
-        let mut attempts = self.retry.attempts("marking outbox rows failed");
+        let mut attempts = self
+            .retry
+            .attempts(Component::Postgres, "marking outbox rows failed");
         let marked = loop {
             match marker.mark(&batch.events, outcome).await {
-                Ok(()) => break Ok(Some(())),
+                Ok(()) => {
+                    attempts.recovered();
+                    break Ok(Some(()));
+                }
                 Err(err) => match attempts.again(err).await {
                     Ok(true) => {}
                     Ok(false) => break Ok(None),
@@ -398,6 +433,15 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                 err,
             )),
         }
+    }
+}
+
+/// What a source's outage is counted and checked as.
+fn source_component(source: SourceKind) -> Component {
+    match source {
+        SourceKind::Replication => Component::Replication,
+        SourceKind::Polling => Component::Postgres,
+        SourceKind::Kafka => Component::Kafka,
     }
 }
 

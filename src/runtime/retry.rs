@@ -1,11 +1,18 @@
 //! The one retry loop: an operation is tried until it succeeds, fails in a
-//! way that is not transient ([`Classify`]), or shutdown is requested. Every
-//! retry is logged ("... ; retrying", with the attempt and the pause) and
-//! paused by [`Backoff`] (capped, exponential, jittered).
+//! way that is not transient ([`Classify`]), or shutdown is requested. Each
+//! pause is [`Backoff`]'s (capped, exponential, jittered).
+//!
+//! An outage is logged twice, not once per attempt: at warn when it starts
+//! ("... ; retrying", with the error), at info when it ends (how long, how
+//! many attempts); the attempts between are at debug, unless their error
+//! differs from the last one logged (a new cause is logged at warn). While it lasts the
+//! component's health check fails (`/readyz`) and each attempt counts in
+//! `event_processor_retries_total`.
 
 use crate::config::PipelineConfig;
+use crate::observe::{self, Component, Health};
 use crate::policy::{describe, Backoff, Classify, ErrorClass};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Retries with backoff until success, a non-transient error, or shutdown.
@@ -14,6 +21,7 @@ pub struct Retry {
     initial: Duration,
     max: Duration,
     shutdown: CancellationToken,
+    health: Option<Health>,
 }
 
 impl Retry {
@@ -22,7 +30,15 @@ impl Retry {
             initial: config.backoff_initial,
             max: config.backoff_max,
             shutdown,
+            health: None,
         }
+    }
+
+    /// Outages fail the component's check in `health` while they last (and
+    /// each pause ticks its liveness: the process is alive, waiting).
+    pub fn with_health(mut self, health: Health) -> Retry {
+        self.health = Some(health);
+        self
     }
 
     /// A fresh backoff with this helper's pauses.
@@ -36,16 +52,20 @@ impl Retry {
     /// unreachable".
     pub async fn run<T, E>(
         &self,
+        component: Component,
         what: &str,
         mut attempt: impl AsyncFnMut() -> Result<T, E>,
     ) -> Result<Option<T>, E>
     where
         E: Classify + std::error::Error,
     {
-        let mut attempts = self.attempts(what);
+        let mut attempts = self.attempts(component, what);
         loop {
             match attempt().await {
-                Ok(value) => return Ok(Some(value)),
+                Ok(value) => {
+                    attempts.recovered();
+                    return Ok(Some(value));
+                }
                 Err(err) => {
                     if !attempts.again(err).await? {
                         return Ok(None);
@@ -57,34 +77,31 @@ impl Retry {
 
     /// The same loop, written out by the caller (where a closure cannot
     /// borrow what the attempt needs, or the attempt races shutdown):
-    /// `loop { match try().await { Ok(v) => break, Err(e) => if
-    /// !attempts.again(e).await? { stop } } }`.
-    pub fn attempts<'a>(&'a self, what: &'a str) -> Attempts<'a> {
+    /// `loop { match try().await { Ok(v) => { attempts.recovered(); break }
+    /// Err(e) => if !attempts.again(e).await? { stop } } }`.
+    pub fn attempts<'a>(&'a self, component: Component, what: &'a str) -> Attempts<'a> {
         Attempts {
             retry: self,
-            what,
+            outage: Outage::new(component, what),
             backoff: self.backoff(),
         }
     }
 
-    /// Logs a transient failure and pauses; `false` when shutdown came first.
-    pub async fn wait(&self, what: &str, error: &str, backoff: &mut Backoff) -> bool {
-        let delay = backoff.next_delay();
-        tracing::warn!(
-            error,
-            attempt = backoff.attempts(),
-            retry_in_ms = delay.as_millis() as u64,
-            "{what}; retrying"
-        );
-        self.pause(delay).await
-    }
-
     /// Sleeps `delay` unless shutdown comes first (then `false`).
     pub async fn pause(&self, delay: Duration) -> bool {
-        tokio::select! {
+        self.tick();
+        let slept = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
+        };
+        self.tick();
+        slept
+    }
+
+    fn tick(&self) {
+        if let Some(health) = &self.health {
+            health.tick();
         }
     }
 
@@ -93,10 +110,90 @@ impl Retry {
     }
 }
 
+/// The name of the check an outage of `component` fails (apart from the
+/// samplers' own `postgres`, `mongodb`, `kafka`, which a working ping would
+/// turn ok while writes still fail).
+fn check_of(component: Component) -> &'static str {
+    match component {
+        Component::Postgres => "runtime_postgres",
+        Component::Replication => "runtime_replication",
+        Component::Mongodb => "runtime_mongodb",
+        Component::Kafka => "runtime_kafka",
+    }
+}
+
+/// One outage of one operation: when it began and how many attempts failed.
+#[derive(Debug)]
+pub struct Outage<'a> {
+    component: Component,
+    what: &'a str,
+    began: Option<(Instant, u32)>,
+    /// The error last logged at warn: a different one is news, logged too.
+    last_error: String,
+}
+
+impl<'a> Outage<'a> {
+    pub fn new(component: Component, what: &'a str) -> Outage<'a> {
+        Outage {
+            component,
+            what,
+            began: None,
+            last_error: String::new(),
+        }
+    }
+
+    /// A transient failure: logged (warn the first time, debug after),
+    /// counted, the check failing; then the pause. `false` when shutdown
+    /// came first.
+    pub async fn failed(&mut self, retry: &Retry, error: &str, backoff: &mut Backoff) -> bool {
+        let delay = backoff.next_delay();
+        let attempt = backoff.attempts();
+        observe::retry(self.component, "transient");
+        let retry_in_ms = delay.as_millis() as u64;
+        match &mut self.began {
+            None => {
+                self.began = Some((Instant::now(), 1));
+                self.last_error = error.to_string();
+                tracing::warn!(error, attempt, retry_in_ms, "{}; retrying", self.what);
+                if let Some(health) = &retry.health {
+                    health.set_failing(check_of(self.component), format!("{}: {error}", self.what));
+                }
+            }
+            Some((_, failures)) => {
+                *failures += 1;
+                if error == self.last_error {
+                    tracing::debug!(error, attempt, retry_in_ms, "{}; retrying", self.what);
+                } else {
+                    self.last_error = error.to_string();
+                    tracing::warn!(error, attempt, retry_in_ms, "{}; still retrying", self.what);
+                }
+            }
+        }
+        retry.pause(delay).await
+    }
+
+    /// The operation succeeded: an outage in progress ends (logged once at
+    /// info, the check ok again).
+    pub fn recovered(&mut self, retry: &Retry) {
+        let Some((began, failures)) = self.began.take() else {
+            return;
+        };
+        tracing::info!(
+            after_seconds = began.elapsed().as_secs_f64(),
+            failed_attempts = failures,
+            "{}: recovered",
+            self.what
+        );
+        if let Some(health) = &retry.health {
+            health.set_ok(check_of(self.component));
+        }
+    }
+}
+
 /// The tries of one operation (see [`Retry::attempts`]).
 pub struct Attempts<'a> {
     retry: &'a Retry,
-    what: &'a str,
+    outage: Outage<'a>,
     backoff: Backoff,
 }
 
@@ -112,9 +209,14 @@ impl Attempts<'_> {
             return Err(err);
         }
         Ok(self
-            .retry
-            .wait(self.what, &describe(&err), &mut self.backoff)
+            .outage
+            .failed(self.retry, &describe(&err), &mut self.backoff)
             .await)
+    }
+
+    /// The try succeeded (ends an outage, if one was in progress).
+    pub fn recovered(&mut self) {
+        self.outage.recovered(self.retry);
     }
 }
 
@@ -140,7 +242,7 @@ mod tests {
     async fn transient_errors_are_retried_and_others_returned() {
         let mut tries = 0;
         let done = retry(CancellationToken::new())
-            .run("flaky", async || {
+            .run(Component::Postgres, "flaky", async || {
                 tries += 1;
                 if tries < 3 {
                     Err(SourceError::Transient("down".into()))
@@ -152,7 +254,7 @@ mod tests {
             .expect("done");
         assert_eq!(done, Some(3));
         let fatal: Result<Option<()>, _> = retry(CancellationToken::new())
-            .run("broken", async || {
+            .run(Component::Postgres, "broken", async || {
                 Err(SourceError::Fatal("misconfigured".into()))
             })
             .await;
@@ -160,11 +262,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_outage_fails_its_check_until_it_ends() {
+        let health = Health::new();
+        let retry = retry(CancellationToken::new()).with_health(health.clone());
+        let state = |health: &Health| {
+            health
+                .readiness()
+                .checks
+                .iter()
+                .find(|check| check.name == "runtime_mongodb")
+                .map(|check| check.state)
+        };
+        let mut seen = Vec::new();
+        let done = retry
+            .run(Component::Mongodb, "mongodb unreachable", async || {
+                seen.push(state(&health));
+                if seen.len() < 3 {
+                    Err(SourceError::Transient("down".into()))
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .expect("done");
+        assert_eq!(done, Some(()));
+        assert_eq!(seen, [None, Some("failing"), Some("failing")]);
+        assert_eq!(state(&health), Some("ok"));
+        assert!(health.readiness().ready);
+    }
+
+    #[tokio::test]
     async fn shutdown_stops_the_retries() {
         let shutdown = CancellationToken::new();
         shutdown.cancel();
         let stopped: Option<()> = retry(shutdown)
-            .run("down", async || Err(SourceError::Transient("down".into())))
+            .run(Component::Postgres, "down", async || {
+                Err(SourceError::Transient("down".into()))
+            })
             .await
             .expect("no error");
         assert_eq!(stopped, None);

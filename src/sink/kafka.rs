@@ -31,6 +31,7 @@ impl Sink for KafkaSink {
     type Error = RelayError;
 
     const CRASH_POINTS: CrashPoints = CrashPoints::RELAY;
+    const COMPONENT: crate::observe::Component = crate::observe::Component::Kafka;
 
     async fn apply<A: Sync>(&mut self, batch: &SourceBatch<A>) -> Result<SinkReport, RelayError> {
         let now = chrono::Utc::now();
@@ -42,6 +43,7 @@ impl Sink for KafkaSink {
             messages.push(self.encoder.encode(event, op, now));
         }
         self.producer.deliver(&messages).await?;
+        crate::observe::kafka_produced(messages.len() as u64);
         for letter in &batch.malformed {
             tracing::error!(event_id = %letter.event.event_id, error = %letter.error, "outbox row cannot be relayed; it is marked failed");
         }

@@ -62,6 +62,9 @@ pub trait Sink: Send {
     /// The crash points around this sink's write (`failpoint`).
     const CRASH_POINTS: crate::runtime::CrashPoints = crate::runtime::CrashPoints::RUN;
 
+    /// What this sink's outages are counted and checked as (`/readyz`).
+    const COMPONENT: crate::observe::Component = crate::observe::Component::Mongodb;
+
     /// Applies one batch; `Ok` once its effects are durable.
     fn apply<A: Sync>(
         &mut self,

@@ -160,6 +160,8 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
             command.env(key, value);
         }
     }
+    // Tests run in parallel: the metrics server takes a free port (`env` may say otherwise).
+    command.env("METRICS_ADDR", "127.0.0.1:0");
     for (key, value) in env {
         command.env(key, value);
     }

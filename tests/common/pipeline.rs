@@ -66,6 +66,8 @@ impl Stage {
                 command.env(key, value);
             }
         }
+        // Tests run in parallel: the metrics server takes a free port.
+        command.env("METRICS_ADDR", "127.0.0.1:0");
         for (key, value) in self.env().into_iter().chain(extra.iter().cloned()) {
             command.env(key, value);
         }

@@ -119,6 +119,8 @@ impl Case {
                 command.env(key, value);
             }
         }
+        // Tests run in parallel: the metrics server takes a free port.
+        command.env("METRICS_ADDR", "127.0.0.1:0");
         for (key, value) in &self.env {
             command.env(key, value);
         }

@@ -1,0 +1,119 @@
+//! What the runtime records into the metrics (docs/operating.md): events by
+//! source, type and outcome, batches, MongoDB writes and the latencies, once
+//! a batch is durable and acknowledged.
+
+use crate::config::SourceKind;
+use crate::decode::OutboxEvent;
+use crate::observe::{self, metrics::event_type_label, Outcome};
+use crate::sink::SinkReport;
+use std::collections::{BTreeMap, HashSet};
+use uuid::Uuid;
+
+/// Events of a batch as they arrive: received, and commit-to-received.
+pub(super) fn received(source: SourceKind, events: &[OutboxEvent], malformed: usize) {
+    let mut by_type: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for event in events {
+        *by_type
+            .entry(event_type_label(&event.event_type))
+            .or_default() += 1;
+        if let Some(created) = event.created_at {
+            observe::ingestion(observe::since(created.into()));
+        }
+    }
+    if malformed > 0 {
+        *by_type.entry("other").or_default() += malformed as u64;
+    }
+    for (event_type, n) in by_type {
+        observe::events(source, event_type, Outcome::Received, n);
+    }
+}
+
+/// A batch whose effects are durable: every event's outcome, the batch, the
+/// MongoDB writes, and the commit-to-durable latency of each applied event.
+///
+/// The sink reports how many events were applied, fenced as duplicates or
+/// unmatched, not which: the events that neither were dead-lettered nor
+/// deferred nor of an unknown type count as applied in batch order, the rest
+/// as duplicates. The totals are exact; a batch that mixes event types and
+/// holds duplicates may attribute a duplicate to the wrong type.
+///
+/// The commit time is the event's `created_at` for every source (the
+/// replication source does not carry the transaction's commit timestamp to
+/// the event, nor the Kafka source the record's timestamp): within the
+/// writing transaction's duration of the commit.
+pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkReport) {
+    let mut outcomes: BTreeMap<(&'static str, OutcomeKey), u64> = BTreeMap::new();
+    let mut add = |event_type: &str, outcome: Outcome| {
+        *outcomes
+            .entry((event_type_label(event_type), OutcomeKey(outcome)))
+            .or_default() += 1;
+    };
+    let dead: HashSet<Uuid> = report
+        .dead_letters
+        .iter()
+        .map(|letter| letter.event.event_id)
+        .collect();
+    let deferred: HashSet<Uuid> = report
+        .deferred
+        .iter()
+        .map(|(event, _)| event.event_id)
+        .collect();
+    for letter in &report.dead_letters {
+        add(&letter.event.event_type, Outcome::DeadLettered);
+    }
+    let (mut applied, mut unmatched) = (report.applied, report.unmatched);
+    for event in events {
+        if dead.contains(&event.event_id) || deferred.contains(&event.event_id) {
+            continue;
+        }
+        if unmatched > 0 && event_type_label(&event.event_type) == "other" {
+            unmatched -= 1;
+            add(&event.event_type, Outcome::UnknownType);
+        } else if applied > 0 {
+            applied -= 1;
+            add(&event.event_type, Outcome::Applied);
+            if let Some(created) = event.created_at {
+                observe::commit_to_durable(observe::since(created.into()));
+            }
+        } else {
+            add(&event.event_type, Outcome::Duplicate);
+        }
+    }
+    for ((event_type, OutcomeKey(outcome)), n) in outcomes {
+        observe::events(source, event_type, outcome, n);
+    }
+    observe::batch(
+        events.len()
+            + report
+                .dead_letters
+                .len()
+                .saturating_sub(dead_in(events, &dead)),
+    );
+    if report.round_trips > 0 || report.documents_written > 0 {
+        observe::mongo(u64::from(report.round_trips), report.documents_written);
+    }
+}
+
+/// How many of `events` are among the dead letters.
+fn dead_in(events: &[OutboxEvent], dead: &HashSet<Uuid>) -> usize {
+    events
+        .iter()
+        .filter(|event| dead.contains(&event.event_id))
+        .count()
+}
+
+/// An [`Outcome`] as a map key (ordered by its label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OutcomeKey(Outcome);
+
+impl PartialOrd for OutcomeKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OutcomeKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.as_str().cmp(other.0.as_str())
+    }
+}
