@@ -49,6 +49,37 @@ pub fn describe(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// A library error whose own `Display` is no good on one line (a debug
+/// dump, or a cause repeated), as its one-line [`Summarise::summary`].
+pub trait Summarise {
+    fn summary(&self) -> String;
+}
+
+/// A library's error shown as its summary; `Debug` and [`Summarised::get`]
+/// give all of it.
+pub struct Summarised<E>(pub E);
+
+impl<E> Summarised<E> {
+    /// The library's error itself.
+    pub fn get(&self) -> &E {
+        &self.0
+    }
+}
+
+impl<E: Summarise> std::fmt::Display for Summarised<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.summary())
+    }
+}
+
+impl<E: std::fmt::Debug> std::fmt::Debug for Summarised<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl<E: Summarise + std::fmt::Debug> std::error::Error for Summarised<E> {}
+
 /// Capped exponential backoff with jitter (each pause between half and all of
 /// its ceiling), so that many processes do not retry in step.
 #[derive(Debug, Clone)]

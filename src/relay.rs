@@ -25,7 +25,7 @@ pub mod debezium;
 pub(crate) mod producer;
 
 pub use debezium::{jsonb_text, zoned_timestamp, Encoder, Message, Op, Shape, SnapshotMark};
-pub use producer::{create as create_producer, murmur2, partition_for};
+pub use producer::{create as create_producer, murmur2, partition_for, record};
 
 use crate::config::{Config, RelayFormat, RelaySource};
 use crate::observe::Component;

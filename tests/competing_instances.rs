@@ -8,21 +8,12 @@ mod common;
 use common::kafka;
 
 use activity_event_history::{generate, HistoryOptions};
-use activity_event_processor::decode::OutboxEvent;
+use common::faults::write_slowly;
 use common::pipeline::{kill_9, Stage};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// Loads `history` in chunks of `chunk` rows every `pause` (about
-/// `chunk / pause` rows/s), as a write side does.
-async fn write_slowly(stage: &Stage, history: &[OutboxEvent], chunk: usize, pause: Duration) {
-    for part in history.chunks(chunk) {
-        stage.load(part).await;
-        tokio::time::sleep(pause).await;
-    }
-}
 
 struct Killed(Vec<Child>);
 

@@ -30,12 +30,17 @@ const DENY_UPDATE: &str = "
     CREATE TRIGGER aep_deny_update BEFORE UPDATE ON event_outbox
         FOR EACH STATEMENT EXECUTE FUNCTION aep_deny_update();";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refused_outbox_mark_stops_with_one_line_saying_what_to_do() {
-    let stage = Stage::new().await;
-    let _slots = kafka::Slots(stage.pg.config.clone());
+/// Loads a history (`seed`), makes every UPDATE on the outbox fail with
+/// SQLSTATE 42501, runs `args` to its end: it must fail, with exactly one
+/// `error:` line. That line, and the whole log.
+async fn refused_run(
+    stage: &Stage,
+    seed: u64,
+    args: &[&str],
+    env: &[(&'static str, String)],
+) -> (String, String) {
     stage
-        .load(&generate(4801, &HistoryOptions::realistic(30)))
+        .load(&generate(seed, &HistoryOptions::realistic(30)))
         .await;
     stage
         .pg
@@ -45,17 +50,28 @@ async fn a_refused_outbox_mark_stops_with_one_line_saying_what_to_do() {
         .await
         .expect("deny updates");
     let _ = std::fs::remove_file(stage.log_path());
-    let child = stage.spawn(
-        &["--source", "replication", "--until-caught-up"],
-        &[("MARK_PROCESSED", "true".to_string())],
-    );
-    let status = wait_with_timeout(child, Duration::from_secs(90), &stage);
+    let child = stage.spawn(args, env);
+    let status = wait_with_timeout(child, Duration::from_secs(90), stage);
     let log = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
     let _ = std::fs::remove_file(stage.log_path());
     assert!(!status.success(), "exited 0:\n{log}");
     let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{log}");
-    let line = errors[0];
+    (errors[0].to_string(), log)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_outbox_mark_stops_with_one_line_saying_what_to_do() {
+    let stage = Stage::new().await;
+    let _slots = kafka::Slots(stage.pg.config.clone());
+    let (line, log) = refused_run(
+        &stage,
+        4801,
+        &["--source", "replication", "--until-caught-up"],
+        &[("MARK_PROCESSED", "true".to_string())],
+    )
+    .await;
+    let line = line.as_str();
     assert!(line.contains("SQLSTATE 42501"), "{line}");
     assert!(line.contains("UPDATE on event_outbox"), "{line}");
     assert!(line.contains("MARK_PROCESSED=false"), "{line}");
@@ -72,30 +88,15 @@ async fn a_refused_outbox_mark_stops_with_one_line_saying_what_to_do() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_claim_stops_polling_with_one_line() {
     let stage = Stage::new().await;
-    stage
-        .load(&generate(4802, &HistoryOptions::realistic(30)))
-        .await;
-    stage
-        .pg
-        .client()
-        .await
-        .batch_execute(DENY_UPDATE)
-        .await
-        .expect("deny updates");
-    let _ = std::fs::remove_file(stage.log_path());
-    let child = stage.spawn(&["--source", "polling", "--until-caught-up"], &[]);
-    let status = wait_with_timeout(child, Duration::from_secs(90), &stage);
-    let log = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
-    let _ = std::fs::remove_file(stage.log_path());
-    assert!(!status.success(), "exited 0:\n{log}");
-    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{log}");
-    assert!(
-        errors[0].contains("cannot claim outbox rows"),
-        "{}",
-        errors[0]
-    );
-    assert!(errors[0].contains("permission denied"), "{}", errors[0]);
+    let (line, log) = refused_run(
+        &stage,
+        4802,
+        &["--source", "polling", "--until-caught-up"],
+        &[],
+    )
+    .await;
+    assert!(line.contains("cannot claim outbox rows"), "{line}");
+    assert!(line.contains("permission denied"), "{line}");
     assert!(!log.contains("retrying"), "a refusal was retried:\n{log}");
 }
 

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIMIT: Duration = Duration::from_secs(300);
 /// `/readyz` must show a cause within this long.
@@ -48,27 +47,8 @@ async fn served_at(log: &Path, run: &mut Proc) -> SocketAddr {
 
 /// GET `path`: the status and the body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the metrics server");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send the request");
-    let mut response = Vec::new();
-    tokio::time::timeout(READINESS, stream.read_to_end(&mut response))
-        .await
-        .expect("the server answers in time")
-        .expect("read the response");
-    let response = String::from_utf8(response).expect("an UTF-8 response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    (status, body.to_string())
+    let (status, _, body) = common::observe::request(addr, path).await;
+    (status, body)
 }
 
 async fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {

@@ -116,10 +116,7 @@ async fn the_slot_lag_sampler_sees_lag_a_stall_and_a_dropped_slot() {
 
     shutdown.cancel();
     server_shutdown.cancel();
-    tokio::time::timeout(PATIENCE, sampler)
-        .await
-        .expect("the sampler stops on shutdown")
-        .expect("the sampler never panics");
+    stopped(sampler).await;
     drop_slot(&client, &slot).await;
 }
 
@@ -154,10 +151,7 @@ async fn the_postgres_check_fails_while_the_server_is_down_and_recovers() {
     services.control(&["pg-start"]);
     wait_check(&health, CHECK_POSTGRES, "ok").await;
     shutdown.cancel();
-    tokio::time::timeout(PATIENCE, sampler)
-        .await
-        .expect("the sampler stops on shutdown")
-        .expect("the sampler never panics");
+    stopped(sampler).await;
 }
 
 #[tokio::test]
@@ -225,10 +219,7 @@ async fn the_backlog_sampler_counts_unfinished_rows_and_sees_a_stall() {
         0.0
     );
     shutdown.cancel();
-    tokio::time::timeout(PATIENCE, sampler)
-        .await
-        .expect("the sampler stops on shutdown")
-        .expect("the sampler never panics");
+    stopped(sampler).await;
 }
 
 #[tokio::test]
@@ -300,10 +291,7 @@ async fn the_mongodb_ping_goes_red_on_a_frozen_server_and_green_after() {
     wait_check(&health, CHECK_MONGODB, "ok").await;
 
     shutdown.cancel();
-    tokio::time::timeout(PATIENCE, sampler)
-        .await
-        .expect("the sampler stops on shutdown")
-        .expect("the sampler never panics");
+    stopped(sampler).await;
 }
 
 #[tokio::test]
@@ -334,10 +322,7 @@ async fn the_kafka_check_goes_red_on_a_frozen_broker_and_green_after() {
     assert!(took < Duration::from_secs(60), "{took:?}");
     wait_check(&health, CHECK_KAFKA, "ok").await;
     shutdown.cancel();
-    tokio::time::timeout(PATIENCE, sampler)
-        .await
-        .expect("the sampler stops on shutdown")
-        .expect("the sampler never panics");
+    stopped(sampler).await;
 }
 
 #[tokio::test]
@@ -397,4 +382,12 @@ async fn one_look_of_each_sampler_fills_the_checks_a_status_shows() {
         "{readiness:?}"
     );
     assert!(!readiness.ready);
+}
+
+/// The sampler task ends (its shutdown was cancelled) without a panic.
+async fn stopped(sampler: tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(PATIENCE, sampler)
+        .await
+        .expect("the sampler stops on shutdown")
+        .expect("the sampler never panics");
 }

@@ -12,7 +12,7 @@ use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::decode::OutboxEvent;
 use common::faults::{
     line_count, lines_with, log_path, logged_at, longest_unowned_streaming, spawn_run, streamers,
-    wait_finished, wait_for_line, write_slowly, OwnershipWatch,
+    wait_finished, wait_for_line, write_slowly, write_through_restarts, OwnershipWatch,
 };
 use common::kafka::{self, kill_9, terminate};
 use common::pipeline::Stage;
@@ -288,49 +288,6 @@ async fn after_postgres_restarts_exactly_one_of_two_processes_captures() {
     let logged = pair.logged_streaming(lines);
     assert_eq!(logged.len(), 1, "{logged:?}\n{}", pair.tails());
     pair.finish(&stage, &history).await;
-}
-
-/// `write_slowly` for a database that restarts meanwhile: a chunk whose
-/// write fails is written again, all but the rows that did commit.
-async fn write_through_restarts(
-    stage: &Stage,
-    history: &[OutboxEvent],
-    chunk: usize,
-    pause: Duration,
-) {
-    use activity_event_processor::outbox::{self, load::copy_events};
-    for part in history.chunks(chunk) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(client) = outbox::connect(&stage.pg.config).await {
-                let ids: Vec<uuid::Uuid> = part.iter().map(|e| e.event_id).collect();
-                let written = client
-                    .query(
-                        "SELECT event_id FROM event_outbox WHERE event_id = ANY($1)",
-                        &[&ids],
-                    )
-                    .await;
-                if let Ok(rows) = written {
-                    let done: std::collections::HashSet<uuid::Uuid> =
-                        rows.iter().map(|r| r.get(0)).collect();
-                    let missing: Vec<OutboxEvent> = part
-                        .iter()
-                        .filter(|e| !done.contains(&e.event_id))
-                        .cloned()
-                        .collect();
-                    if missing.is_empty() || copy_events(&client, &missing).await.is_ok() {
-                        break;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cannot write to PostgreSQL for 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        tokio::time::sleep(pause).await;
-    }
 }
 
 /// Terminates the server process that `sql` finds for `slot`; its pid.

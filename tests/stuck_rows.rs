@@ -83,22 +83,7 @@ async fn a_long_running_process_finds_them_too() {
     stage.wait_converged(&history, LIMIT).await;
     // The outbox is marked after the effects are durable: wait for the marks
     // too before the kill.
-    let client = stage.pg.client().await;
-    let started = std::time::Instant::now();
-    loop {
-        let open: i64 = client
-            .query_one(
-                "SELECT count(*) FROM event_outbox WHERE status NOT IN ('processed', 'failed')",
-                &[],
-            )
-            .await
-            .expect("count open rows")
-            .get(0);
-        if open == 0 || started.elapsed() > LIMIT {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    common::faults::wait_finished(&stage, LIMIT, &stage.log_path()).await;
     common::pipeline::kill_9(&mut child);
     stage.assert_converged(&history, true).await;
     let _ = std::fs::remove_file(stage.log_path());

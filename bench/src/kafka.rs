@@ -18,15 +18,16 @@ use super::report::{Better, Results};
 use super::{pg, rate_since, Bench};
 use activity_event_processor::config::KafkaConfig;
 use activity_event_processor::decode::OutboxEvent;
-use activity_event_processor::relay::{partition_for, Encoder, Message, Op, Shape, SnapshotMark};
+use activity_event_processor::relay::{
+    partition_for, record, Encoder, Message, Op, Shape, SnapshotMark,
+};
 use activity_event_processor::source::kafka::{base_config, consumer_config, QuietContext};
 use activity_event_processor::stats_file::StatsReport;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -364,21 +365,10 @@ async fn raw_produce(
     let mut acknowledged = 0u64;
     for i in 0..count {
         let message = &pool[(i as usize) % pool.len()];
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
-        for (name, value) in &message.headers {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(value),
-            });
-        }
-        let mut record = FutureRecord::to(&message.topic)
-            .key(&message.key)
-            .payload(&message.value)
-            .partition(partition_for(&message.partition_key, PARTITIONS as usize))
-            .headers(headers);
-        if let Some(at) = message.timestamp {
-            record = record.timestamp(at);
-        }
+        let mut record = record(
+            message,
+            partition_for(&message.partition_key, PARTITIONS as usize),
+        );
         loop {
             match producer.send_result(record) {
                 Ok(future) => {

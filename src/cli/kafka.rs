@@ -4,7 +4,6 @@ use super::flags::{self, Overrides};
 use crate::config::{Config, KafkaConfig};
 use crate::counters::Stats;
 use crate::relay;
-use crate::runtime::Shared;
 use crate::source::kafka::{base_config, is_unreachable, topic_partitions, QuietContext};
 use clap::{Args, Subcommand};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -68,20 +67,14 @@ pub async fn relay(
     let stats = Arc::new(Stats::default());
     // Published events count as applied, unpublishable rows as dead-lettered.
     super::with_stats_file(&args.stats, stats.clone(), |stats_file| async {
-        let shared = Shared {
-            config: config.pipeline.clone(),
-            source: match config.kafka.relay.source {
-                crate::config::RelaySource::Replication => crate::config::SourceKind::Replication,
-                crate::config::RelaySource::Polling => crate::config::SourceKind::Polling,
-            },
+        let shared = observing.shared(
+            &config,
+            config.kafka.relay.source.into(),
             shutdown,
-            stats: stats.clone(),
-            until_caught_up: args.until_caught_up,
+            stats.clone(),
+            args.until_caught_up,
             stats_file,
-            health: observing.health.clone(),
-            durable_lsn: observing.durable_lsn.clone(),
-            acknowledged: observing.acknowledged.clone(),
-        };
+        );
         relay::run(&config, &shared)
             .await
             .map_err(anyhow::Error::from)

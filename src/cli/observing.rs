@@ -3,10 +3,13 @@
 //! share, and the samplers of the source in use (docs/operating.md).
 
 use crate::config::{Config, SourceKind};
+use crate::counters::Stats;
 use crate::observe::samplers::{
     BacklogSampler, KafkaSampler, MongoSampler, Sampling, SlotLagSampler,
 };
 use crate::observe::{self, Health, Observed, Server};
+use crate::runtime::Shared;
+use crate::stats_file::StatsFile;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -64,6 +67,30 @@ impl Observing {
             stop,
             tasks,
         })
+    }
+
+    /// What the runtime's workers share, observed through this: the
+    /// health, and the positions the samplers read.
+    pub fn shared(
+        &self,
+        config: &Config,
+        source: SourceKind,
+        shutdown: CancellationToken,
+        stats: Arc<Stats>,
+        until_caught_up: bool,
+        stats_file: Option<Arc<StatsFile>>,
+    ) -> Shared {
+        Shared {
+            config: config.pipeline.clone(),
+            source,
+            shutdown,
+            stats,
+            until_caught_up,
+            stats_file,
+            health: self.health.clone(),
+            durable_lsn: self.durable_lsn.clone(),
+            acknowledged: self.acknowledged.clone(),
+        }
     }
 
     /// Starts the samplers of what this process depends on: the capture

@@ -191,17 +191,14 @@ pub async fn run(
     };
     let stats = Arc::new(Stats::default());
     let result = super::with_stats_file(&args.stats, stats.clone(), |stats_file| async {
-        let shared = Shared {
-            config: config.pipeline.clone(),
-            source: config.source,
+        let shared = observing.shared(
+            &config,
+            config.source,
             shutdown,
-            stats: stats.clone(),
-            until_caught_up: args.until_caught_up,
+            stats.clone(),
+            args.until_caught_up,
             stats_file,
-            health: observing.health.clone(),
-            durable_lsn: observing.durable_lsn.clone(),
-            acknowledged: observing.acknowledged.clone(),
-        };
+        );
         match store {
             Some(store) => {
                 let mut sink = MongoSink::new(Projector::new(store.clone()));

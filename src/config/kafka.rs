@@ -39,6 +39,15 @@ pub enum RelaySource {
     Polling,
 }
 
+impl From<RelaySource> for super::SourceKind {
+    fn from(source: RelaySource) -> Self {
+        match source {
+            RelaySource::Replication => super::SourceKind::Replication,
+            RelaySource::Polling => super::SourceKind::Polling,
+        }
+    }
+}
+
 /// The relay: outbox -> Kafka, in Debezium's message format.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {

@@ -32,7 +32,7 @@ pub const BATCH_SIZE_BUCKETS: [f64; 12] = [
 ];
 
 /// What became of an event (the `outcome` label of `events_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
     /// Handed over by the capture (counted once per delivery).
     Received,

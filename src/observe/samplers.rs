@@ -108,6 +108,39 @@ struct Connection {
 }
 
 impl Connection {
+    fn new(pg: &PostgresConfig, sampling: &Sampling) -> Connection {
+        Connection {
+            pg: pg.clone(),
+            timeout: sampling.timeout,
+            client: None,
+        }
+    }
+
+    /// The row of `sql`, read by `read`; the `postgres` check in `health`
+    /// says how it went (`None`: it failed).
+    async fn read<T>(
+        &mut self,
+        health: &Health,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        read: impl FnOnce(&tokio_postgres::Row) -> Result<T, tokio_postgres::Error>,
+    ) -> Option<T> {
+        let read = match self.query(sql, params).await {
+            Ok(row) => read(&row).map_err(|err| crate::outbox::describe(&err)),
+            Err(reason) => Err(reason),
+        };
+        match read {
+            Ok(value) => {
+                health.set_ok(CHECK_POSTGRES);
+                Some(value)
+            }
+            Err(reason) => {
+                health.set_failing(CHECK_POSTGRES, reason);
+                None
+            }
+        }
+    }
+
     /// Runs `query` on the connection (made first if needed), within the
     /// timeout; on any failure the connection is dropped.
     async fn query(
@@ -153,11 +186,7 @@ impl SlotLagSampler {
     /// One sample into `health`, for a person's `status` (a stall shows
     /// only over time: one look finds `progress` ok).
     pub async fn check_once(&self) {
-        let mut connection = Connection {
-            pg: self.pg.clone(),
-            timeout: self.sampling.timeout,
-            client: None,
-        };
+        let mut connection = Connection::new(&self.pg, &self.sampling);
         let mut stall = StallWatch::new(self.sampling.stall_after);
         self.sample(&mut connection, &mut stall).await;
     }
@@ -166,11 +195,7 @@ impl SlotLagSampler {
         for check in [CHECK_POSTGRES, CHECK_SLOT, CHECK_PROGRESS] {
             self.health.expect(check);
         }
-        let mut connection = Connection {
-            pg: self.pg.clone(),
-            timeout: self.sampling.timeout,
-            client: None,
-        };
+        let mut connection = Connection::new(&self.pg, &self.sampling);
         let mut stall = StallWatch::new(self.sampling.stall_after);
         let mut ticker = Ticker::new(self.sampling.interval);
         while ticker.next(&shutdown).await {
@@ -179,32 +204,21 @@ impl SlotLagSampler {
     }
 
     async fn sample(&self, connection: &mut Connection, stall: &mut StallWatch) {
-        let row = connection
-            .query(
+        let read = connection
+            .read(
+                &self.health,
                 "SELECT pg_current_wal_lsn(), \
                         (SELECT row_to_json(s)::text FROM pg_replication_slots s WHERE slot_name = $1)",
                 &[&self.slot],
+                |row| {
+                    let current = u64::from(row.try_get::<_, PgLsn>(0)?);
+                    Ok((current, row.try_get::<_, Option<String>>(1)?))
+                },
             )
             .await;
-        let row = match row {
-            Ok(row) => row,
-            Err(reason) => {
-                self.health.set_failing(CHECK_POSTGRES, reason);
-                return;
-            }
+        let Some((current, slot)) = read else {
+            return;
         };
-        let read = row
-            .try_get::<_, PgLsn>(0)
-            .and_then(|current| Ok((u64::from(current), row.try_get::<_, Option<String>>(1)?)));
-        let (current, slot) = match read {
-            Ok(read) => read,
-            Err(err) => {
-                self.health
-                    .set_failing(CHECK_POSTGRES, crate::outbox::describe(&err));
-                return;
-            }
-        };
-        self.health.set_ok(CHECK_POSTGRES);
         let slot: Option<serde_json::Value> =
             slot.and_then(|text| serde_json::from_str(&text).ok());
         let Some(slot) = slot else {
@@ -276,11 +290,7 @@ impl BacklogSampler {
     /// One sample into `health`, for a person's `status` (a stall shows
     /// only over time: one look finds `progress` ok).
     pub async fn check_once(&self) {
-        let mut connection = Connection {
-            pg: self.pg.clone(),
-            timeout: self.sampling.timeout,
-            client: None,
-        };
+        let mut connection = Connection::new(&self.pg, &self.sampling);
         let mut stall = StallWatch::new(self.sampling.stall_after);
         self.sample(&mut connection, &mut stall).await;
     }
@@ -289,11 +299,7 @@ impl BacklogSampler {
         for check in [CHECK_POSTGRES, CHECK_PROGRESS] {
             self.health.expect(check);
         }
-        let mut connection = Connection {
-            pg: self.pg.clone(),
-            timeout: self.sampling.timeout,
-            client: None,
-        };
+        let mut connection = Connection::new(&self.pg, &self.sampling);
         let mut stall = StallWatch::new(self.sampling.stall_after);
         let mut ticker = Ticker::new(self.sampling.interval);
         while ticker.next(&shutdown).await {
@@ -302,32 +308,18 @@ impl BacklogSampler {
     }
 
     async fn sample(&self, connection: &mut Connection, stall: &mut StallWatch) {
-        let row = connection
-            .query(
+        let read = connection
+            .read(
+                &self.health,
                 "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
                  FROM event_outbox WHERE status IN ('pending', 'processing', 'retry')",
                 &[],
+                |row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, Option<f64>>(1)?)),
             )
             .await;
-        let row = match row {
-            Ok(row) => row,
-            Err(reason) => {
-                self.health.set_failing(CHECK_POSTGRES, reason);
-                return;
-            }
+        let Some((rows, oldest)) = read else {
+            return;
         };
-        let read = row
-            .try_get::<_, i64>(0)
-            .and_then(|rows| Ok((rows, row.try_get::<_, Option<f64>>(1)?)));
-        let (rows, oldest) = match read {
-            Ok(read) => read,
-            Err(err) => {
-                self.health
-                    .set_failing(CHECK_POSTGRES, crate::outbox::describe(&err));
-                return;
-            }
-        };
-        self.health.set_ok(CHECK_POSTGRES);
         let rows = u64::try_from(rows).unwrap_or(0);
         let oldest =
             oldest.map(|age| Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default());

@@ -80,7 +80,7 @@ pub enum MigrateError {
 fn db(context: &'static str) -> impl Fn(tokio_postgres::Error) -> MigrateError {
     move |err| MigrateError::Database {
         context,
-        source: PgError(err),
+        source: crate::policy::Summarised(err),
     }
 }
 
@@ -160,7 +160,7 @@ async fn apply_locked(
         let failed = |err: tokio_postgres::Error| MigrateError::Failed {
             version: migration.version,
             name: migration.name,
-            source: PgError(err),
+            source: crate::policy::Summarised(err),
         };
         let tx = client.transaction().await.map_err(failed)?;
         tx.batch_execute(migration.sql).await.map_err(failed)?;

@@ -8,6 +8,7 @@ pub mod seed;
 pub mod status;
 
 use crate::config::PostgresConfig;
+use crate::policy::{Summarise, Summarised};
 use tokio_postgres::{Client, NoTls};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +33,7 @@ impl OutboxError {
     pub(crate) fn query(context: &'static str, source: tokio_postgres::Error) -> Self {
         OutboxError::Query {
             context,
-            source: PgError(source),
+            source: Summarised(source),
         }
     }
 }
@@ -40,29 +41,13 @@ impl OutboxError {
 /// The PostgreSQL driver's error, shown as [`describe`] gives it: one line,
 /// the server's own message when there is one (the driver's `Display`
 /// repeats its cause and a server error's DETAIL takes a line of its own).
-/// `Debug` and [`PgError::get`] give all of it.
-pub struct PgError(pub tokio_postgres::Error);
+pub type PgError = Summarised<tokio_postgres::Error>;
 
-impl PgError {
-    /// The driver's error itself.
-    pub fn get(&self) -> &tokio_postgres::Error {
-        &self.0
+impl Summarise for tokio_postgres::Error {
+    fn summary(&self) -> String {
+        describe(self)
     }
 }
-
-impl std::fmt::Display for PgError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&describe(&self.0))
-    }
-}
-
-impl std::fmt::Debug for PgError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&self.0, f)
-    }
-}
-
-impl std::error::Error for PgError {}
 
 /// The most useful one-line account of a PostgreSQL error: the server's own
 /// message when there is one, else the chain of causes.
@@ -73,17 +58,7 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
             None => db.message().to_string(),
         };
     }
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+    crate::policy::describe(err)
 }
 
 /// Opens one connection and drives it on the runtime.
@@ -94,7 +69,7 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, OutboxError> {
         .await
         .map_err(|err| OutboxError::Connect {
             target: config.display_target(),
-            source: PgError(err),
+            source: Summarised(err),
         })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {

@@ -49,6 +49,26 @@ pub fn murmur2(data: &[u8]) -> i32 {
     h as i32
 }
 
+/// The record that produces `message` to `partition`.
+pub fn record(message: &Message, partition: i32) -> FutureRecord<'_, Vec<u8>, Vec<u8>> {
+    let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+    for (name, value) in &message.headers {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value),
+        });
+    }
+    let record = FutureRecord::to(&message.topic)
+        .key(&message.key)
+        .payload(&message.value)
+        .partition(partition)
+        .headers(headers);
+    match message.timestamp {
+        Some(at) => record.timestamp(at),
+        None => record,
+    }
+}
+
 /// The partition the Java client's default partitioner picks for `key`.
 pub fn partition_for(key: &[u8], partitions: usize) -> i32 {
     let positive = (murmur2(key) & 0x7fff_ffff) as u32;
@@ -152,22 +172,7 @@ impl Producer {
         let mut first_error: Option<KafkaError> = None;
         for message in messages {
             let count = self.partitions.get(&message.topic).copied().unwrap_or(1);
-            let partition = partition_for(&message.partition_key, count);
-            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
-            for (name, value) in &message.headers {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value),
-                });
-            }
-            let mut record = FutureRecord::to(&message.topic)
-                .key(&message.key)
-                .payload(&message.value)
-                .partition(partition)
-                .headers(headers);
-            if let Some(at) = message.timestamp {
-                record = record.timestamp(at);
-            }
+            let mut record = record(message, partition_for(&message.partition_key, count));
             loop {
                 match self.inner.send_result(record) {
                     Ok(future) => {

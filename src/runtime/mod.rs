@@ -302,7 +302,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
     ) -> Result<Option<SinkReport>, PipelineError> {
         let interruptible = self.sink.interruptible();
         let mut attempts = self.retry.attempts(K::COMPONENT, "writing a batch failed");
-        loop {
+        let written = loop {
             let written = if interruptible {
                 tokio::select! {
                     biased;
@@ -313,24 +313,16 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             } else {
                 self.sink.apply(batch).await
             };
-            let err = match written {
-                Ok(report) => {
-                    attempts.recovered();
-                    return Ok(Some(report));
-                }
-                Err(err) => err,
-            };
-            match attempts.again(err).await {
-                Ok(true) => {}
-                Ok(false) => return Ok(None),
-                Err(err) => {
-                    return Err(PipelineError::stop(
-                        "the sink refused a batch; fix the cause and start again",
-                        err,
-                    ))
-                }
+            if let Some(done) = attempts.settle(written).await {
+                break done;
             }
-        }
+        };
+        written.map_err(|err| {
+            PipelineError::stop(
+                "the sink refused a batch; fix the cause and start again",
+                err,
+            )
+        })
     }
 
     /// The MongoDB checkpoint, for a source whose acknowledgement is an LSN.
@@ -343,16 +335,8 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             .retry
             .attempts(Component::Mongodb, "saving the checkpoint failed");
         let saved = loop {
-            match checkpoint.save(lsn).await {
-                Ok(()) => {
-                    attempts.recovered();
-                    break Ok(Some(()));
-                }
-                Err(err) => match attempts.again(err).await {
-                    Ok(true) => {}
-                    Ok(false) => break Ok(None),
-                    Err(err) => break Err(err),
-                },
+            if let Some(done) = attempts.settle(checkpoint.save(lsn).await).await {
+                break done;
             }
         };
         match saved {
@@ -390,16 +374,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             .retry
             .attempts(Component::Postgres, "marking outbox rows failed");
         let marked = loop {
-            match marker.mark(&batch.events, outcome).await {
-                Ok(()) => {
-                    attempts.recovered();
-                    break Ok(Some(()));
-                }
-                Err(err) => match attempts.again(err).await {
-                    Ok(true) => {}
-                    Ok(false) => break Ok(None),
-                    Err(err) => break Err(err),
-                },
+            if let Some(done) = attempts
+                .settle(marker.mark(&batch.events, outcome).await)
+                .await
+            {
+                break done;
             }
         };
         match marked {

@@ -7,17 +7,19 @@ use crate::decode::OutboxEvent;
 use crate::observe::{self, metrics::event_type_label, Outcome};
 use crate::sink::SinkReport;
 use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 /// Events of a batch as they arrive: received, and commit-to-received.
 pub(super) fn received(source: SourceKind, events: &[OutboxEvent], malformed: usize) {
     let mut by_type: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let now = SystemTime::now();
     for event in events {
         *by_type
             .entry(event_type_label(&event.event_type))
             .or_default() += 1;
         if let Some(created) = event.created_at {
-            observe::ingestion(observe::since(created.into()));
+            observe::ingestion(elapsed(created, now));
         }
     }
     if malformed > 0 {
@@ -42,10 +44,10 @@ pub(super) fn received(source: SourceKind, events: &[OutboxEvent], malformed: us
 /// the event, nor the Kafka source the record's timestamp): within the
 /// writing transaction's duration of the commit.
 pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkReport) {
-    let mut outcomes: BTreeMap<(&'static str, OutcomeKey), u64> = BTreeMap::new();
+    let mut outcomes: BTreeMap<(&'static str, Outcome), u64> = BTreeMap::new();
     let mut add = |event_type: &str, outcome: Outcome| {
         *outcomes
-            .entry((event_type_label(event_type), OutcomeKey(outcome)))
+            .entry((event_type_label(event_type), outcome))
             .or_default() += 1;
     };
     let dead: HashSet<Uuid> = report
@@ -62,6 +64,7 @@ pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkR
         add(&letter.event.event_type, Outcome::DeadLettered);
     }
     let (mut applied, mut unmatched) = (report.applied, report.unmatched);
+    let now = SystemTime::now();
     for event in events {
         if dead.contains(&event.event_id) || deferred.contains(&event.event_id) {
             continue;
@@ -73,13 +76,13 @@ pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkR
             applied -= 1;
             add(&event.event_type, Outcome::Applied);
             if let Some(created) = event.created_at {
-                observe::commit_to_durable(observe::since(created.into()));
+                observe::commit_to_durable(elapsed(created, now));
             }
         } else {
             add(&event.event_type, Outcome::Duplicate);
         }
     }
-    for ((event_type, OutcomeKey(outcome)), n) in outcomes {
+    for ((event_type, outcome), n) in outcomes {
         observe::events(source, event_type, outcome, n);
     }
     observe::batch(
@@ -94,26 +97,16 @@ pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkR
     }
 }
 
+/// From a commit to `now` (one clock reading a batch), zero if the clocks
+/// disagree.
+fn elapsed(commit: chrono::DateTime<chrono::Utc>, now: SystemTime) -> Duration {
+    now.duration_since(commit.into()).unwrap_or_default()
+}
+
 /// How many of `events` are among the dead letters.
 fn dead_in(events: &[OutboxEvent], dead: &HashSet<Uuid>) -> usize {
     events
         .iter()
         .filter(|event| dead.contains(&event.event_id))
         .count()
-}
-
-/// An [`Outcome`] as a map key (ordered by its label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct OutcomeKey(Outcome);
-
-impl PartialOrd for OutcomeKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for OutcomeKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.as_str().cmp(other.0.as_str())
-    }
 }

@@ -61,24 +61,15 @@ impl Retry {
     {
         let mut attempts = self.attempts(component, what);
         loop {
-            match attempt().await {
-                Ok(value) => {
-                    attempts.recovered();
-                    return Ok(Some(value));
-                }
-                Err(err) => {
-                    if !attempts.again(err).await? {
-                        return Ok(None);
-                    }
-                }
+            if let Some(done) = attempts.settle(attempt().await).await {
+                return done;
             }
         }
     }
 
     /// The same loop, written out by the caller (where a closure cannot
     /// borrow what the attempt needs, or the attempt races shutdown):
-    /// `loop { match try().await { Ok(v) => { attempts.recovered(); break }
-    /// Err(e) => if !attempts.again(e).await? { stop } } }`.
+    /// `loop { if let Some(done) = attempts.settle(try().await).await { break done } }`.
     pub fn attempts<'a>(&'a self, component: Component, what: &'a str) -> Attempts<'a> {
         Attempts {
             retry: self,
@@ -198,10 +189,30 @@ pub struct Attempts<'a> {
 }
 
 impl Attempts<'_> {
+    /// Sorts one try: `None` to try again (after the pause); else what the
+    /// loop ends with, as [`Retry::run`] returns it (`Ok(Some)` success,
+    /// `Ok(None)` shutdown during the pause, `Err` not transient).
+    pub async fn settle<T, E>(&mut self, tried: Result<T, E>) -> Option<Result<Option<T>, E>>
+    where
+        E: Classify + std::error::Error,
+    {
+        match tried {
+            Ok(value) => {
+                self.outage.recovered(self.retry);
+                Some(Ok(Some(value)))
+            }
+            Err(err) => match self.again(err).await {
+                Ok(true) => None,
+                Ok(false) => Some(Ok(None)),
+                Err(err) => Some(Err(err)),
+            },
+        }
+    }
+
     /// After a failed try: `Ok(true)` to try again (after the pause),
     /// `Ok(false)` when shutdown came during the pause, `Err` when the error
     /// is not transient.
-    pub async fn again<E>(&mut self, err: E) -> Result<bool, E>
+    async fn again<E>(&mut self, err: E) -> Result<bool, E>
     where
         E: Classify + std::error::Error,
     {
@@ -212,11 +223,6 @@ impl Attempts<'_> {
             .outage
             .failed(self.retry, &describe(&err), &mut self.backoff)
             .await)
-    }
-
-    /// The try succeeded (ends an outage, if one was in progress).
-    pub fn recovered(&mut self) {
-        self.outage.recovered(self.retry);
     }
 }
 

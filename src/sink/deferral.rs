@@ -16,7 +16,7 @@ use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
 use crate::source::Retried;
 use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, DEAD_LETTERS, USERS};
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -152,11 +152,7 @@ fn doc_id(doc: &Document) -> Option<Uuid> {
 }
 
 fn fence_of(doc: &Document) -> Option<i64> {
-    match doc.get("_seq") {
-        Some(Bson::Int64(n)) => Some(*n),
-        Some(Bson::Int32(n)) => Some(i64::from(*n)),
-        _ => None,
-    }
+    crate::projection::state::read_i64(doc, "_seq").ok()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //!   isolated and dead-lettered, the rest of their batch applies.
 
 use super::mongo::StoreError;
+use crate::policy::{Summarise, Summarised};
 
 /// Server codes that mean "try again" (not primary, shutting down, network).
 pub const RETRYABLE_CODES: &[i32] = &[
@@ -106,29 +107,14 @@ pub struct Refusal {
 
 /// The MongoDB driver's error, shown as [`describe`] summarises it: the
 /// driver's own `Display` is its debug dump (hundreds of characters on one
-/// line, labels and all). `Debug` and [`DriverError::get`] give all of it.
-pub struct DriverError(pub mongodb::error::Error);
+/// line, labels and all).
+pub type DriverError = Summarised<mongodb::error::Error>;
 
-impl DriverError {
-    /// The driver's error itself.
-    pub fn get(&self) -> &mongodb::error::Error {
-        &self.0
+impl Summarise for mongodb::error::Error {
+    fn summary(&self) -> String {
+        describe(self)
     }
 }
-
-impl std::fmt::Display for DriverError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&describe(&self.0))
-    }
-}
-
-impl std::fmt::Debug for DriverError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&self.0, f)
-    }
-}
-
-impl std::error::Error for DriverError {}
 
 /// One short line for a driver error: its kind, code and message, without
 /// the server's raw reply or the driver's debug output.

@@ -84,7 +84,7 @@ impl StoreError {
 impl From<mongodb::error::Error> for StoreError {
     fn from(err: mongodb::error::Error) -> Self {
         let transient = retryable(&err);
-        let source = Some(DriverError(err));
+        let source = Some(crate::policy::Summarised(err));
         if transient {
             StoreError::Transient {
                 what: String::new(),

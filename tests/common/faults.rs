@@ -44,6 +44,49 @@ pub async fn write_slowly(stage: &Stage, history: &[OutboxEvent], chunk: usize, 
     }
 }
 
+/// `write_slowly` for a database that restarts meanwhile: a chunk whose
+/// write fails is written again, all but the rows that did commit.
+pub async fn write_through_restarts(
+    stage: &Stage,
+    history: &[OutboxEvent],
+    chunk: usize,
+    pause: Duration,
+) {
+    use activity_event_processor::outbox::{self, load::copy_events};
+    for part in history.chunks(chunk) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(client) = outbox::connect(&stage.pg.config).await {
+                let ids: Vec<uuid::Uuid> = part.iter().map(|e| e.event_id).collect();
+                let written = client
+                    .query(
+                        "SELECT event_id FROM event_outbox WHERE event_id = ANY($1)",
+                        &[&ids],
+                    )
+                    .await;
+                if let Ok(rows) = written {
+                    let done: std::collections::HashSet<uuid::Uuid> =
+                        rows.iter().map(|r| r.get(0)).collect();
+                    let missing: Vec<OutboxEvent> = part
+                        .iter()
+                        .filter(|e| !done.contains(&e.event_id))
+                        .cloned()
+                        .collect();
+                    if missing.is_empty() || copy_events(&client, &missing).await.is_ok() {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cannot write to PostgreSQL for 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// Plays the fault schedule of the capture tests on `proxy`: 50 ms of
 /// latency for 3 s, two resets 2 s apart, a 5 s blackhole, then pass.
 pub async fn play_faults(proxy: &Proxy, what: &str) {

@@ -49,7 +49,19 @@ pub async fn start_server(
 
 /// GET `path`: the status code and the body.
 pub async fn get(server: &Server, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(server.local_addr)
+    let (status, head, body) = request(server.local_addr, path).await;
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "bodies are sent whole: {head}"
+    );
+    (status, body)
+}
+
+/// GET `path` from `addr`: the status code, the head and the body.
+pub async fn request(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to the metrics server");
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
@@ -71,13 +83,7 @@ pub async fn get(server: &Server, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .expect("a status line");
-    assert!(
-        !head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "bodies are sent whole: {head}"
-    );
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
 }
 
 /// Parses the Prometheus text format (0.0.4) strictly enough to catch a
