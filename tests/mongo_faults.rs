@@ -92,3 +92,30 @@ async fn transient_read_errors_and_dropped_connections_are_retried() {
     let took = converges_through(6003, &[(&["update", "find"], 10, dropped)]).await;
     eprintln!("10 dropped connections on update and find: converged in {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transient_error_while_the_indexes_are_made_at_start_is_retried() {
+    let _failpoint = FAILPOINT.lock().await;
+    let stage = Stage::new().await;
+    let _slots = kafka::Slots(stage.pg.config.clone());
+    let app = "aep-faults-indexes";
+    let history = generate(6004, &HistoryOptions::realistic(200));
+    stage.load(&history).await;
+    // Armed before the process starts: its first index creations fail.
+    let not_primary = doc! { "errorCode": 10107 };
+    arm(&stage, app, &["createIndexes"], 3, not_primary).await;
+    let status = common::pipeline::wait_with_timeout(
+        stage.spawn(
+            &["--until-caught-up"],
+            &[("MONGODB_URI", uri_for(&stage, app))],
+        ),
+        LIMIT,
+        &stage,
+    );
+    fail_command_off(&stage.mongo.store).await;
+    let log = std::fs::read_to_string(stage.log_path()).unwrap_or_default();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("mongodb unreachable; retrying"), "{log}");
+    stage.assert_converged(&history, true).await;
+    let _ = std::fs::remove_file(stage.log_path());
+}

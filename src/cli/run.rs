@@ -47,30 +47,56 @@ pub struct RunArgs {
     pub stats: super::StatsFileArgs,
 }
 
-/// Connects to MongoDB, retrying while it is unreachable (a transient state),
-/// until it answers or shutdown is requested.
+/// Connects to MongoDB and creates the read models' indexes, retrying
+/// while it is unreachable (a transient state, also while the indexes are
+/// made), until it answers or shutdown is requested.
 async fn connect_store(config: &Config, retry: &Retry) -> anyhow::Result<Option<MongoStore>> {
     let uri = config.mongodb.uri.expose();
     let at = redact_uri(uri);
+    let at = |source| MongoAt {
+        uri: at.clone(),
+        source,
+    };
     let connected = retry
         .run(Component::Mongodb, "mongodb unreachable", async || {
-            MongoStore::connect(uri, &config.mongodb.database)
+            let store = MongoStore::connect(uri, &config.mongodb.database)
                 .await
-                .map_err(|source| MongoAt {
-                    uri: at.clone(),
-                    source,
-                })
+                .map_err(|source| Failed::Connect(at(source)))?;
+            store
+                .ensure_indexes()
+                .await
+                .map_err(|source| Failed::Indexes(at(source)))?;
+            Ok(store)
         })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot use MongoDB at {}: {}", e.uri, describe(&e.source)))?;
-    let Some(store) = connected else {
-        return Ok(None);
-    };
-    store
-        .ensure_indexes()
-        .await
-        .map_err(|e| anyhow::Error::new(e).context("cannot create the read-model indexes"))?;
-    Ok(Some(store))
+        .await;
+    match connected {
+        Ok(store) => Ok(store),
+        Err(Failed::Connect(e)) => Err(anyhow::anyhow!(
+            "cannot use MongoDB at {}: {}",
+            e.uri,
+            describe(&e.source)
+        )),
+        Err(Failed::Indexes(e)) => {
+            Err(anyhow::Error::new(e.source).context("cannot create the read-model indexes"))
+        }
+    }
+}
+
+/// Which step of [`connect_store`] failed.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error(transparent)]
+    Connect(MongoAt),
+    #[error("cannot create the read-model indexes")]
+    Indexes(#[source] MongoAt),
+}
+
+impl Classify for Failed {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Failed::Connect(e) | Failed::Indexes(e) => e.class(),
+        }
+    }
 }
 
 /// A MongoDB error with the (redacted) URI it concerns, for the retry log.
