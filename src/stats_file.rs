@@ -11,7 +11,7 @@
 //! under 1% wide, so the file stays small however long the process runs.
 
 use crate::counters::Stats;
-use crate::decode::OutboxEvent;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::PathBuf;
@@ -231,17 +231,16 @@ impl StatsFile {
         })
     }
 
-    /// The effects of these events are durable: their latency.
-    pub fn durable(&self, events: &[OutboxEvent]) {
-        let now = chrono::Utc::now();
+    /// The effects of events committed at these times are durable: their
+    /// latency (an event whose commit time is unknown is left out).
+    pub fn durable(&self, committed: &[Option<DateTime<Utc>>]) {
+        let now = Utc::now();
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        for event in events {
-            if let Some(created) = event.created_at {
-                let micros = (now - created).num_microseconds().unwrap_or(i64::MAX);
-                state.latency.record(micros.max(0) as u64);
-            }
+        for committed in committed.iter().flatten() {
+            let micros = (now - *committed).num_microseconds().unwrap_or(i64::MAX);
+            state.latency.record(micros.max(0) as u64);
         }
     }
 
@@ -355,16 +354,8 @@ fn peak_rss_bytes() -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn event(age: chrono::Duration) -> OutboxEvent {
-        OutboxEvent {
-            event_id: uuid::Uuid::new_v4(),
-            sequence_id: Some(1),
-            aggregate_type: "User".into(),
-            aggregate_id: uuid::Uuid::new_v4(),
-            event_type: "UserCreated".into(),
-            payload: serde_json::json!({}),
-            created_at: Some(chrono::Utc::now() - age),
-        }
+    fn committed(age: chrono::Duration) -> Option<DateTime<Utc>> {
+        Some(Utc::now() - age)
     }
 
     #[test]
@@ -422,8 +413,9 @@ mod tests {
         stats.applied.fetch_add(2, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         file.durable(&[
-            event(chrono::Duration::milliseconds(20)),
-            event(chrono::Duration::milliseconds(300)),
+            committed(chrono::Duration::milliseconds(20)),
+            None,
+            committed(chrono::Duration::milliseconds(300)),
         ]);
         file.batch_done();
         file.write(true).expect("write");

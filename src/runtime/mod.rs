@@ -198,7 +198,12 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                     crash_at(K::CRASH_POINTS.after_decode);
                     backoff.reset();
                     outage.recovered(&self.retry);
-                    observed::received(self.shared.source, &batch.events, batch.malformed.len());
+                    observed::received(
+                        self.shared.source,
+                        &batch.events,
+                        &batch.commit_times(),
+                        batch.malformed.len(),
+                    );
                     let span = tracing::debug_span!("batch", events = batch.events.len());
                     if !self.process(batch).instrument(span).await? {
                         return Ok(());
@@ -260,8 +265,9 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             return Ok(false);
         };
         crash_point(points.after_write);
+        let committed = batch.commit_times();
         if let Some(stats_file) = &self.shared.stats_file {
-            stats_file.durable(&batch.events);
+            stats_file.durable(&committed);
         }
         let outcome = BatchOutcome {
             dead_letters: report.dead_letters.clone(),
@@ -287,7 +293,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             &report,
             self.shared.stats_file.as_deref(),
         );
-        observed::durable(self.shared.source, &batch.events, &report);
+        observed::durable(self.shared.source, &batch.events, &committed, &report);
         for letter in &outcome.dead_letters {
             tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
         }
@@ -479,9 +485,10 @@ mod tests {
             dead_letters: (0..dead).map(|_| letter(&events[0])).collect(),
             ..SinkReport::default()
         };
-        file.durable(&events);
+        let committed: Vec<_> = events.iter().map(|event| event.created_at).collect();
+        file.durable(&committed);
         count(&stats, &published(&events, 0), Some(&file));
-        file.durable(&events[..1]);
+        file.durable(&committed[..1]);
         count(&stats, &published(&events[..1], 2), Some(&file));
         file.write(true).expect("write");
         let report: crate::stats_file::StatsReport =

@@ -6,20 +6,27 @@ use crate::config::SourceKind;
 use crate::decode::OutboxEvent;
 use crate::observe::{self, metrics::event_type_label, Outcome};
 use crate::sink::SinkReport;
+use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 /// Events of a batch as they arrive: received, and commit-to-received.
-pub(super) fn received(source: SourceKind, events: &[OutboxEvent], malformed: usize) {
+/// `committed` holds each event's commit time (`SourceBatch::commit_times`).
+pub(super) fn received(
+    source: SourceKind,
+    events: &[OutboxEvent],
+    committed: &[Option<DateTime<Utc>>],
+    malformed: usize,
+) {
     let mut by_type: BTreeMap<&'static str, u64> = BTreeMap::new();
     let now = SystemTime::now();
-    for event in events {
+    for (event, committed) in events.iter().zip(committed) {
         *by_type
             .entry(event_type_label(&event.event_type))
             .or_default() += 1;
-        if let Some(created) = event.created_at {
-            observe::ingestion(elapsed(created, now));
+        if let Some(committed) = committed {
+            observe::ingestion(elapsed(*committed, now));
         }
     }
     if malformed > 0 {
@@ -39,11 +46,14 @@ pub(super) fn received(source: SourceKind, events: &[OutboxEvent], malformed: us
 /// as duplicates. The totals are exact; a batch that mixes event types and
 /// holds duplicates may attribute a duplicate to the wrong type.
 ///
-/// The commit time is the event's `created_at` for every source (the
-/// replication source does not carry the transaction's commit timestamp to
-/// the event, nor the Kafka source the record's timestamp): within the
-/// writing transaction's duration of the commit.
-pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkReport) {
+/// The commit time is the carrier's where it says it, else the event's
+/// `created_at` (`SourceBatch::commit_time`).
+pub(super) fn durable(
+    source: SourceKind,
+    events: &[OutboxEvent],
+    committed: &[Option<DateTime<Utc>>],
+    report: &SinkReport,
+) {
     let mut outcomes: BTreeMap<(&'static str, Outcome), u64> = BTreeMap::new();
     let mut add = |event_type: &str, outcome: Outcome| {
         *outcomes
@@ -65,7 +75,7 @@ pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkR
     }
     let (mut applied, mut unmatched) = (report.applied, report.unmatched);
     let now = SystemTime::now();
-    for event in events {
+    for (event, committed) in events.iter().zip(committed) {
         if dead.contains(&event.event_id) || deferred.contains(&event.event_id) {
             continue;
         }
@@ -75,8 +85,8 @@ pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkR
         } else if applied > 0 {
             applied -= 1;
             add(&event.event_type, Outcome::Applied);
-            if let Some(created) = event.created_at {
-                observe::commit_to_durable(elapsed(created, now));
+            if let Some(committed) = committed {
+                observe::commit_to_durable(elapsed(*committed, now));
             }
         } else {
             add(&event.event_type, Outcome::Duplicate);
@@ -99,7 +109,7 @@ pub(super) fn durable(source: SourceKind, events: &[OutboxEvent], report: &SinkR
 
 /// From a commit to `now` (one clock reading a batch), zero if the clocks
 /// disagree.
-fn elapsed(commit: chrono::DateTime<chrono::Utc>, now: SystemTime) -> Duration {
+fn elapsed(commit: DateTime<Utc>, now: SystemTime) -> Duration {
     now.duration_since(commit.into()).unwrap_or_default()
 }
 

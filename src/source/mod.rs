@@ -36,6 +36,10 @@ pub struct SourceBatch<A> {
     pub origins: Vec<Origin>,
     /// Events of the batch handed out again after the sink deferred them.
     pub retried: Vec<Retried>,
+    /// Per event, when its transaction committed, where the carrier says it
+    /// (pgoutput's `Begin`, the Kafka record's timestamp); empty when the
+    /// source does not know it, and then the event's `created_at` stands in.
+    pub committed: Vec<Option<chrono::DateTime<chrono::Utc>>>,
 }
 
 /// An event handed out again after the sink deferred it (its aggregate did
@@ -56,7 +60,25 @@ impl<A> SourceBatch<A> {
             ack,
             origins: Vec::new(),
             retried: Vec::new(),
+            committed: Vec::new(),
         }
+    }
+
+    /// When event `index` was committed: the carrier's commit time, or the
+    /// event's `created_at` where the carrier does not say it.
+    pub fn commit_time(&self, index: usize) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.committed
+            .get(index)
+            .copied()
+            .flatten()
+            .or_else(|| self.events.get(index).and_then(|event| event.created_at))
+    }
+
+    /// Every event's commit time, in batch order (see [`Self::commit_time`]).
+    pub fn commit_times(&self) -> Vec<Option<chrono::DateTime<chrono::Utc>>> {
+        (0..self.events.len())
+            .map(|index| self.commit_time(index))
+            .collect()
     }
 
     /// Where event `index` comes from.
