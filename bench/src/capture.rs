@@ -25,7 +25,10 @@ impl Bench {
         let n = self.history.len() as u64;
         let (pg, client) =
             pg::fresh_database(&self.admin, &self.config.postgres, "aep_bench_capture").await?;
-        let slots = ["peek", "recv_1", "ours_1", "recv_2", "ours_2"].map(|s| format!("bench_{s}"));
+        let slots = [
+            "peek", "recv_1", "ours_1", "off_1", "recv_2", "ours_2", "off_2",
+        ]
+        .map(|s| format!("bench_{s}"));
         for slot in &slots {
             pg::create_slot(&client, slot).await?;
         }
@@ -53,29 +56,30 @@ impl Bench {
             Better::Higher,
         );
         // Two rounds, alternating, best of each: the first reader of a WAL
-        // range pays for reading it from disk.
+        // range pays for reading it from disk. Ours runs with its metrics
+        // served and recorded, then with METRICS_ADDR=off (nothing recorded).
         let mut recv = Vec::new();
         let mut ours = Vec::new();
+        let mut bare = Vec::new();
         for round in 0..2 {
             self.say(&format!("[2/9] pg_recvlogical, round {}", round + 1));
-            recv.push(pg::recvlogical(&pg, &slots[1 + 2 * round], &end, n).await?);
+            recv.push(pg::recvlogical(&pg, &slots[1 + 3 * round], &end, n).await?);
             self.say(&format!(
                 "[3/9] our replication capture, round {}",
                 round + 1
             ));
-            let started_ms = chrono::Utc::now().timestamp_millis();
-            let child = Child::spawn(
-                &self.dir,
-                &format!("capture-{}", round + 1),
-                &["run", "--sink", "discard", "--until-caught-up"],
-                &self.child_env(&pg, &slots[2 + 2 * round], "replication"),
-            )?;
-            let progress = self.progress_fn("capture", n);
-            let report = child.wait_exit(Duration::from_secs(600), progress).await?;
-            ours.push((
-                rate_since(&report, started_ms, n)?,
-                report.cpu_user_s + report.cpu_system_s,
+            ours.push(
+                self.our_capture(&pg, &slots[2 + 3 * round], round, true)
+                    .await?,
+            );
+            self.say(&format!(
+                "[3/9] our replication capture, METRICS_ADDR=off, round {}",
+                round + 1
             ));
+            bare.push(
+                self.our_capture(&pg, &slots[3 + 3 * round], round, false)
+                    .await?,
+            );
         }
         let best = |v: &[(f64, f64)]| {
             v.iter()
@@ -86,6 +90,7 @@ impl Bench {
         };
         let (recv_rate, recv_cpu) = best(&recv);
         let (our_rate, our_cpu) = best(&ours);
+        let (bare_rate, bare_cpu) = best(&bare);
         let stage = "2 capture limits";
         self.results.push(
             "capture.recvlogical.events_per_s",
@@ -120,6 +125,29 @@ impl Bench {
             "µs",
             Better::Lower,
         );
+        self.results.push(
+            "capture.no_metrics.events_per_s",
+            stage,
+            "the same with METRICS_ADDR=off (best of 2)",
+            bare_rate,
+            "events/s",
+            Better::Higher,
+        );
+        self.results.push(
+            "capture.no_metrics.cpu_us_per_event",
+            stage,
+            "our CPU per event with METRICS_ADDR=off",
+            bare_cpu * 1e6 / n as f64,
+            "µs",
+            Better::Lower,
+        );
+        self.results.ratio(
+            "capture.metrics_vs_none",
+            stage,
+            "events/s with metrics vs without",
+            "capture.ours.events_per_s",
+            "capture.no_metrics.events_per_s",
+        );
         self.results.ratio(
             "capture.ours_vs_recvlogical",
             stage,
@@ -152,6 +180,37 @@ impl Bench {
         drop(client);
         pg::drop_database(&self.admin, "aep_bench_capture").await?;
         Ok(())
+    }
+
+    /// One run of our replication capture over the loaded WAL range from
+    /// `slot`, with the no-op sink: its events/s and CPU seconds.
+    async fn our_capture(
+        &mut self,
+        pg: &activity_event_processor::config::PostgresConfig,
+        slot: &str,
+        round: usize,
+        metrics: bool,
+    ) -> Result<(f64, f64)> {
+        let n = self.history.len() as u64;
+        let mut env = self.child_env(pg, slot, "replication");
+        let mut name = format!("capture-{}", round + 1);
+        if !metrics {
+            env.push(("METRICS_ADDR", "off".to_string()));
+            name.push_str("-no-metrics");
+        }
+        let started_ms = chrono::Utc::now().timestamp_millis();
+        let child = Child::spawn(
+            &self.dir,
+            &name,
+            &["run", "--sink", "discard", "--until-caught-up"],
+            &env,
+        )?;
+        let progress = self.progress_fn("capture", n);
+        let report = child.wait_exit(Duration::from_secs(600), progress).await?;
+        Ok((
+            rate_since(&report, started_ms, n)?,
+            report.cpu_user_s + report.cpu_system_s,
+        ))
     }
 
     /// Stage 4: the polling source (1 and 4 workers) and the bare claim query.

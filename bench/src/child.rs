@@ -1,8 +1,10 @@
 //! `event-processor` started by the benchmark as a child process (so its CPU
 //! time and peak RSS are its own), watched through its `--stats-file`.
 
+use crate::scrape::{free_loopback_addr, metrics_text};
 use activity_event_processor::stats_file::StatsReport;
 use anyhow::{Context, Result};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -11,11 +13,14 @@ pub struct Child {
     process: tokio::process::Child,
     report: PathBuf,
     log: PathBuf,
+    /// Where it serves `/metrics`; `None` when `env` turned it off.
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Child {
     /// Starts `event-processor <args> --stats-file <dir>/<name>.json` with
-    /// `env` added; its stderr goes to `<dir>/<name>.log`.
+    /// `env` added; its stderr goes to `<dir>/<name>.log`. It serves
+    /// `/metrics` on a free loopback port unless `env` sets `METRICS_ADDR`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> Result<Child> {
         let exe = processor_binary()?;
         let report = dir.join(format!("{name}.json"));
@@ -23,13 +28,17 @@ impl Child {
         let _ = std::fs::remove_file(&report);
         let stderr = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
+        // Several processes may run at once: each takes a free port.
+        let metrics_addr = match env.iter().find(|(key, _)| *key == "METRICS_ADDR") {
+            Some((_, value)) => value.parse().ok(),
+            None => Some(free_loopback_addr()?),
+        };
         let mut command = tokio::process::Command::new(exe);
         command
             .args(args)
             .arg("--stats-file")
             .arg(&report)
-            // Several processes may run at once: each takes a free port.
-            .env("METRICS_ADDR", "127.0.0.1:0")
+            .envs(metrics_addr.map(|addr| ("METRICS_ADDR", addr.to_string())))
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("LOG_FORMAT", "text")
             .stdin(std::process::Stdio::null())
@@ -44,7 +53,18 @@ impl Child {
             process,
             report,
             log,
+            metrics_addr,
         })
+    }
+
+    /// Its `/metrics` now.
+    pub async fn metrics(&self) -> Result<String> {
+        let addr = self
+            .metrics_addr
+            .with_context(|| format!("{} serves no /metrics", self.name))?;
+        metrics_text(addr)
+            .await
+            .with_context(|| format!("cannot read {}'s /metrics", self.name))
     }
 
     /// The latest report, if one was written.

@@ -23,6 +23,7 @@ mod child;
 mod kafka;
 mod pg;
 pub mod report;
+pub mod scrape;
 mod sink;
 
 use activity_event_history::{generate, HistoryOptions};
@@ -315,6 +316,20 @@ impl Bench {
                 "capture >= 0.95x pg_recvlogical events/s, CPU/event <= its",
                 format!("{rate:.2}x events/s, {cpu}"),
                 rate >= 0.95 && met,
+            ));
+        }
+        if let Some(ratio) = r.get("capture.metrics_vs_none") {
+            targets.push((
+                "metrics cost < 3% of capture events/s",
+                format!("{:.1}% ({ratio:.3}x)", (1.0 - ratio) * 100.0),
+                ratio > 0.97,
+            ));
+        }
+        if let Some(distance) = r.get("latency.metrics_bucket_distance") {
+            targets.push((
+                "bench latency p50/p99 within one /metrics bucket",
+                format!("{distance:.0} bucket(s) apart"),
+                distance <= 1.0,
             ));
         }
         if let Some(ratio) = r.get("e2e.vs_limit") {

@@ -3,6 +3,7 @@
 //! read-model database.
 
 use super::*;
+use crate::scrape::Histogram;
 
 impl Bench {
     pub(super) async fn mongo(&self, database: &str) -> Result<MongoStore> {
@@ -336,6 +337,7 @@ impl Bench {
         child
             .wait_done(count as u64, Duration::from_secs(600), progress)
             .await?;
+        let metrics = child.metrics().await?;
         let report = child.stop().await?;
         pg::drop_database(&self.admin, "aep_bench_latency").await?;
         self.series.push((
@@ -372,7 +374,59 @@ impl Bench {
                 );
             }
         }
+        self.against_metrics(&metrics);
         self.latencies_ms = latencies;
         Ok(())
+    }
+
+    /// The processor's own commit-to-durable histogram on the same run: its
+    /// count, and how many of its buckets lie between the bucket holding
+    /// its p50 (p99) and the bucket the benchmark's p50 (p99) falls in.
+    fn against_metrics(&mut self, metrics: &str) {
+        let stage = "7 latency";
+        let name = "event_processor_commit_to_durable_seconds";
+        let Some(histogram) = Histogram::parse(metrics, name) else {
+            self.say(&format!("  /metrics has no {name}"));
+            return;
+        };
+        let r = &mut self.results;
+        r.push(
+            "latency.metrics_samples",
+            stage,
+            "events in /metrics' histogram",
+            histogram.count() as f64,
+            "",
+            Better::Neither,
+        );
+        let mut distance = 0usize;
+        for (label, p) in [("p50", 0.50), ("p99", 0.99)] {
+            let (Some(ours), Some(theirs)) = (
+                r.get(&format!("latency.{label}_ms")),
+                histogram.quantile_bucket(p),
+            ) else {
+                continue;
+            };
+            let (low, high) = histogram.bounds(theirs);
+            r.push(
+                &format!("latency.metrics_{label}_bucket_ms"),
+                stage,
+                &format!(
+                    "/metrics' {label} bucket, upper bound (above {:.0} ms)",
+                    low * 1e3
+                ),
+                high * 1e3,
+                "ms",
+                Better::Lower,
+            );
+            distance = distance.max(histogram.bucket_of(ours / 1e3).abs_diff(theirs));
+        }
+        r.push(
+            "latency.metrics_bucket_distance",
+            stage,
+            "buckets between the bench's p50/p99 and /metrics'",
+            distance as f64,
+            "",
+            Better::Lower,
+        );
     }
 }

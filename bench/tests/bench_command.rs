@@ -133,6 +133,8 @@ fn bench_measures_every_stage_and_writes_its_results() {
         "capture.recvlogical.events_per_s",
         "capture.ours.events_per_s",
         "capture.ours.cpu_us_per_event",
+        "capture.no_metrics.events_per_s",
+        "capture.no_metrics.cpu_us_per_event",
         "polling.claim.events_per_s",
         "polling.w1.events_per_s",
         "polling.w4.events_per_s",
@@ -156,6 +158,11 @@ fn bench_measures_every_stage_and_writes_its_results() {
             "capture.ours_vs_recvlogical",
             "capture.ours.events_per_s",
             "capture.recvlogical.events_per_s",
+        ),
+        (
+            "capture.metrics_vs_none",
+            "capture.ours.events_per_s",
+            "capture.no_metrics.events_per_s",
         ),
         (
             "polling.w4_vs_claim",
@@ -201,6 +208,19 @@ fn bench_measures_every_stage_and_writes_its_results() {
     // Every offered event was measured, once.
     let offered = figure(&results, "latency.samples");
     assert!(offered >= 3.0, "latency samples {offered}");
+    // The processor's own histogram saw the same events, and its quantile
+    // buckets are found.
+    assert_eq!(figure(&results, "latency.metrics_samples"), offered);
+    for id in [
+        "latency.metrics_p50_bucket_ms",
+        "latency.metrics_p99_bucket_ms",
+    ] {
+        assert!(figure(&results, id) > 0.0, "{id}");
+    }
+    let distance = results
+        .get("latency.metrics_bucket_distance")
+        .expect("latency.metrics_bucket_distance");
+    assert!(distance >= 0.0 && distance.fract() == 0.0, "{distance}");
     let docs = figure(&results, "e2e.docs_per_event");
     assert!((0.1..5.0).contains(&docs), "documents per event {docs}");
     let rss = figure(&results, "memory.backlog.peak_rss_mb");
@@ -218,7 +238,7 @@ fn bench_measures_every_stage_and_writes_its_results() {
         "{machine:?}"
     );
     assert!(!machine.git_commit.is_empty());
-    assert_eq!(results.targets.len(), 4, "{:?}", results.targets);
+    assert_eq!(results.targets.len(), 6, "{:?}", results.targets);
     assert!(stdout.contains("targets"), "{stdout}");
     assert!(stdout.contains("3 our capture"), "{stdout}");
 

@@ -44,11 +44,15 @@ pub struct Observing {
 }
 
 impl Observing {
-    /// Serves on `config.metrics_addr` (nothing when it is `off`).
+    /// Serves on `config.metrics_addr`; with `off` nothing is served and
+    /// nothing recorded.
     pub async fn start(config: &Config) -> Result<Observing, ListenError> {
         let health = Health::new();
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
+        if config.metrics_addr.is_none() {
+            observe::stop_recording();
+        }
         if let Some(addr) = config.metrics_addr {
             let observed = Observed {
                 metrics: observe::install(),

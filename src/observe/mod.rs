@@ -24,30 +24,52 @@ pub use metrics::{install, Component, Metrics, Outcome};
 pub use server::{parse_metrics_addr, serve, Observed, Server, DEFAULT_METRICS_ADDR};
 
 use crate::config::SourceKind;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
+
+/// Whether the free functions below record (true unless [`stop_recording`]).
+static RECORDING: AtomicBool = AtomicBool::new(true);
+
+/// Nothing is recorded from now on: a process with `METRICS_ADDR=off` has
+/// nobody to read its metrics, so it does not pay for them.
+pub fn stop_recording() {
+    RECORDING.store(false, Ordering::Relaxed);
+}
+
+/// The registry to record into, `None` once recording stopped.
+fn recorder() -> Option<&'static Metrics> {
+    RECORDING.load(Ordering::Relaxed).then(install)
+}
 
 /// `n` events of `event_type` from `source` came to `outcome`. Each call
 /// looks its counter up (a hash and a read lock): count a batch per type and
 /// outcome, not each event.
 pub fn events(source: SourceKind, event_type: &str, outcome: Outcome, n: u64) {
-    install().events(source, event_type, outcome, n);
+    if let Some(metrics) = recorder() {
+        metrics.events(source, event_type, outcome, n);
+    }
 }
 
 /// A batch of `size` events became durable; the last-progress time moves.
 pub fn batch(size: usize) {
-    let metrics = install();
-    metrics.batch(size);
-    metrics.last_progress();
+    if let Some(metrics) = recorder() {
+        metrics.batch(size);
+        metrics.last_progress();
+    }
 }
 
 /// One event's effect became durable `latency` after its commit.
 pub fn commit_to_durable(latency: Duration) {
-    install().commit_to_durable(latency);
+    if let Some(metrics) = recorder() {
+        metrics.commit_to_durable(latency);
+    }
 }
 
 /// One event was received `latency` after its commit.
 pub fn ingestion(latency: Duration) {
-    install().ingestion(latency);
+    if let Some(metrics) = recorder() {
+        metrics.ingestion(latency);
+    }
 }
 
 /// Time from `commit` until now, zero if the clocks disagree and the commit
@@ -73,32 +95,44 @@ pub fn pg_timestamp(micros: i64) -> SystemTime {
 /// A transient error of `component` (class: a short fixed word such as
 /// `connection`, `timeout`, `not_primary`) is retried.
 pub fn retry(component: Component, class: &'static str) {
-    install().retry(component, class);
+    if let Some(metrics) = recorder() {
+        metrics.retry(component, class);
+    }
 }
 
 /// The dead letters' count and the age of the oldest.
 pub fn dead_letters(count: u64, oldest_age: Option<Duration>) {
-    install().dead_letters(count, oldest_age);
+    if let Some(metrics) = recorder() {
+        metrics.dead_letters(count, oldest_age);
+    }
 }
 
 /// A batch became durable now (also done by [`batch`]).
 pub fn last_progress() {
-    install().last_progress();
+    if let Some(metrics) = recorder() {
+        metrics.last_progress();
+    }
 }
 
 /// MongoDB write commands sent and documents written.
 pub fn mongo(round_trips: u64, documents: u64) {
-    install().mongo(round_trips, documents);
+    if let Some(metrics) = recorder() {
+        metrics.mongo(round_trips, documents);
+    }
 }
 
 /// Messages the relay's producer had acknowledged.
 pub fn kafka_produced(n: u64) {
-    install().kafka_produced(n);
+    if let Some(metrics) = recorder() {
+        metrics.kafka_produced(n);
+    }
 }
 
 /// Messages between a partition's committed offset and its end.
 pub fn kafka_consumer_lag(topic: &str, partition: i32, lag: i64) {
-    install().kafka_consumer_lag(topic, partition, lag);
+    if let Some(metrics) = recorder() {
+        metrics.kafka_consumer_lag(topic, partition, lag);
+    }
 }
 
 /// The replication source saw a logical message: if it is a heartbeat, its
@@ -106,7 +140,9 @@ pub fn kafka_consumer_lag(topic: &str, partition: i32, lag: i64) {
 pub fn heartbeat_received(prefix: &str, content: &[u8]) -> Option<Duration> {
     let sent = heartbeat::heartbeat_sent_at(prefix, content)?;
     let round_trip = since(sent);
-    install().heartbeat_received(round_trip);
+    if let Some(metrics) = recorder() {
+        metrics.heartbeat_received(round_trip);
+    }
     Some(round_trip)
 }
 
