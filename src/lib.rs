@@ -38,6 +38,7 @@ pub mod route;
 pub mod runtime;
 pub mod sink;
 pub mod source;
+pub mod stages;
 pub mod stats_file;
 pub mod store;
 pub mod telemetry;

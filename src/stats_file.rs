@@ -11,6 +11,7 @@
 //! under 1% wide, so the file stays small however long the process runs.
 
 use crate::counters::Stats;
+use crate::stages::{StageReport, StageTimes};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -65,6 +66,11 @@ pub struct StatsReport {
     pub timeline: Vec<(f64, u64)>,
     /// Commit-to-durable latency of every event of every finished batch.
     pub latency: LatencyReport,
+    /// Time spent in each stage of the finished batches, microseconds by
+    /// stage (`source`, `load`, `fold`, `dead_letters`, `write`, `refresh`,
+    /// `checkpoint`, `mark`, `acknowledge`).
+    #[serde(default)]
+    pub stages: StageReport,
     /// True in the final write, at exit.
     pub finished: bool,
 }
@@ -214,6 +220,7 @@ struct State {
     last_done_unix_ms: Option<i64>,
     timeline: Timeline,
     latency: Histogram,
+    stages: StageTimes,
 }
 
 fn now_unix_ms() -> i64 {
@@ -241,6 +248,13 @@ impl StatsFile {
         for committed in committed.iter().flatten() {
             let micros = (now - *committed).num_microseconds().unwrap_or(i64::MAX);
             state.latency.record(micros.max(0) as u64);
+        }
+    }
+
+    /// A finished batch spent these times in its stages.
+    pub fn stages(&self, times: &StageTimes) {
+        if let Ok(mut state) = self.state.lock() {
+            state.stages.absorb(times);
         }
     }
 
@@ -285,6 +299,7 @@ impl StatsFile {
             report.last_done_unix_ms = state.last_done_unix_ms;
             report.timeline = state.timeline.points.clone();
             report.latency = state.latency.report();
+            report.stages = state.stages.by_name();
         }
         report
     }
@@ -417,11 +432,17 @@ mod tests {
             None,
             committed(chrono::Duration::milliseconds(300)),
         ]);
+        let mut times = StageTimes::default();
+        times.add(crate::stages::Stage::Write, Duration::from_millis(7));
+        file.stages(&times);
+        file.stages(&times);
         file.batch_done();
         file.write(true).expect("write");
         let report: StatsReport =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
         assert_eq!(report.format, FORMAT);
+        assert_eq!(report.stages["write"], 14_000);
+        assert_eq!(report.stages["load"], 0);
         assert_eq!(report.done, 2);
         assert_eq!(report.batches, 1);
         assert!(report.finished);

@@ -221,6 +221,11 @@ fn bench_measures_every_stage_and_writes_its_results() {
         .get("latency.metrics_bucket_distance")
         .expect("latency.metrics_bucket_distance");
     assert!(distance >= 0.0 && distance.fract() == 0.0, "{distance}");
+    // The end-to-end run's time, stage by stage: the sink's reads and writes
+    // and the checkpoint take time on every batch.
+    for name in ["source", "load", "write", "checkpoint"] {
+        figure(&results, &format!("e2e.stage.{name}_ms_per_batch"));
+    }
     let docs = figure(&results, "e2e.docs_per_event");
     assert!((0.1..5.0).contains(&docs), "documents per event {docs}");
     let rss = figure(&results, "memory.backlog.peak_rss_mb");

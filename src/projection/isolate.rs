@@ -75,6 +75,7 @@ impl BatchReport {
             }
         }
         self.round_trips += part.round_trips;
+        self.stages.absorb(&part.stages);
         self.documents_written += part.documents_written;
     }
 }

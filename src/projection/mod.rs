@@ -31,6 +31,7 @@ pub mod state;
 use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
 use crate::route::{route, AggregateKind, DomainEvent, HandlerError, Routed};
+use crate::stages::{Stage, StageTimes};
 use crate::store::codes;
 use crate::store::mongo::{
     MongoStore, Refusal, StoreError, ACTIVITIES, DUPLICATE_KEY, USERS, WRITE_CHUNK,
@@ -39,6 +40,7 @@ use isolate::Attempted;
 use mongodb::bson::{doc, Bson, Document};
 use state::{ActivityDoc, Effect, NameCopy, Names, UserDoc};
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 use uuid::Uuid;
 
 /// What one batch did.
@@ -57,6 +59,8 @@ pub struct BatchReport {
     pub deferred: Vec<(OutboxEvent, HandlerError)>,
     pub round_trips: u32,
     pub documents_written: u64,
+    /// Where the batch's time went (load, fold, dead letters, write, refresh).
+    pub stages: StageTimes,
 }
 
 /// How many times a batch reloads after losing a race with another writer.
@@ -150,8 +154,10 @@ impl Projector {
 
     async fn try_apply(&self, events: &[OutboxEvent]) -> Result<Attempt, StoreError> {
         let mut report = BatchReport::default();
+        let started = Instant::now();
         let routed: Vec<Result<Routed, HandlerError>> = events.iter().map(route).collect();
         let mut work = self.load(events, &routed, &mut report).await?;
+        let started = report.stages.lap(Stage::Load, started);
         let mut replayed = Vec::new();
 
         for (event, routed) in events.iter().zip(routed) {
@@ -168,12 +174,14 @@ impl Projector {
 
         work.dead_letter_overtaken(&mut report);
         work.bring_names_forward();
+        let started = report.stages.lap(Stage::Fold, started);
         // Dead letters before the own writes: a later event of the batch may
         // move a dead-lettered event's fence past it, and its redelivered
         // copy is then fenced off as already seen, never dead-lettered again.
         report.letters_again += self
             .write_dead_letters(&report.dead_letters, &mut report.round_trips)
             .await?;
+        let started = report.stages.lap(Stage::DeadLetters, started);
         let mut written = BTreeSet::new();
         match self.write_own(&work, &mut report, &mut written).await {
             Ok(true) => {}
@@ -186,6 +194,7 @@ impl Projector {
             Err(err) => return Err(err),
         }
         crate::failpoint::crash_point(crate::failpoint::PROJECTION_AFTER_OWN_WRITES);
+        let started = report.stages.lap(Stage::Write, started);
         match refresh::run(&self.store, &work, &mut report).await {
             Ok(()) => {}
             // Every own write and dead letter is durable: all of it is settled.
@@ -197,7 +206,9 @@ impl Projector {
             }
             Err(err) => return Err(err),
         }
+        let started = report.stages.lap(Stage::Refresh, started);
         self.recall_dead_letters(&replayed, &mut report).await?;
+        report.stages.lap(Stage::DeadLetters, started);
         Ok(Attempt::Done(report))
     }
 

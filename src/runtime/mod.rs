@@ -30,10 +30,12 @@ use crate::observe::Component;
 use crate::policy::{describe, Classify, ErrorClass};
 use crate::sink::{Sink, SinkReport};
 use crate::source::{BatchOutcome, Source, SourceBatch};
+use crate::stages::{Stage, StageTimes};
 use crate::stats_file::StatsFile;
 use progress::Progress;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -193,8 +195,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                 tracing::info!("intake stopped");
                 return Ok(());
             }
+            let asked = Instant::now();
             match self.source.next_batch(size, wait).await {
                 Ok(Some(batch)) => {
+                    let mut stages = StageTimes::default();
+                    stages.lap(Stage::Source, asked);
                     crash_at(K::CRASH_POINTS.after_decode);
                     backoff.reset();
                     outage.recovered(&self.retry);
@@ -205,7 +210,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                         batch.malformed.len(),
                     );
                     let span = tracing::debug_span!("batch", events = batch.events.len());
-                    if !self.process(batch).instrument(span).await? {
+                    if !self.process(batch, stages).instrument(span).await? {
                         return Ok(());
                     }
                 }
@@ -258,7 +263,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
 
     /// One batch, in the order of the module's doc; `false`: shutdown came
     /// first (nothing acknowledged).
-    async fn process(&mut self, batch: SourceBatch<S::Ack>) -> Result<bool, PipelineError> {
+    async fn process(
+        &mut self,
+        batch: SourceBatch<S::Ack>,
+        mut stages: StageTimes,
+    ) -> Result<bool, PipelineError> {
         let points = K::CRASH_POINTS;
         crash_point(points.before_write);
         let Some(report) = self.write(&batch).await? else {
@@ -274,12 +283,23 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             // Deferred (aggregate not created yet): the source tries them again.
             retry: report.deferred.clone(),
         };
-        if !self.save_checkpoint(&batch.ack).await? || !self.mark(&batch, &outcome).await? {
+        stages.absorb(&report.stages);
+        let started = Instant::now();
+        if !self.save_checkpoint(&batch.ack).await? {
             return Ok(false);
         }
+        let started = stages.lap(Stage::Checkpoint, started);
+        if !self.mark(&batch, &outcome).await? {
+            return Ok(false);
+        }
+        let started = stages.lap(Stage::Mark, started);
         crash_point(points.before_ack);
         let lsn = S::lsn_of(&batch.ack);
         self.acknowledge(batch.ack, &outcome).await?;
+        stages.lap(Stage::Acknowledge, started);
+        if let Some(stats_file) = &self.shared.stats_file {
+            stats_file.stages(&stages);
+        }
         if let Some(lsn) = lsn {
             self.shared.durable_lsn.fetch_max(lsn, Ordering::Release);
         }

@@ -53,6 +53,8 @@ pub struct SinkReport {
     /// Requests to the sink's server.
     pub round_trips: u32,
     pub documents_written: u64,
+    /// Where the sink's time went.
+    pub stages: crate::stages::StageTimes,
 }
 
 /// Where a batch's events take effect (see the module's contract).

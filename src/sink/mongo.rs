@@ -6,6 +6,7 @@ use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
 use crate::projection::{BatchReport, Projector};
 use crate::source::{Retried, SourceBatch};
+use crate::stages::Stage;
 use crate::store::mongo::StoreError;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -152,6 +153,7 @@ fn sink_report(report: BatchReport) -> SinkReport {
             .collect(),
         round_trips: report.round_trips,
         documents_written: report.documents_written,
+        stages: report.stages,
     }
 }
 
@@ -164,10 +166,12 @@ impl Sink for MongoSink {
             None => self.project(batch).await?,
         };
         if !letters.is_empty() {
+            let started = std::time::Instant::now();
             let written = self
                 .projector
                 .write_dead_letters(&letters, &mut report.round_trips)
                 .await;
+            report.stages.lap(Stage::DeadLetters, started);
             match written {
                 Ok(again) => report.letters_again += again,
                 Err(err) => {
