@@ -9,14 +9,16 @@
 mod common;
 
 use activity_event_history::{generate, HistoryOptions};
-use activity_event_processor::decode::RawMessage;
-use activity_event_processor::decode::{decode_message, DecodeOptions, Decoded, OutboxEvent};
+use activity_event_processor::decode::{
+    decode_message, DecodeOptions, Decoded, OutboxEvent, RawMessage,
+};
 use activity_event_processor::relay::{partition_for, Encoder, Message, Op, Shape};
 use chrono::{DateTime, Utc};
-use common::kafka::{self, Proc};
-use common::observe::parse_exposition;
+use common::faults::wait_for_line;
+use common::kafka;
+use common::observe::{scrape, served_at};
 use common::pipeline::Stage;
-use common::proxy::{socket_addr, Mode, Proxy};
+use common::proxy::{mongodb_address, mongodb_uri_through, Mode, Proxy};
 use common::services::OwnServices;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
@@ -31,46 +33,12 @@ const LIMIT: Duration = Duration::from_secs(300);
 const READINESS: Duration = Duration::from_secs(60);
 const LAG: &str = "event_processor_kafka_consumer_lag_messages";
 
-/// The address the process logged it serves on (it was given port 0).
-async fn served_at(log: &Path, process: &mut Proc) -> SocketAddr {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let found = text
-            .lines()
-            .filter(|line| line.contains("serving /metrics"))
-            .find_map(|line| line.split("address=").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok());
-        if let Some(addr) = found {
-            return addr;
-        }
-        assert!(
-            process.0.try_wait().expect("wait").is_none(),
-            "the process ended:\n{text}"
-        );
-        assert!(start.elapsed() < LIMIT, "no address logged:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let (status, _, body) = common::observe::request(addr, path).await;
-    (status, body)
-}
-
-async fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
-    let (status, body) = get(addr, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    parse_exposition(&body)
-}
-
 /// `/readyz` until the check `name` is in `state` and the status agrees
 /// (503 while it fails, 200 when every check is ok); how long it took.
 async fn wait_ready(addr: SocketAddr, name: &str, state: &str, log: &Path) -> Duration {
     let start = Instant::now();
     loop {
-        let (status, body) = get(addr, "/readyz").await;
+        let (status, _, body) = common::observe::request(addr, "/readyz").await;
         let ready: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let check = ready["checks"]
             .as_array()
@@ -118,22 +86,6 @@ fn bucket(samples: &BTreeMap<String, f64>, name: &str, le: f64) -> f64 {
         })
         .map(|(_, value)| *value)
         .unwrap_or_else(|| panic!("no bucket {le} of {name}"))
-}
-
-/// Waits for `log` to hold `text` (the process logs at info).
-async fn wait_logged(log: &Path, text: &str) {
-    let start = Instant::now();
-    while !std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains(text)
-    {
-        assert!(
-            start.elapsed() < LIMIT,
-            "never logged {text:?}\n{}",
-            kafka::tail(log)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The record of `message` for the partition its aggregate hashes to.
@@ -237,7 +189,7 @@ async fn the_latency_counts_from_the_commit_time_the_records_carry() {
     let addr = served_at(&log, &mut run).await;
     // Produced once the partitions are this process's: the latency is the
     // pipeline's, not the start's.
-    wait_logged(&log, "kafka partitions assigned").await;
+    wait_for_line(&log, "kafka partitions assigned", 0, LIMIT).await;
 
     let hour_ago = Utc::now() - chrono::Duration::hours(1);
     let producer = kafka::producer();
@@ -328,19 +280,9 @@ async fn the_consumer_lag_shows_a_backlog_per_partition_and_zero_once_drained() 
     let history = generate(1311, &HistoryOptions::realistic(2_000));
     publish(&kafka::producer(), &topic, 4, &history).await;
 
-    let mongo = stage.mongo.uri.clone();
-    let host_port = mongo
-        .strip_prefix("mongodb://")
-        .and_then(|rest| rest.split(['/', '?']).next())
-        .and_then(|hp| hp.rsplit_once(':'))
-        .expect("host:port in the MongoDB URI");
-    let proxy = Proxy::start(socket_addr(host_port.0, host_port.1));
+    let proxy = Proxy::start(mongodb_address(&stage.mongo.uri));
     proxy.set(Mode::Latency(Duration::from_millis(500)));
-    let query = mongo.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let uri = format!(
-        "mongodb://{}/?directConnection=true&{query}",
-        proxy.address()
-    );
+    let uri = mongodb_uri_through(&stage.mongo.uri, &proxy);
 
     let log = stage.log_path().with_extension("lag.log");
     let mut env = stage.env();
