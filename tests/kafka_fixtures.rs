@@ -128,6 +128,7 @@ async fn every_fixture_message_gives_the_expected_read_models_and_dead_letters()
             key: fixture.key.clone(),
             value: fixture.value.clone(),
             headers: fixture.headers.clone(),
+            timestamp: None,
         };
         match decode_message(&record.raw(), &options) {
             Ok(Decoded::Event(event)) => events.push(event),

@@ -17,7 +17,7 @@ use common::faults::{
 };
 use common::kafka;
 use common::pipeline::Stage;
-use common::proxy::{socket_addr, Mode, Proxy};
+use common::proxy::{mongodb_address, mongodb_uri_through, socket_addr, Mode, Proxy};
 use common::services::OwnServices;
 use std::time::{Duration, Instant};
 
@@ -62,35 +62,12 @@ async fn polling_with_two_workers_through_latency_resets_and_a_blackhole_to_post
     through_postgres(6002, &["--source", "polling", "--workers", "2"], true).await;
 }
 
-/// `mongodb://host:port/?query` with the proxy's address instead, and
-/// `directConnection=true`: the server names itself in its replica-set
-/// answer, and a driver that discovers the set goes to that address,
-/// around the proxy.
-fn through(uri: &str, proxy: &Proxy) -> String {
-    let rest = uri.strip_prefix("mongodb://").expect("a mongodb:// URI");
-    let query = rest.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let mut uri = format!("mongodb://{}/?directConnection=true", proxy.address());
-    if !query.is_empty() {
-        uri.push('&');
-        uri.push_str(query);
-    }
-    uri
-}
-
-/// The MongoDB server's address in a `mongodb://host:port/...` URI.
-fn mongo_address(uri: &str) -> std::net::SocketAddr {
-    let rest = uri.strip_prefix("mongodb://").expect("a mongodb:// URI");
-    let host_port = rest.split(['/', '?']).next().expect("host:port");
-    let (host, port) = host_port.rsplit_once(':').expect("host:port");
-    socket_addr(host, port)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn replication_through_latency_resets_and_a_blackhole_to_mongodb() {
     let stage = Stage::new().await;
     let _slots = kafka::Slots(stage.pg.config.clone());
-    let proxy = Proxy::start(mongo_address(&stage.mongo.uri));
-    let uri = through(&stage.mongo.uri, &proxy);
+    let proxy = Proxy::start(mongodb_address(&stage.mongo.uri));
+    let uri = mongodb_uri_through(&stage.mongo.uri, &proxy);
     let history = generate(6003, &HistoryOptions::realistic(1_500));
     let (first, rest) = history.split_at(300);
     stage.load(first).await;

@@ -312,7 +312,10 @@ async fn run_source<K: Sink + Clone + 'static>(
                 return Ok(());
             };
             let kafka_stats = source.stats();
-            Pipeline::new(source, sink, shared).run().await?;
+            let lag = sample_lag(config, &source);
+            let result = Pipeline::new(source, sink, shared).run().await;
+            drop(lag);
+            result?;
             let relaxed = Ordering::Relaxed;
             tracing::info!(
                 records = kafka_stats.records.load(relaxed),
@@ -325,6 +328,22 @@ async fn run_source<K: Sink + Clone + 'static>(
             Ok(())
         }
     }
+}
+
+/// Starts the consumer lag sampler of `source` (when the metrics are
+/// served); it stops when the returned guard is dropped, or the consumer
+/// closes.
+fn sample_lag(config: &Config, source: &KafkaSource) -> tokio_util::sync::DropGuard {
+    let stop = CancellationToken::new();
+    if config.metrics_addr.is_some() {
+        let sampler = crate::observe::kafka_lag::KafkaLagSampler {
+            probe: source.lag_probe(),
+            sampling: crate::observe::samplers::Sampling::default(),
+            metrics: crate::observe::install(),
+        };
+        tokio::spawn(sampler.run(stop.clone()));
+    }
+    stop.drop_guard()
 }
 
 /// Replication: own the slot, resume from the MongoDB checkpoint (or, with

@@ -10,11 +10,16 @@
 //!
 //! Fields are read by name, unknown fields ignored, so the Debezium 2.x and 3.x
 //! envelopes (`ts_us`/`ts_ns`, the moved `transaction` block, `source.origin`) read alike.
+//!
+//! A change event also says when its transaction committed in the source
+//! database: `source.ts_us` (2.6+), else `source.ts_ms` (for snapshot rows, the
+//! time the snapshot read them). Only the metrics read it, so a missing or odd
+//! value makes it unknown and never fails the event.
 
 use super::error::{excerpt, DecodeError, RowOp};
 use super::json::{from_bytes, Member, Payload, Scalar, Seen};
 use super::timestamp::{self, EpochUnit};
-use super::{Decoded, OutboxEvent, SkipReason};
+use super::{Decoded, OutboxEvent, SkipReason, TimedDecoded};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
@@ -29,7 +34,8 @@ struct Record<'a> {
     before: Seen,
     #[serde(borrow)]
     after: Member<RowImage<'a>>,
-    source: Seen,
+    #[serde(borrow)]
+    source: Member<SourceBlock<'a>>,
     #[serde(borrow)]
     op: Scalar<'a>,
     #[serde(borrow)]
@@ -60,6 +66,28 @@ struct RowImage<'a> {
     created_at: Scalar<'a>,
 }
 
+/// The members of the envelope's `source` block that are read: the commit time.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct SourceBlock<'a> {
+    #[serde(borrow)]
+    ts_ms: Scalar<'a>,
+    #[serde(borrow)]
+    ts_us: Scalar<'a>,
+}
+
+impl SourceBlock<'_> {
+    /// When the change committed in the source database: `ts_us`, else
+    /// `ts_ms`; `None` when neither is a positive epoch integer.
+    fn committed(&self) -> Option<DateTime<Utc>> {
+        let at = |value: &Scalar<'_>, unit| match value {
+            Scalar::Int(n) if *n > 0 => timestamp::from_epoch(*n, unit),
+            _ => None,
+        };
+        at(&self.ts_us, EpochUnit::Micros).or_else(|| at(&self.ts_ms, EpochUnit::Millis))
+    }
+}
+
 impl Record<'_> {
     /// JsonConverter's `{"schema":…,"payload":…}` around a record.
     fn is_schema_wrapper(&self) -> bool {
@@ -84,9 +112,10 @@ impl Record<'_> {
     }
 }
 
-/// Decodes a Debezium record; `Ok(None)` when the value is no Debezium record at all
-/// (so the caller may try another format).
-pub(crate) fn decode(value: &[u8]) -> Result<Option<Decoded>, DecodeError> {
+/// Decodes a Debezium record, with the commit time a change event gives;
+/// `Ok(None)` when the value is no Debezium record at all (so the caller may try
+/// another format).
+pub(crate) fn decode(value: &[u8]) -> Result<Option<TimedDecoded>, DecodeError> {
     let top: Member<Record<'_>> = from_bytes(value, "value")?;
     let Member::Present(mut record) = top else {
         return Ok(None);
@@ -98,14 +127,18 @@ pub(crate) fn decode(value: &[u8]) -> Result<Option<Decoded>, DecodeError> {
         }
     }
     if record.is_change_event() {
+        let committed = match &record.source {
+            Member::Present(source) => source.committed(),
+            _ => None,
+        };
         let unit_from_schema = || wrapped.then(|| created_at_unit(value)).flatten();
-        return change_event(record, unit_from_schema).map(Some);
+        return change_event(record, unit_from_schema).map(|decoded| Some((decoded, committed)));
     }
     if record.is_transaction() {
-        return Ok(Some(Decoded::Skip(SkipReason::Transaction)));
+        return Ok(Some((Decoded::Skip(SkipReason::Transaction), None)));
     }
     if record.is_heartbeat() {
-        return Ok(Some(Decoded::Skip(SkipReason::Heartbeat)));
+        return Ok(Some((Decoded::Skip(SkipReason::Heartbeat), None)));
     }
     Ok(None)
 }
@@ -254,7 +287,14 @@ mod tests {
     }
 
     fn decoded(value: &str) -> Result<Option<Decoded>, DecodeError> {
-        decode(value.as_bytes())
+        decode(value.as_bytes()).map(|found| found.map(|(decoded, _)| decoded))
+    }
+
+    fn committed_micros(value: &str) -> Option<i64> {
+        match decode(value.as_bytes()) {
+            Ok(Some((_, committed))) => committed.map(|t| t.timestamp_micros()),
+            other => panic!("expected a record, got {other:?}"),
+        }
     }
 
     fn event(value: &str) -> OutboxEvent {
@@ -407,5 +447,34 @@ mod tests {
 
     fn event_created_micros(value: &str) -> Option<i64> {
         event(value).created_at.map(|t| t.timestamp_micros())
+    }
+
+    #[test]
+    fn the_commit_time_is_the_source_block_s() {
+        let with = |source: &str| {
+            envelope("c", ROW).replace(
+                r#""source":{"snapshot":"false","schema":"public"}"#,
+                &format!(r#""source":{source}"#),
+            )
+        };
+        let both = with(r#"{"ts_ms":1789465267512,"snapshot":"false","ts_us":1789465267512394}"#);
+        assert_eq!(committed_micros(&both), Some(1_789_465_267_512_394));
+        let millis = with(r#"{"ts_ms":1789465267512,"snapshot":"false"}"#);
+        assert_eq!(committed_micros(&millis), Some(1_789_465_267_512_000));
+        // Unknown, never an error: the event itself is fine.
+        for odd in [
+            r#"{"snapshot":"false"}"#,
+            r#"{"ts_ms":"1789465267512"}"#,
+            r#"{"ts_ms":0}"#,
+            r#"{"ts_ms":null,"ts_us":1.5}"#,
+            "null",
+            r#""postgres""#,
+        ] {
+            assert_eq!(committed_micros(&with(odd)), None, "{odd}");
+            assert_eq!(event(&with(odd)), event(&envelope("c", ROW)), "{odd}");
+        }
+        // The envelope's own `ts_ms` (when Debezium processed it) is not the commit time.
+        assert_eq!(committed_micros(&envelope("c", ROW)), None);
+        assert_eq!(committed_micros(r#"{"ts_ms":1789466761337}"#), None);
     }
 }

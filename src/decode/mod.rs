@@ -187,6 +187,10 @@ impl Default for DecodeOptions {
     }
 }
 
+/// A record's decoding and the commit time in the source database it
+/// carries, if it carries one ([`decode_message_timed`]).
+pub type TimedDecoded = (Decoded, Option<DateTime<Utc>>);
+
 /// Debezium's heartbeat topics are `<topic.heartbeat.prefix>.<topic.prefix>`.
 const HEARTBEAT_TOPIC_PREFIX: &str = "__debezium-heartbeat";
 
@@ -199,28 +203,40 @@ pub fn decode_message(
     msg: &RawMessage<'_>,
     options: &DecodeOptions,
 ) -> Result<Decoded, DecodeError> {
+    decode_message_timed(msg, options).map(|(decoded, _)| decoded)
+}
+
+/// [`decode_message`], with the commit time in the source database that the
+/// record carries, if it carries one: a Debezium change event's `source.ts_us`
+/// (else `source.ts_ms`). Event Router output carries none in its value (its
+/// Kafka timestamp is the envelope's `ts_ms`: the caller reads that).
+pub fn decode_message_timed(
+    msg: &RawMessage<'_>,
+    options: &DecodeOptions,
+) -> Result<TimedDecoded, DecodeError> {
     let Some(value) = msg.value else {
-        return Ok(Decoded::Skip(SkipReason::Tombstone));
+        return Ok((Decoded::Skip(SkipReason::Tombstone), None));
     };
     if msg
         .topic
         .is_some_and(|topic| topic.starts_with(HEARTBEAT_TOPIC_PREFIX))
     {
-        return Ok(Decoded::Skip(SkipReason::Heartbeat));
+        return Ok((Decoded::Skip(SkipReason::Heartbeat), None));
     }
+    let routed = || event_router::decode(msg, value, options).map(|decoded| (decoded, None));
     match options.format {
-        MessageFormat::EventRouter => event_router::decode(msg, value, options),
+        MessageFormat::EventRouter => routed(),
         MessageFormat::Cdc => debezium::decode(value)?.ok_or(DecodeError::NotDebezium),
         MessageFormat::Auto => {
             let prefix = options.event_router_topic_prefix.as_str();
-            let routed =
+            let by_topic =
                 !prefix.is_empty() && msg.topic.is_some_and(|topic| topic.starts_with(prefix));
-            if routed {
-                return event_router::decode(msg, value, options);
+            if by_topic {
+                return routed();
             }
             match debezium::decode(value)? {
-                Some(decoded) => Ok(decoded),
-                None => event_router::decode(msg, value, options),
+                Some(found) => Ok(found),
+                None => routed(),
             }
         }
     }

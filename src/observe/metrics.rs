@@ -205,7 +205,7 @@ impl Metrics {
         );
         registry.register(
             "event_processor_kafka_consumer_lag_messages",
-            "Messages between the committed offset and the end of each partition (kafka source)",
+            "Messages between the group's committed offset and the high watermark of each partition this process consumes (kafka source)",
             metrics.kafka_consumer_lag.clone(),
         );
         registry.register(
@@ -317,11 +317,14 @@ impl Metrics {
 
     pub fn kafka_consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
         self.kafka_consumer_lag
-            .get_or_create(&vec![
-                ("topic", topic.to_string()),
-                ("partition", partition.to_string()),
-            ])
+            .get_or_create(&lag_labels(topic, partition))
             .set(lag);
+    }
+
+    /// The partition is no longer this process's: its lag is not shown.
+    pub fn kafka_consumer_lag_gone(&self, topic: &str, partition: i32) {
+        self.kafka_consumer_lag
+            .remove(&lag_labels(topic, partition));
     }
 
     /// A transient error of `component`, of class `class` (a short fixed
@@ -366,6 +369,13 @@ impl Metrics {
     pub fn heartbeat_received(&self, round_trip: Duration) {
         self.heartbeat_round_trip.set(round_trip.as_secs_f64());
     }
+}
+
+fn lag_labels(topic: &str, partition: i32) -> Vec<(&'static str, String)> {
+    vec![
+        ("topic", topic.to_string()),
+        ("partition", partition.to_string()),
+    ]
 }
 
 fn saturating_i64(value: u64) -> i64 {
@@ -424,6 +434,23 @@ mod tests {
         assert!(text.contains("event_processor_replication_slot_lag_bytes 4096"));
         assert!(text.contains("event_processor_build_info{version=\""));
         assert!(text.contains("# HELP event_processor_events_total "));
+    }
+
+    #[test]
+    fn a_partition_s_lag_goes_when_the_partition_does() {
+        let metrics = Metrics::new();
+        metrics.kafka_consumer_lag("outbox", 0, 12);
+        metrics.kafka_consumer_lag("outbox", 1, 0);
+        let text = metrics.render();
+        assert!(text.contains(
+            "event_processor_kafka_consumer_lag_messages{topic=\"outbox\",partition=\"0\"} 12"
+        ));
+        metrics.kafka_consumer_lag_gone("outbox", 0);
+        let text = metrics.render();
+        assert!(!text.contains("partition=\"0\""), "{text}");
+        assert!(text.contains(
+            "event_processor_kafka_consumer_lag_messages{topic=\"outbox\",partition=\"1\"} 0"
+        ));
     }
 
     #[test]

@@ -8,12 +8,14 @@
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz` on `METRICS_ADDR`;
 //! - [`samplers`]: slot lag, polling backlog, MongoDB ping, each a task on a
 //!   connection of its own;
+//! - [`kafka_lag`]: the kafka source's consumer lag per partition;
 //! - [`heartbeat`]: the logical message written every `HEARTBEAT_INTERVAL`
 //!   and the reading of it on the replication side;
 //! - [`process`]: the standard `process_*` metrics from `/proc`.
 
 pub mod health;
 pub mod heartbeat;
+pub mod kafka_lag;
 pub mod metrics;
 pub mod process;
 pub mod samplers;

@@ -70,19 +70,19 @@ pub(super) async fn connect(pg: &PostgresConfig, timeout: Duration) -> Result<Cl
 
 /// Ticks every `interval` until `shutdown`; a sample in progress at
 /// shutdown is dropped.
-struct Ticker {
+pub(super) struct Ticker {
     ticks: tokio::time::Interval,
 }
 
 impl Ticker {
-    fn new(interval: Duration) -> Ticker {
+    pub(super) fn new(interval: Duration) -> Ticker {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ticker { ticks }
     }
 
     /// Waits for the next tick; `false` once shut down.
-    async fn next(&mut self, shutdown: &CancellationToken) -> bool {
+    pub(super) async fn next(&mut self, shutdown: &CancellationToken) -> bool {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => false,
@@ -92,7 +92,10 @@ impl Ticker {
 }
 
 /// Runs `work` unless `shutdown` comes first.
-async fn unless_shutdown<F: Future>(shutdown: &CancellationToken, work: F) -> Option<F::Output> {
+pub(super) async fn unless_shutdown<F: Future>(
+    shutdown: &CancellationToken,
+    work: F,
+) -> Option<F::Output> {
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => None,

@@ -13,10 +13,13 @@
 //! fetched of it but had not handed out is dropped (the new owner reads it again
 //! from the committed offset).
 //!
-//! Records: each one is decoded with [`decode_message`]; records that carry no
-//! event (tombstones, heartbeats, updates, ...) are counted and skipped; a
-//! record that does not decode becomes a dead letter holding the raw record,
-//! and its partition goes on.
+//! Records: each one is decoded with [`Record::decode`]; records that
+//! carry no event (tombstones, heartbeats, updates, ...) are counted and
+//! skipped; a record that does not decode becomes a dead letter holding the raw
+//! record, and its partition goes on. An event's commit time
+//! ([`SourceBatch::committed`]) is the Debezium change event's `source.ts_us` /
+//! `source.ts_ms` (the commit in the source database), else the record's
+//! timestamp (Event Router output: the envelope's `ts_ms`).
 //!
 //! Out of order: an event whose aggregate does not exist yet (with plain
 //! Debezium change events keyed by `event_id`, the aggregate's creation may sit
@@ -26,7 +29,11 @@
 //! later events of its aggregate took effect meanwhile: see
 //! `sink::deferral`). While it waits, its partition's commit stays below it.
 //!
+//! Lag: [`KafkaSource::lag_probe`] hands out a weak handle on the consumer
+//! through which a sampler reads, per assigned partition, the committed
+//! offset and the high watermark ([`LagProbe`]).
 mod client;
+mod lag;
 mod record;
 mod retry;
 mod stats;
@@ -35,21 +42,22 @@ mod waiting;
 pub use client::{
     base_config, consumer_config, is_unreachable, topic_partitions, QuietContext, TopicError,
 };
+pub use lag::{LagProbe, PartitionLag};
 pub use record::Record;
 pub use stats::KafkaStats;
 
 use super::{Backlog, BatchOutcome, Source, SourceBatch, SourceError};
 use crate::config::{KafkaConfig, PipelineConfig};
 use crate::dead_letter::DeadLetter;
-use crate::decode::{decode_message, DecodeOptions, Decoded, OutboxEvent, SkipReason};
+use crate::decode::{DecodeOptions, Decoded, SkipReason};
 use crate::failpoint::{self, crash_point};
 use crate::policy::{describe, Classify, ErrorClass};
 use client::{blocking, describe_tps, lock, poll_records, positions, GroupContext, Partitions, Tp};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use retry::{InFlight, Retries};
+use retry::{Fresh, InFlight, Retries, Timed};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// Deferred events at which the source stops taking new records until some
@@ -144,6 +152,18 @@ impl KafkaSource {
         self.stats.clone()
     }
 
+    /// A handle to read the consumer lag of this member's partitions with
+    /// (see [`LagProbe`]).
+    pub fn lag_probe(&self) -> LagProbe {
+        LagProbe {
+            consumer: self
+                .consumer
+                .as_ref()
+                .map_or_else(Weak::new, Arc::downgrade),
+            partitions: self.partitions.clone(),
+        }
+    }
+
     fn consumer(&self) -> Result<Arc<BaseConsumer<GroupContext>>, SourceError> {
         self.consumer
             .clone()
@@ -177,7 +197,7 @@ impl KafkaSource {
     fn decode_into(
         &mut self,
         records: Vec<Record>,
-        events: &mut Vec<OutboxEvent>,
+        events: &mut Vec<Timed>,
         malformed: &mut Vec<DeadLetter>,
         flight: &mut InFlight,
         highest: &mut BTreeMap<Tp, i64>,
@@ -187,12 +207,17 @@ impl KafkaSource {
             let tp = (record.topic.clone(), record.partition);
             let top = highest.entry(tp.clone()).or_insert(record.offset);
             *top = (*top).max(record.offset);
-            match decode_message(&record.raw(), &self.decode) {
-                Ok(Decoded::Event(event)) => {
-                    flight.fresh.push((event.event_id, tp, record.offset));
-                    events.push(event);
+            match record.decode(&self.decode) {
+                Ok((Decoded::Event(event), committed)) => {
+                    flight.fresh.push(Fresh {
+                        id: event.event_id,
+                        tp,
+                        offset: record.offset,
+                        committed,
+                    });
+                    events.push((event, committed));
                 }
-                Ok(Decoded::Skip(reason)) => {
+                Ok((Decoded::Skip(reason), _)) => {
                     self.stats.skip(reason);
                     if self.skips_seen.insert(reason) {
                         tracing::debug!(
@@ -310,7 +335,8 @@ impl Source for KafkaSource {
         }
         // Within a batch, one aggregate's events in sequence order (a topic
         // keyed by event_id may interleave them across partitions).
-        events.sort_by_key(|e| e.sequence_id);
+        events.sort_by_key(|(event, _)| event.sequence_id);
+        let (events, committed): (Vec<_>, Vec<_>) = events.into_iter().unzip();
         self.next_batch += 1;
         flight.batch = self.next_batch;
         self.in_flight.push_back(flight);
@@ -323,6 +349,7 @@ impl Source for KafkaSource {
         };
         let mut batch = SourceBatch::new(events, malformed, ack);
         batch.retried = retried;
+        batch.committed = committed;
         Ok(Some(batch))
     }
 

@@ -57,8 +57,13 @@ pub async fn create_topic_at(brokers: &str, name: &str, partitions: i32) {
 
 /// A producer set up as tansu needs in tests (one message per batch).
 pub fn producer() -> FutureProducer {
+    producer_at(&brokers())
+}
+
+/// [`producer`] for the broker at `brokers`.
+pub fn producer_at(brokers: &str) -> FutureProducer {
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("batch.num.messages", "1")
@@ -116,10 +121,20 @@ pub struct Consumed {
 pub fn consume_until(
     topic: &str,
     limit: Duration,
+    done: impl FnMut(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
+    consume_until_at(&brokers(), topic, limit, done)
+}
+
+/// [`consume_until`] from the broker at `brokers`.
+pub fn consume_until_at(
+    brokers: &str,
+    topic: &str,
+    limit: Duration,
     mut done: impl FnMut(&[Consumed]) -> bool,
 ) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", fresh("reader"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

@@ -178,6 +178,29 @@ pub fn socket_addr(host: &str, port: &str) -> SocketAddr {
         .unwrap_or_else(|err| panic!("`{host}:{port}` is not an IP address and port: {err}"))
 }
 
+/// `mongodb://host:port/?query` with the proxy's address instead, and
+/// `directConnection=true`: the server names itself in its replica-set
+/// answer, and a driver that discovers the set goes to that address,
+/// around the proxy.
+pub fn mongodb_uri_through(uri: &str, proxy: &Proxy) -> String {
+    let rest = uri.strip_prefix("mongodb://").expect("a mongodb:// URI");
+    let query = rest.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut uri = format!("mongodb://{}/?directConnection=true", proxy.address());
+    if !query.is_empty() {
+        uri.push('&');
+        uri.push_str(query);
+    }
+    uri
+}
+
+/// The MongoDB server's address in a `mongodb://host:port/...` URI.
+pub fn mongodb_address(uri: &str) -> SocketAddr {
+    let rest = uri.strip_prefix("mongodb://").expect("a mongodb:// URI");
+    let host_port = rest.split(['/', '?']).next().expect("host:port");
+    let (host, port) = host_port.rsplit_once(':').expect("host:port");
+    socket_addr(host, port)
+}
+
 async fn accept(
     listener: TcpListener,
     mode: watch::Receiver<Mode>,

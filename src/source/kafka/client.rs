@@ -433,6 +433,7 @@ pub fn poll_records(
                             .collect()
                     })
                     .unwrap_or_default(),
+                timestamp: message.timestamp().to_millis(),
             }),
             Some(Err(err)) => {
                 error = Some(err);

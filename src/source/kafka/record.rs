@@ -3,7 +3,11 @@
 //! partition, offset, key, value and headers) so that nothing is lost.
 
 use crate::dead_letter::DeadLetter;
-use crate::decode::{DecodeError, DecodeOptions, OutboxEvent, RawMessage};
+use crate::decode::{
+    decode_message_timed, DecodeError, DecodeOptions, Decoded, OutboxEvent, RawMessage,
+    TimedDecoded,
+};
+use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -21,9 +25,31 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The record's timestamp (ms since the epoch; create or log-append
+    /// time, whichever the topic keeps), if it has one.
+    pub timestamp: Option<i64>,
 }
 
 impl Record {
+    /// The record's timestamp as a time (`None` for none, or a nonsense one).
+    pub fn time(&self) -> Option<DateTime<Utc>> {
+        self.timestamp
+            .filter(|ms| *ms > 0)
+            .and_then(DateTime::from_timestamp_millis)
+    }
+
+    /// The record decoded, with its event's commit time: the one the value
+    /// says (a Debezium change event's `source.ts_us` / `source.ts_ms`), else
+    /// the record's timestamp.
+    pub fn decode(&self, options: &DecodeOptions) -> Result<TimedDecoded, DecodeError> {
+        let (decoded, committed) = decode_message_timed(&self.raw(), options)?;
+        let committed = match decoded {
+            Decoded::Event(_) => committed.or_else(|| self.time()),
+            Decoded::Skip(_) => None,
+        };
+        Ok((decoded, committed))
+    }
+
     pub fn raw(&self) -> RawMessage<'_> {
         RawMessage {
             topic: Some(&self.topic),
@@ -214,6 +240,7 @@ mod tests {
                 ("bin".into(), Some(vec![0xff, 0x00])),
                 ("none".into(), None),
             ],
+            timestamp: Some(1_789_465_267_538),
         }
     }
 
@@ -263,5 +290,115 @@ mod tests {
         assert_eq!(out["text"].as_str().map(str::len), Some(KEEP_BYTES));
         assert_eq!(bytes_json(Some(&[0xc3, 0x28]))["hex"], "c328");
         assert_eq!(bytes_json(None), Value::Null);
+    }
+
+    /// A fixture record (tests/fixtures/debezium), on `topic`, with the Kafka
+    /// timestamp `timestamp`.
+    fn fixture(topic: &str, key: &[u8], value: &[u8], timestamp: Option<i64>) -> Record {
+        Record {
+            topic: topic.into(),
+            partition: 0,
+            offset: 0,
+            key: Some(key.to_vec()),
+            value: Some(value.to_vec()),
+            headers: Vec::new(),
+            timestamp,
+        }
+    }
+
+    fn commit_micros(record: &Record) -> Option<i64> {
+        match record.decode(&DecodeOptions::default()) {
+            Ok((Decoded::Event(_), committed)) => committed.map(|t| t.timestamp_micros()),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    macro_rules! debezium {
+        ($path:literal) => {
+            include_bytes!(concat!("../../../tests/fixtures/debezium/", $path))
+        };
+    }
+
+    #[test]
+    fn a_change_event_commits_at_its_source_time_not_its_created_at_or_kafka_time() {
+        // insert_user_created: created_at 09:41:07.509871, committed (source.ts_us)
+        // 09:41:07.512394, Kafka time whatever the producer gave.
+        let key = debezium!("cdc/schemas-disabled/insert_user_created.key.json");
+        for value in [
+            &debezium!("cdc/schemas-disabled/insert_user_created.value.json")[..],
+            &debezium!("cdc/schemas-enabled/insert_user_created.value.json")[..],
+        ] {
+            let record = fixture(
+                "postgres.activity.event_outbox",
+                key,
+                value,
+                Some(1_900_000_000_000),
+            );
+            assert_eq!(commit_micros(&record), Some(1_789_465_267_512_394));
+        }
+        // A snapshot row: the time the snapshot read it.
+        let snapshot = fixture(
+            "postgres.activity.event_outbox",
+            debezium!("cdc/schemas-disabled/snapshot_read_first.key.json"),
+            debezium!("cdc/schemas-disabled/snapshot_read_first.value.json"),
+            None,
+        );
+        assert_eq!(commit_micros(&snapshot), Some(1_789_462_798_412_337));
+    }
+
+    #[test]
+    fn without_a_source_time_the_kafka_timestamp_is_the_commit_time() {
+        // Debezium before 2.6 has no ts_us: ts_ms, in milliseconds.
+        let value = std::str::from_utf8(debezium!(
+            "cdc/schemas-disabled/insert_user_created.value.json"
+        ))
+        .unwrap_or_default();
+        let millis_only = value.replace(r#""ts_us":1789465267512394,"#, "");
+        assert_ne!(millis_only, value);
+        let record = fixture("t", b"k", millis_only.as_bytes(), None);
+        assert_eq!(commit_micros(&record), Some(1_789_465_267_512_000));
+        // No source time at all: the record's.
+        let bare = millis_only.replace(r#""ts_ms":1789465267512,"#, "");
+        assert_ne!(bare, millis_only);
+        let record = fixture("t", b"k", bare.as_bytes(), Some(1_789_465_267_600));
+        assert_eq!(commit_micros(&record), Some(1_789_465_267_600_000));
+        // Nothing either: unknown (the runtime falls back to created_at).
+        let record = fixture("t", b"k", bare.as_bytes(), None);
+        assert_eq!(commit_micros(&record), None);
+    }
+
+    #[test]
+    fn an_event_router_record_commits_at_its_kafka_timestamp() {
+        // The SMT sets the Kafka timestamp to the envelope's ts_ms
+        // (outbox/default/headers/user_created.headers.json: 1789465267538).
+        let mut record = fixture(
+            "outbox.event.User",
+            debezium!("outbox/default/schemas-disabled/user_created.key.json"),
+            debezium!("outbox/default/schemas-disabled/user_created.value.json"),
+            Some(1_789_465_267_538),
+        );
+        record.headers = vec![
+            (
+                "id".into(),
+                Some(b"0192f4b7-1c3d-7e4f-9a50-3b6c7d8e9f10".to_vec()),
+            ),
+            ("eventType".into(), Some(b"UserCreated".to_vec())),
+        ];
+        assert_eq!(commit_micros(&record), Some(1_789_465_267_538_000));
+    }
+
+    #[test]
+    fn records_without_an_event_have_no_commit_time() {
+        let heartbeat = fixture(
+            "__debezium-heartbeat.postgres",
+            b"k",
+            br#"{"ts_ms":1789466761337}"#,
+            Some(1),
+        );
+        let decoded = heartbeat.decode(&DecodeOptions::default());
+        assert!(
+            matches!(decoded, Ok((Decoded::Skip(_), None))),
+            "{decoded:?}"
+        );
     }
 }

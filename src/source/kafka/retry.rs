@@ -10,18 +10,31 @@ use super::waiting::{delay, Deferred, Waiting};
 use super::SourceError;
 use crate::decode::OutboxEvent;
 use crate::source::{BatchOutcome, Retried};
+use chrono::{DateTime, Utc};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// An event as handed out, with its commit time (if the record says it).
+pub type Timed = (OutboxEvent, Option<DateTime<Utc>>);
+
+/// A new event of a batch in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fresh {
+    pub id: Uuid,
+    pub tp: Tp,
+    pub offset: i64,
+    pub committed: Option<DateTime<Utc>>,
+}
+
 /// A batch handed out and not yet acknowledged: what its events were.
 #[derive(Debug, Default)]
 pub struct InFlight {
     pub batch: u64,
-    /// New events: id and position.
-    pub fresh: Vec<(Uuid, Tp, i64)>,
+    /// New events.
+    pub fresh: Vec<Fresh>,
     /// Deferred events tried again in this batch.
     pub retried: Vec<Deferred>,
 }
@@ -46,17 +59,18 @@ impl Retries {
         self.waiting.held() == 0
     }
 
-    /// Due retries, back into the batch (`events`), marked as retried.
+    /// Due retries, back into the batch (`events`, with their commit
+    /// times), marked as retried.
     pub fn hand_out(
         &mut self,
         due: Vec<Deferred>,
-        events: &mut Vec<OutboxEvent>,
+        events: &mut Vec<Timed>,
         retried: &mut Vec<Retried>,
         flight: &mut InFlight,
     ) {
         for deferred in due {
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            events.push(deferred.event.clone());
+            events.push((deferred.event.clone(), deferred.committed));
             retried.push(Retried {
                 event_id: deferred.event.event_id,
                 attempts: deferred.attempts,
@@ -91,14 +105,15 @@ impl Retries {
                 None => self.waiting.release(&deferred.tp, deferred.offset),
             }
         }
-        for (id, tp, offset) in flight.fresh {
-            if let Some((event, error)) = take(&id) {
+        for fresh in flight.fresh {
+            if let Some((event, error)) = take(&fresh.id) {
                 self.stats.deferred.fetch_add(1, Ordering::Relaxed);
-                self.waiting.hold(&tp, offset);
+                self.waiting.hold(&fresh.tp, fresh.offset);
                 self.waiting.push(Deferred {
                     event,
-                    tp,
-                    offset,
+                    tp: fresh.tp,
+                    offset: fresh.offset,
+                    committed: fresh.committed,
                     attempts: 1,
                     due: now + delay(1, initial, max),
                     error,
@@ -146,7 +161,12 @@ mod tests {
         let e = event(7);
         let flight = InFlight {
             batch: 1,
-            fresh: vec![(e.event_id, tp(), 40)],
+            fresh: vec![Fresh {
+                id: e.event_id,
+                tp: tp(),
+                offset: 40,
+                committed: DateTime::from_timestamp_millis(1_789_465_267_512),
+            }],
             ..InFlight::default()
         };
         let outcome = BatchOutcome {
@@ -163,7 +183,14 @@ mod tests {
         assert_eq!(due.len(), 1);
         let (mut events, mut retried, mut flight) = (Vec::new(), Vec::new(), InFlight::default());
         retries.hand_out(due, &mut events, &mut retried, &mut flight);
-        assert_eq!(events, std::slice::from_ref(&e));
+        // With its commit time: its latency counts from the commit, waits included.
+        assert_eq!(
+            events,
+            [(
+                e.clone(),
+                DateTime::from_timestamp_millis(1_789_465_267_512)
+            )]
+        );
         assert_eq!(retried[0].attempts, 1);
         assert_eq!(retried[0].error, "never created");
         flight.batch = 2;

@@ -6,6 +6,7 @@
 use super::client::Tp;
 use crate::decode::OutboxEvent;
 use crate::policy::Backoff;
+use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,8 @@ pub struct Deferred {
     pub event: OutboxEvent,
     pub tp: Tp,
     pub offset: i64,
+    /// When its transaction committed, if its record says it.
+    pub committed: Option<DateTime<Utc>>,
     /// Tries so far (the first application counts).
     pub attempts: u32,
     pub due: Instant,
@@ -134,6 +137,7 @@ mod tests {
             },
             tp: ("t".into(), 0),
             offset,
+            committed: None,
             attempts: 1,
             due,
             error: "never created".into(),
