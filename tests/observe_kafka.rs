@@ -16,7 +16,7 @@ use activity_event_processor::relay::{partition_for, Encoder, Message, Op, Shape
 use chrono::{DateTime, Utc};
 use common::faults::wait_for_line;
 use common::kafka;
-use common::observe::{scrape, served_at};
+use common::observe::{events_with, scrape, served_at};
 use common::pipeline::Stage;
 use common::proxy::{mongodb_address, mongodb_uri_through, Mode, Proxy};
 use common::services::OwnServices;
@@ -212,6 +212,10 @@ async fn the_latency_counts_from_the_commit_time_the_records_carry() {
             history.push(event);
         }
     }
+    // Tombstones (Debezium's after a delete) carry no event: counted as skipped.
+    for _ in 0..3 {
+        kafka::produce(&producer, &cdc, Some(0), Some(b"k"), None, &[]).await;
+    }
     // Event Router records: createdAt an hour ago, the record's timestamp now.
     let encoder = Encoder::new(Shape::EventRouter, false, &cdc, &prefix, "activity");
     for i in 10..20 {
@@ -261,6 +265,11 @@ async fn the_latency_counts_from_the_commit_time_the_records_carry() {
     assert_eq!(
         within_a_minute, count,
         "every latency from the commit, none from created_at (an hour before)"
+    );
+    assert_eq!(
+        events_with(&samples, "skipped"),
+        3,
+        "the tombstones are counted as skipped"
     );
     let sum = samples["event_processor_commit_to_durable_seconds_sum"];
     assert!(sum < total * 60.0, "{sum}");

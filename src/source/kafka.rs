@@ -219,6 +219,12 @@ impl KafkaSource {
                 }
                 Ok((Decoded::Skip(reason), _)) => {
                     self.stats.skip(reason);
+                    crate::observe::events(
+                        crate::config::SourceKind::Kafka,
+                        "other",
+                        crate::observe::Outcome::Skipped,
+                        1,
+                    );
                     if self.skips_seen.insert(reason) {
                         tracing::debug!(
                             reason = reason.as_str(),
