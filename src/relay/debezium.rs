@@ -170,8 +170,21 @@ impl Encoder {
     /// The record of one event; `now` is the relay's processing time
     /// (envelope `ts_*`, the snapshot time of `r` rows).
     pub fn encode(&self, event: &OutboxEvent, op: Op, now: DateTime<Utc>) -> Message {
+        self.encode_committed(event, op, None, now)
+    }
+
+    /// The record of one event committed at `committed` (the change's
+    /// `source.ts_*`, as Debezium writes the commit time; the row's
+    /// `created_at` where it is unknown).
+    pub fn encode_committed(
+        &self,
+        event: &OutboxEvent,
+        op: Op,
+        committed: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Message {
         match self.shape {
-            Shape::Cdc => self.change_event(event, op, now),
+            Shape::Cdc => self.change_event(event, op, committed, now),
             Shape::EventRouter => self.routed(event, now),
         }
     }
@@ -199,9 +212,15 @@ impl Encoder {
         }
     }
 
-    fn change_event(&self, event: &OutboxEvent, op: Op, now: DateTime<Utc>) -> Message {
+    fn change_event(
+        &self,
+        event: &OutboxEvent,
+        op: Op,
+        committed: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Message {
         let source_time = match op {
-            Op::Create => event.created_at.unwrap_or(now),
+            Op::Create => committed.or(event.created_at).unwrap_or(now),
             Op::Read(_) => now,
         };
         let envelope = Envelope {
@@ -426,5 +445,35 @@ mod tests {
             .value_schema
             .ends_with(r#""name":"dbserver1.public.event_outbox.Envelope","version":2}"#));
         assert_eq!(encoder.prefix, "dbserver1");
+    }
+
+    #[test]
+    fn a_change_carries_its_commit_time_in_source() {
+        let encoder = Encoder::new(Shape::Cdc, false, "p.activity.event_outbox", "x.", "db");
+        let at = |text: &str| -> DateTime<Utc> { text.parse().unwrap_or_default() };
+        let event = OutboxEvent {
+            event_id: uuid::Uuid::nil(),
+            sequence_id: Some(1),
+            aggregate_id: uuid::Uuid::nil(),
+            aggregate_type: "User".into(),
+            event_type: "UserCreated".into(),
+            payload: json!({}),
+            created_at: Some(at("2026-01-01T00:00:00Z")),
+        };
+        let now = at("2026-01-01T02:00:00Z");
+        let source_ms = |message: &Message| {
+            let value: serde_json::Value =
+                serde_json::from_slice(&message.value).unwrap_or_default();
+            value["source"]["ts_ms"].as_i64()
+        };
+        let committed = at("2026-01-01T01:00:00Z");
+        let message = encoder.encode_committed(&event, Op::Create, Some(committed), now);
+        assert_eq!(source_ms(&message), Some(committed.timestamp_millis()));
+        // Unknown: the row's created_at.
+        let message = encoder.encode(&event, Op::Create, now);
+        assert_eq!(
+            source_ms(&message),
+            event.created_at.map(|t| t.timestamp_millis())
+        );
     }
 }

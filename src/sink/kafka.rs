@@ -40,7 +40,8 @@ impl Sink for KafkaSink {
             let topic = self.encoder.topic_of(event);
             self.producer.prepare(&topic).await?;
             let op = Op::from(batch.origin(index));
-            messages.push(self.encoder.encode(event, op, now));
+            let committed = batch.commit_time(index);
+            messages.push(self.encoder.encode_committed(event, op, committed, now));
         }
         self.producer.deliver(&messages).await?;
         crate::observe::kafka_produced(messages.len() as u64);
