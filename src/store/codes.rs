@@ -13,7 +13,7 @@
 //!   isolated and dead-lettered, the rest of their batch applies.
 
 use super::mongo::StoreError;
-use crate::policy::{Summarise, Summarised};
+use crate::policy::{RetryClass, Summarise, Summarised};
 
 /// Server codes that mean "try again" (not primary, shutting down, network).
 pub const RETRYABLE_CODES: &[i32] = &[
@@ -63,6 +63,19 @@ pub fn classify(code: i32) -> CodeClass {
     }
 }
 
+/// What kind of outage a transient server code is: network codes
+/// `connection`, time limits `timeout`, shutting down and not primary
+/// `unavailable`, a write conflict `conflict`.
+pub fn retry_class(code: i32) -> RetryClass {
+    match code {
+        6 | 7 | 9001 => RetryClass::Connection, // HostUnreachable, HostNotFound, SocketException
+        50 | 64 | 89 | 202 | 262 => RetryClass::Timeout, // MaxTimeMSExpired, WriteConcernFailed, NetworkTimeout, ..., ExceededTimeLimit
+        91 | 189 | 10107 | 11600 | 11602 | 13435 | 13436 => RetryClass::Unavailable, // shutdown, stepped down, not primary
+        112 => RetryClass::Conflict, // WriteConflict
+        _ => RetryClass::Other,
+    }
+}
+
 /// Longest server message kept in an error (messages can quote documents).
 const MESSAGE_MAX: usize = 160;
 
@@ -82,9 +95,10 @@ pub fn shorten(text: &str, max: usize) -> String {
 pub fn write_error(collection: &str, code: i32, message: &str) -> StoreError {
     let message = shorten(message, MESSAGE_MAX);
     match classify(code) {
-        CodeClass::Transient => {
-            StoreError::transient(format!("writing {collection}: {message} (code {code})"))
-        }
+        CodeClass::Transient => StoreError::transient(
+            retry_class(code),
+            format!("writing {collection}: {message} (code {code})"),
+        ),
         CodeClass::Fatal(advice) => StoreError::fatal(format!(
             "writing {collection}: {message} (code {code}): {advice}"
         )),
