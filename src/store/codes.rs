@@ -151,9 +151,38 @@ pub fn describe(err: &mongodb::error::Error) -> String {
         ),
         ErrorKind::Authentication { message, .. } => format!("authentication failed: {message}"),
         ErrorKind::Io(io) => io.to_string(),
+        ErrorKind::ServerSelection { message, .. } => server_selection(message),
         other => other.to_string(),
     };
     shorten(&text, 2 * MESSAGE_MAX)
+}
+
+/// A server selection that timed out, in one line: the driver's message
+/// describes the whole topology (debug output); only each server's address
+/// and error are kept.
+fn server_selection(message: &str) -> String {
+    let servers: Vec<String> = message
+        .split("Address: ")
+        .skip(1)
+        .filter_map(|server| {
+            let (address, rest) = server.split_once(',')?;
+            let error = rest.split_once("Error: ")?.1;
+            let error = error.strip_prefix("Kind: ").unwrap_or(error);
+            let error = error.split(", labels:").next().unwrap_or(error);
+            Some(format!(
+                "{address}: {}",
+                error.trim_end_matches([' ', '}', ']'])
+            ))
+        })
+        .collect();
+    if servers.is_empty() {
+        "no server available within the server selection timeout".to_string()
+    } else {
+        format!(
+            "no server available within the server selection timeout ({})",
+            servers.join("; ")
+        )
+    }
 }
 
 #[cfg(test)]
@@ -173,6 +202,25 @@ mod tests {
         let fatal = write_error("users", 13, &"not authorized ".repeat(100)).to_string();
         assert!(fatal.len() < 250, "{fatal}");
         assert!(fatal.ends_with(GRANT), "{fatal}");
+    }
+
+    /// The driver's own words for a dead port (2.x), and a topology without
+    /// a server error.
+    #[test]
+    fn a_server_selection_timeout_is_one_line() {
+        let message = "Server selection timeout: No available servers. Topology: { Type: Single, \
+            Servers: [ { Address: 127.0.0.1:1, Type: Unknown, Error: Kind: I/O error: Connection \
+            refused (os error 111), labels: {\"RetryableError\", \"SystemOverloadedError\"}, \
+            source: None, server response: None } ] }";
+        assert_eq!(
+            server_selection(message),
+            "no server available within the server selection timeout \
+             (127.0.0.1:1: I/O error: Connection refused (os error 111))"
+        );
+        assert_eq!(
+            server_selection("Server selection timeout: None of the available servers suitable"),
+            "no server available within the server selection timeout"
+        );
     }
 
     #[test]
