@@ -306,7 +306,10 @@ async fn polling_server_stopped_makes_it_unready_until_it_is_back() {
 /// committed meanwhile are all found; nothing is applied twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn replication_slot_dropped_makes_it_unready_and_it_recreates_the_slot() {
-    let stage = Stage::new().await;
+    // A cluster of its own: creating a slot waits for every transaction
+    // running in the cluster, such as another test's stalled one.
+    let services = OwnServices::up(&["pg"]);
+    let stage = Stage::on_postgres(&services).await;
     let _slots = kafka::Slots(stage.pg.config.clone());
     let (history, a, b) = history(1405);
     stage.load(&history[..a]).await;
@@ -359,9 +362,11 @@ async fn replication_slot_dropped_makes_it_unready_and_it_recreates_the_slot() {
 /// test holds (as a long transaction's lock would): the outbox marks
 /// (replication) or claims (polling) wait, nothing is acknowledged, while
 /// events keep coming. PostgreSQL and MongoDB answer their pings all along:
-/// only `progress` can tell.
+/// only `progress` can tell. On a cluster of its own: the stalled
+/// transaction would hold up the creation of any other test's slot.
 async fn stalled(source: &str, seed: u64) {
-    let stage = Stage::new().await;
+    let services = OwnServices::up(&["pg"]);
+    let stage = Stage::on_postgres(&services).await;
     let _slots = kafka::Slots(stage.pg.config.clone());
     stage
         .pg

@@ -206,12 +206,8 @@ impl StallWatch {
             return None;
         }
         let still = now.saturating_duration_since(self.moving_at);
-        (still > self.threshold).then(|| {
-            format!(
-                "no progress for {} s: the durable position stays at {position} while work waits",
-                still.as_secs()
-            )
-        })
+        (still > self.threshold)
+            .then(|| format!("no progress for {} s while work waits", still.as_secs()))
     }
 }
 

@@ -250,7 +250,11 @@ impl SlotLagSampler {
         match stall.observe(lag, durable, Instant::now()) {
             Some(reason) => self.health.set_failing(
                 CHECK_PROGRESS,
-                format!("{reason}; {lag} bytes of WAL behind"),
+                format!(
+                    "{reason}: the checkpoint stays at {:X}/{:X}, {lag} bytes of WAL behind",
+                    durable >> 32,
+                    durable & 0xFFFF_FFFF
+                ),
             ),
             None => self.health.set_ok(CHECK_PROGRESS),
         }
@@ -329,7 +333,7 @@ impl BacklogSampler {
         match stall.observe(rows, position, Instant::now()) {
             Some(reason) => self.health.set_failing(
                 CHECK_PROGRESS,
-                format!("{reason}; {rows} outbox rows unfinished"),
+                format!("{reason}: no outbox row acknowledged, {rows} unfinished"),
             ),
             None => self.health.set_ok(CHECK_PROGRESS),
         }
