@@ -223,6 +223,42 @@ mod tests {
         );
     }
 
+    /// Real driver errors: I/O errors by kind, and a server selection that
+    /// times out on a dead port (`unavailable`, said in one line).
+    #[tokio::test]
+    async fn driver_errors_are_sorted_into_retry_classes() {
+        use crate::policy::Classify;
+        use std::io::{Error, ErrorKind};
+        let io = |kind| mongodb::error::Error::from(Error::from(kind));
+        assert_eq!(
+            io(ErrorKind::ConnectionRefused).retry_class(),
+            RetryClass::Connection
+        );
+        assert_eq!(io(ErrorKind::TimedOut).retry_class(), RetryClass::Timeout);
+        let store = StoreError::from(io(ErrorKind::ConnectionReset));
+        assert_eq!(store.retry_class(), RetryClass::Connection);
+        assert_eq!(retry_class(10107), RetryClass::Unavailable);
+        assert_eq!(retry_class(112), RetryClass::Conflict);
+        assert_eq!(retry_class(89), RetryClass::Timeout);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("its address").port();
+        drop(listener);
+        let uri = format!(
+            "mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=300"
+        );
+        let client = mongodb::Client::with_uri_str(&uri).await.expect("a client");
+        let err = client
+            .database("x")
+            .run_command(mongodb::bson::doc! { "ping": 1 })
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(err.retry_class(), RetryClass::Unavailable, "{err:?}");
+        let line = describe(&err);
+        assert!(line.starts_with("no server available"), "{line}");
+        assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+        assert!(!line.contains("Topology"), "{line}");
+    }
+
     #[test]
     fn shorten_cuts_at_a_character_boundary() {
         assert_eq!(shorten("abc", 3), "abc");
