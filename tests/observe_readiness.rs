@@ -7,7 +7,9 @@
 //! and after; `/readyz` turns 503 within 60 s naming the cause's check in its
 //! JSON, 200 again once the cause is gone, and nothing is lost (the read
 //! models equal the reference fold of the outbox, and every outbox row is
-//! finished). The MongoDB cause is `tests/observe_run.rs`'s.
+//! finished). The MongoDB cause is `tests/observe_run.rs`'s. A slot
+//! PostgreSQL invalidated is no outage the processor rides out: it stops
+//! with what to do, and the test does it as an operator would.
 
 mod common;
 
@@ -416,4 +418,97 @@ async fn replication_stalled_with_a_backlog_makes_it_unready_until_it_moves() {
 #[tokio::test(flavor = "multi_thread")]
 async fn polling_stalled_with_a_backlog_makes_it_unready_until_it_moves() {
     stalled("polling", 1407).await;
+}
+
+// --- the replication slot invalidated ---------------------------------------------------
+
+/// The slot invalidated by PostgreSQL (`max_slot_wal_keep_size` passed
+/// while the processor was stopped): `run` stops with exit status 1 and
+/// what to do; the operator drops the slot as told and starts it again,
+/// which creates a new slot and reads the whole outbox again: nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn replication_slot_invalidated_stops_it_until_an_operator_drops_the_slot() {
+    let services = OwnServices::up(&["pg"]);
+    let stage = Stage::on_postgres(&services).await;
+    let _slots = kafka::Slots(stage.pg.config.clone());
+    let (history, a, b) = history(1408);
+    stage.load(&history[..a]).await;
+    let mut running = start(&stage, "replication", "invalidated").await;
+    running.converged(&stage, &history[..a]).await;
+    kafka::terminate(&mut running.run, Duration::from_secs(30));
+
+    // Stopped: rows come, and more WAL than the slot may keep.
+    stage.load(&history[a..b]).await;
+    let admin = common::connect(&admin_of(&stage)).await;
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin
+            .batch_execute(sql)
+            .await
+            .expect("limit the WAL a slot keeps");
+    }
+    let client = stage.pg.client().await;
+    client
+        .batch_execute("CREATE TABLE aep_test_filler (x text)")
+        .await
+        .expect("a table to write WAL with");
+    let began = Instant::now();
+    loop {
+        client
+            .batch_execute(
+                "INSERT INTO aep_test_filler SELECT repeat(md5(g::text), 32) \
+                 FROM generate_series(1, 20000) g; SELECT pg_switch_wal(); CHECKPOINT",
+            )
+            .await
+            .expect("write WAL");
+        let lost: Option<String> = client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&stage.slot],
+            )
+            .await
+            .expect("the slot")
+            .get(0);
+        if lost.as_deref() == Some("lost") {
+            break;
+        }
+        assert!(
+            began.elapsed() < READINESS,
+            "the slot was not invalidated: {lost:?}"
+        );
+    }
+
+    // Started again: it stops at once, saying what to do.
+    let log = stage.log_path().with_extension("invalidated-again.log");
+    let mut refused = spawn_run(&stage, &["--source", "replication"], &[], &log);
+    let began = Instant::now();
+    let status = loop {
+        if let Some(status) = refused.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            began.elapsed() < READINESS,
+            "it did not stop:\n{}",
+            kafka::tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{text}");
+    let told = format!("SELECT pg_drop_replication_slot('{}')", stage.slot);
+    assert!(
+        text.contains("was invalidated by PostgreSQL") && text.contains(&told),
+        "{text}"
+    );
+
+    // The operator does as told; the next start loses nothing.
+    admin
+        .execute(told.as_str(), &[])
+        .await
+        .expect("drop the slot");
+    let running = start(&stage, "replication", "invalidated-dropped").await;
+    finish(&stage, running, &history, b).await;
+    let _ = std::fs::remove_file(log);
 }
