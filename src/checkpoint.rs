@@ -44,6 +44,13 @@ impl Classify for CheckpointError {
             CheckpointError::Store(err) => err.class(),
         }
     }
+
+    fn retry_class(&self) -> crate::policy::RetryClass {
+        match self {
+            CheckpointError::Store(err) => err.retry_class(),
+            _ => crate::policy::RetryClass::Other,
+        }
+    }
 }
 
 /// A named position (e.g. one replication slot) in MongoDB.

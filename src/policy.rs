@@ -25,6 +25,77 @@ pub enum ErrorClass {
 /// [`crate::runtime::Retry`] and the sinks).
 pub trait Classify {
     fn class(&self) -> ErrorClass;
+
+    /// For a transient error, what kind of outage it is (the `class` of
+    /// `event_processor_retries_total`); [`RetryClass::Other`] unless the
+    /// type can tell.
+    fn retry_class(&self) -> RetryClass {
+        RetryClass::Other
+    }
+}
+
+/// What kind of outage a retried error is, as an operator acts on it: a
+/// bounded set, the `class` label of `event_processor_retries_total`
+/// (docs/operating.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RetryClass {
+    /// The connection could not be made or was lost: refused, reset, closed
+    /// by the peer, a name that does not resolve (look at the network and
+    /// whether the server runs).
+    Connection,
+    /// No answer in time (a frozen or overloaded server, a partition).
+    Timeout,
+    /// The server answered that it cannot serve now: starting up, shutting
+    /// down, the connection ended by an administrator, too many
+    /// connections, not primary, no server fit to select.
+    Unavailable,
+    /// Another writer or process was in the way: a serialization failure, a
+    /// deadlock, a write conflict, the slot or its ownership held elsewhere.
+    Conflict,
+    /// Anything else retried.
+    Other,
+}
+
+impl RetryClass {
+    pub const ALL: [RetryClass; 5] = [
+        RetryClass::Connection,
+        RetryClass::Timeout,
+        RetryClass::Unavailable,
+        RetryClass::Conflict,
+        RetryClass::Other,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RetryClass::Connection => "connection",
+            RetryClass::Timeout => "timeout",
+            RetryClass::Unavailable => "unavailable",
+            RetryClass::Conflict => "conflict",
+            RetryClass::Other => "other",
+        }
+    }
+
+    /// An I/O error of a connection, by its kind: timed out, or else the
+    /// connection itself (refused, reset, aborted, a name not resolved...).
+    pub fn of_io(err: &std::io::Error) -> RetryClass {
+        match err.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => RetryClass::Timeout,
+            _ => RetryClass::Connection,
+        }
+    }
+
+    /// The first I/O error among `err` and its causes, by [`Self::of_io`].
+    pub fn of_io_cause(err: &(dyn std::error::Error + 'static)) -> Option<RetryClass> {
+        let mut cause = Some(err);
+        while let Some(next) = cause {
+            if let Some(io) = next.downcast_ref::<std::io::Error>() {
+                return Some(RetryClass::of_io(io));
+            }
+            cause = next.source();
+        }
+        None
+    }
 }
 
 impl Classify for std::convert::Infallible {
@@ -121,6 +192,44 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_errors_are_sorted_by_kind() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::ConnectionReset,
+            ErrorKind::ConnectionAborted,
+            ErrorKind::BrokenPipe,
+            ErrorKind::UnexpectedEof,
+            ErrorKind::Other,
+        ] {
+            assert_eq!(
+                RetryClass::of_io(&Error::from(kind)),
+                RetryClass::Connection
+            );
+        }
+        assert_eq!(
+            RetryClass::of_io(&Error::from(ErrorKind::TimedOut)),
+            RetryClass::Timeout
+        );
+        // Found below a wrapper.
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped")]
+        struct Wrapped(#[source] Error);
+        let wrapped = Wrapped(Error::from(ErrorKind::TimedOut));
+        assert_eq!(RetryClass::of_io_cause(&wrapped), Some(RetryClass::Timeout));
+        assert_eq!(
+            RetryClass::of_io_cause(&std::fmt::Error),
+            None,
+            "no I/O error at all"
+        );
+        let labels: Vec<_> = RetryClass::ALL.iter().map(|c| c.label()).collect();
+        assert_eq!(
+            labels,
+            ["connection", "timeout", "unavailable", "conflict", "other"]
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -194,4 +194,11 @@ impl crate::policy::Classify for crate::relay::RelayError {
             }
         }
     }
+
+    fn retry_class(&self) -> crate::policy::RetryClass {
+        match self {
+            crate::relay::RelayError::Capture(err) => err.retry_class(),
+            _ => crate::policy::RetryClass::Other,
+        }
+    }
 }

@@ -12,6 +12,7 @@ use activity_event_processor::observe::heartbeat::{
 use activity_event_processor::observe::{
     parse_metrics_addr, Component, Health, Outcome, DEFAULT_METRICS_ADDR,
 };
+use activity_event_processor::policy::RetryClass;
 use common::observe::*;
 use common::TestDb;
 use std::time::{Duration, Instant, SystemTime};
@@ -45,8 +46,8 @@ async fn a_scrape_parses_and_shows_what_was_recorded() {
     metrics.mongo(2, 9);
     metrics.kafka_produced(11);
     metrics.kafka_consumer_lag("activity.events", 3, 42);
-    metrics.retry(Component::Postgres, "connection");
-    metrics.retry(Component::Postgres, "connection");
+    metrics.retry(Component::Postgres, RetryClass::Connection);
+    metrics.retry(Component::Postgres, RetryClass::Connection);
     metrics.dead_letters(1, Some(Duration::from_secs(90)));
     metrics.last_progress();
     metrics.slot_lag(1234);

@@ -6,6 +6,7 @@ pub mod kafka;
 pub mod observing;
 pub mod run;
 pub mod show;
+pub mod status;
 
 use crate::config::{self, Config, ConfigError, EnvMap, Flag};
 use crate::counters::Stats;
@@ -51,7 +52,13 @@ pub enum Command {
     Migrate,
     /// Insert the four seed events (a user, a rename, an activity, a join) if missing.
     Seed,
-    /// Summarize the outbox: rows per status, oldest pending event, highest sequence_id.
+    /// Summarize the outbox (rows per status, oldest pending event, highest sequence_id),
+    /// the read models, and the readiness checks of the configured source, looked at
+    /// once (and a running process's /readyz on METRICS_ADDR, if one answers there).
+    ///
+    /// Exit status: 0 once PostgreSQL answered, whatever the checks say (a failing
+    /// check is shown, not an error); 1 when PostgreSQL cannot be read; 2 for a
+    /// configuration error.
     Status {
         /// Print one JSON object instead of the table.
         #[arg(long)]
@@ -194,17 +201,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             );
         }
         Command::Status { json } => {
-            let client = outbox::connect(&config.postgres).await?;
-            let mut status = outbox::status::read(
-                &client,
-                &config.postgres.display_target(),
-                &config.replication.slot,
-            )
-            .await?;
-            match read_model_status(&config).await {
-                Ok(models) => status.read_models = Some(models),
-                Err(err) => status.read_models_error = Some(config.scrub(&Chain(&err).to_string())),
-            }
+            let status = status::read(&config).await?;
             if json {
                 println!("{}", serde_json::to_string(&status)?);
             } else {

@@ -97,6 +97,12 @@ impl Classify for Failed {
             Failed::Connect(e) | Failed::Indexes(e) => e.class(),
         }
     }
+
+    fn retry_class(&self) -> crate::policy::RetryClass {
+        match self {
+            Failed::Connect(e) | Failed::Indexes(e) => e.source.retry_class(),
+        }
+    }
 }
 
 /// A MongoDB error with the (redacted) URI it concerns, for the retry log.
@@ -111,6 +117,10 @@ struct MongoAt {
 impl Classify for MongoAt {
     fn class(&self) -> ErrorClass {
         self.source.class()
+    }
+
+    fn retry_class(&self) -> crate::policy::RetryClass {
+        self.source.retry_class()
     }
 }
 

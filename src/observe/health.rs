@@ -42,6 +42,8 @@ pub struct Health {
     started: Instant,
     /// Milliseconds after `started` of the runtime loop's last turn.
     last_tick: Arc<AtomicU64>,
+    /// Changes of state are logged (not for a one-shot look).
+    logged: bool,
 }
 
 impl Default for Health {
@@ -57,6 +59,16 @@ impl Health {
             checks: Arc::default(),
             started: Instant::now(),
             last_tick: Arc::new(AtomicU64::new(0)),
+            logged: true,
+        }
+    }
+
+    /// As [`Health::new`], but nothing is logged: for a one-shot look
+    /// (`status`), which prints the checks itself.
+    pub fn unlogged() -> Health {
+        Health {
+            logged: false,
+            ..Health::new()
         }
     }
 
@@ -80,6 +92,7 @@ impl Health {
     }
 
     fn set(&self, name: &str, failing: Option<String>) {
+        let logged = self.logged;
         let mut checks = self.lock();
         let now = (SystemTime::now(), Instant::now());
         match checks.get_mut(name) {
@@ -91,22 +104,23 @@ impl Health {
                         check.failing = failing;
                         return;
                     }
-                    (Some(reason), None) => tracing::info!(
+                    (Some(reason), None) if logged => tracing::info!(
                         check = name,
                         after_seconds = check.since_instant.elapsed().as_secs(),
                         was = %reason,
                         "health check recovered"
                     ),
-                    (None, Some(reason)) => {
+                    (None, Some(reason)) if logged => {
                         tracing::warn!(check = name, reason = %reason, "health check failing")
                     }
+                    _ => {}
                 }
                 check.failing = failing;
                 check.since = now.0;
                 check.since_instant = now.1;
             }
             None => {
-                if let Some(reason) = &failing {
+                if let Some(reason) = failing.as_ref().filter(|_| logged) {
                     tracing::warn!(check = name, reason = %reason, "health check failing");
                 }
                 checks.insert(
@@ -192,12 +206,8 @@ impl StallWatch {
             return None;
         }
         let still = now.saturating_duration_since(self.moving_at);
-        (still > self.threshold).then(|| {
-            format!(
-                "no progress for {} s: the durable position stays at {position} while work waits",
-                still.as_secs()
-            )
-        })
+        (still > self.threshold)
+            .then(|| format!("no progress for {} s while work waits", still.as_secs()))
     }
 }
 

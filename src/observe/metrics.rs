@@ -4,6 +4,7 @@
 //! bounded (an event type the handler registry does not know is `other`).
 
 use crate::config::SourceKind;
+use crate::policy::RetryClass;
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -327,11 +328,11 @@ impl Metrics {
             .remove(&lag_labels(topic, partition));
     }
 
-    /// A transient error of `component`, of class `class` (a short fixed
-    /// word such as `connection`, `timeout`, `not_primary`), is retried.
-    pub fn retry(&self, component: Component, class: &'static str) {
+    /// A transient error of `component`, of the kind `class` (a bounded
+    /// set: [`RetryClass`]), is retried.
+    pub fn retry(&self, component: Component, class: RetryClass) {
         self.retries
-            .get_or_create(&[("component", component.as_str()), ("class", class)])
+            .get_or_create(&[("component", component.as_str()), ("class", class.label())])
             .inc();
     }
 
@@ -410,7 +411,7 @@ mod tests {
         metrics.events(SourceKind::Polling, "NoSuchType", Outcome::UnknownType, 1);
         metrics.batch(3);
         metrics.commit_to_durable(Duration::from_millis(30));
-        metrics.retry(Component::Mongodb, "timeout");
+        metrics.retry(Component::Mongodb, RetryClass::Timeout);
         metrics.slot_lag(4096);
         let text = metrics.render();
         assert!(

@@ -94,9 +94,8 @@ pub fn pg_timestamp(micros: i64) -> SystemTime {
     }
 }
 
-/// A transient error of `component` (class: a short fixed word such as
-/// `connection`, `timeout`, `not_primary`) is retried.
-pub fn retry(component: Component, class: &'static str) {
+/// A transient error of `component`, of the kind `class`, is retried.
+pub fn retry(component: Component, class: crate::policy::RetryClass) {
     if let Some(metrics) = recorder() {
         metrics.retry(component, class);
     }

@@ -7,6 +7,7 @@
 use super::health::{Health, StallWatch};
 use super::metrics::Metrics;
 use crate::config::PostgresConfig;
+use crate::store::codes::describe;
 use rdkafka::producer::Producer;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -252,7 +253,11 @@ impl SlotLagSampler {
         match stall.observe(lag, durable, Instant::now()) {
             Some(reason) => self.health.set_failing(
                 CHECK_PROGRESS,
-                format!("{reason}; {lag} bytes of WAL behind"),
+                format!(
+                    "{reason}: the checkpoint stays at {:X}/{:X}, {lag} bytes of WAL behind",
+                    durable >> 32,
+                    durable & 0xFFFF_FFFF
+                ),
             ),
             None => self.health.set_ok(CHECK_PROGRESS),
         }
@@ -331,7 +336,7 @@ impl BacklogSampler {
         match stall.observe(rows, position, Instant::now()) {
             Some(reason) => self.health.set_failing(
                 CHECK_PROGRESS,
-                format!("{reason}; {rows} outbox rows unfinished"),
+                format!("{reason}: no outbox row acknowledged, {rows} unfinished"),
             ),
             None => self.health.set_ok(CHECK_PROGRESS),
         }
@@ -376,7 +381,7 @@ impl MongoSampler {
         if client.is_none() {
             let mut options = mongodb::options::ClientOptions::parse(&self.uri)
                 .await
-                .map_err(|err| self.scrub(&format!("invalid MONGODB_URI: {}", err.kind)))?;
+                .map_err(|err| self.scrub(&format!("invalid MONGODB_URI: {}", describe(&err))))?;
             options.app_name = Some("activity-event-processor-sampler".into());
             options.server_selection_timeout = Some(self.sampling.timeout);
             options.connect_timeout = Some(self.sampling.timeout);
@@ -384,7 +389,7 @@ impl MongoSampler {
             // is not answered within the timeout is given up.
             *client = Some(
                 mongodb::Client::with_options(options)
-                    .map_err(|err| self.scrub(&err.kind.to_string()))?,
+                    .map_err(|err| self.scrub(&describe(&err)))?,
             );
         }
         let Some(db) = client.as_ref().map(|c| c.database(&self.database)) else {
@@ -394,7 +399,7 @@ impl MongoSampler {
         let pinged = tokio::time::timeout(timeout, db.run_command(doc! { "ping": 1 })).await;
         match pinged {
             Ok(Ok(_)) => {}
-            Ok(Err(err)) => return Err(self.scrub(&format!("ping failed: {}", err.kind))),
+            Ok(Err(err)) => return Err(self.scrub(&format!("ping failed: {}", describe(&err)))),
             Err(_) => {
                 // The driver's pool may hold the connection to a frozen
                 // server: start over with a fresh client next time.

@@ -220,7 +220,10 @@ mod tests {
             let seqs: Vec<i64> = events.iter().map(seq).collect();
             self.attempts.borrow_mut().push(seqs.clone());
             if self.transient_at == Some(self.attempts.borrow().len()) {
-                return Err(StoreError::transient("down"));
+                return Err(StoreError::transient(
+                    crate::policy::RetryClass::Connection,
+                    "down",
+                ));
             }
             let mut left = self.refuse_next.borrow_mut();
             if *left > 0 {

@@ -148,6 +148,7 @@ impl Projector {
             }
         }
         Err(StoreError::transient(
+            crate::policy::RetryClass::Conflict,
             "another writer keeps changing the same documents; will retry",
         ))
     }

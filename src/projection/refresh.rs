@@ -48,6 +48,7 @@ pub(super) async fn run(
         tracing::debug!("copy refresh lost a race; redoing it from fresh reads");
     }
     Err(StoreError::transient(
+        crate::policy::RetryClass::Conflict,
         "copies keep changing under the refresh; will retry",
     ))
 }

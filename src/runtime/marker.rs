@@ -37,6 +37,13 @@ impl Classify for MarkError {
             MarkError::Statement(err) => err.class(),
         }
     }
+
+    fn retry_class(&self) -> crate::policy::RetryClass {
+        match self {
+            MarkError::Connect(err) => err.retry_class(),
+            MarkError::Statement(err) => err.retry_class(),
+        }
+    }
 }
 
 impl MarkError {

@@ -223,7 +223,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                 }
                 Err(err) if err.class() == ErrorClass::Transient => {
                     let error = describe(&err);
-                    if !outage.failed(&self.retry, &error, &mut backoff).await {
+                    let class = err.retry_class();
+                    if !outage
+                        .failed(&self.retry, &error, class, &mut backoff)
+                        .await
+                    {
                         return Ok(());
                     }
                 }

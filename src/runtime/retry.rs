@@ -7,11 +7,11 @@
 //! many attempts); the attempts between are at debug, unless their error
 //! differs from the last one logged (a new cause is logged at warn). While it lasts the
 //! component's health check fails (`/readyz`) and each attempt counts in
-//! `event_processor_retries_total`.
+//! `event_processor_retries_total`, by its error's [`RetryClass`].
 
 use crate::config::PipelineConfig;
 use crate::observe::{self, Component, Health};
-use crate::policy::{describe, Backoff, Classify, ErrorClass};
+use crate::policy::{describe, Backoff, Classify, ErrorClass, RetryClass};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -133,19 +133,33 @@ impl<'a> Outage<'a> {
         }
     }
 
-    /// A transient failure: logged (warn the first time, debug after),
-    /// counted, the check failing; then the pause. `false` when shutdown
-    /// came first.
-    pub async fn failed(&mut self, retry: &Retry, error: &str, backoff: &mut Backoff) -> bool {
+    /// A transient failure of the kind `class`: logged (warn the first
+    /// time, debug after), counted, the check failing; then the pause.
+    /// `false` when shutdown came first.
+    pub async fn failed(
+        &mut self,
+        retry: &Retry,
+        error: &str,
+        class: RetryClass,
+        backoff: &mut Backoff,
+    ) -> bool {
         let delay = backoff.next_delay();
         let attempt = backoff.attempts();
-        observe::retry(self.component, "transient");
+        observe::retry(self.component, class);
         let retry_in_ms = delay.as_millis() as u64;
         match &mut self.began {
             None => {
                 self.began = Some((Instant::now(), 1));
                 self.last_error = error.to_string();
-                tracing::warn!(error, attempt, retry_in_ms, "{}; retrying", self.what);
+                let class = class.label();
+                tracing::warn!(
+                    error,
+                    class,
+                    attempt,
+                    retry_in_ms,
+                    "{}; retrying",
+                    self.what
+                );
                 if let Some(health) = &retry.health {
                     health.set_failing(check_of(self.component), format!("{}: {error}", self.what));
                 }
@@ -221,7 +235,12 @@ impl Attempts<'_> {
         }
         Ok(self
             .outage
-            .failed(self.retry, &describe(&err), &mut self.backoff)
+            .failed(
+                self.retry,
+                &describe(&err),
+                err.retry_class(),
+                &mut self.backoff,
+            )
             .await)
     }
 }

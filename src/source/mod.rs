@@ -21,7 +21,7 @@ pub mod replication;
 
 use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
-use crate::policy::{Classify, ErrorClass};
+use crate::policy::{Classify, ErrorClass, RetryClass};
 
 /// A batch of events from a source, with the acknowledgement (`A`, the
 /// source's own [`Source::Ack`]) that moves the source past it.
@@ -114,20 +114,23 @@ pub struct BatchOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// Connection lost, server restarting...: reconnect with backoff.
+    /// Connection lost, server restarting...: reconnect with backoff. Its
+    /// retry class is `other`: [`SourceError::transient`] says the kind.
     #[error("{0}")]
     Transient(String),
     /// Misconfiguration or a state that retrying cannot fix: stop with this message.
     #[error("{0}")]
     Fatal(String),
-    /// A call the source made failed: `what` it was doing, the cause's class,
-    /// and the cause (its text is not repeated in `what`).
+    /// A call the source made failed: `what` it was doing, the cause's class
+    /// and kind of outage, and the cause when there is one (its text is not
+    /// repeated in `what`).
     #[error("{what}")]
     Failed {
         what: String,
         class: ErrorClass,
+        retry: RetryClass,
         #[source]
-        cause: Box<dyn std::error::Error + Send + Sync>,
+        cause: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 }
 
@@ -145,7 +148,18 @@ impl SourceError {
         SourceError::Failed {
             what: what.into(),
             class,
-            cause: Box::new(cause),
+            retry: cause.retry_class(),
+            cause: Some(Box::new(cause)),
+        }
+    }
+
+    /// A transient failure of the kind `retry`, said in `text`.
+    pub fn transient(retry: RetryClass, text: impl Into<String>) -> SourceError {
+        SourceError::Failed {
+            what: text.into(),
+            class: ErrorClass::Transient,
+            retry,
+            cause: None,
         }
     }
 }
@@ -213,6 +227,13 @@ impl Classify for SourceError {
             SourceError::Transient(_) => ErrorClass::Transient,
             SourceError::Fatal(_) => ErrorClass::Fatal,
             SourceError::Failed { class, .. } => *class,
+        }
+    }
+
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            SourceError::Failed { retry, .. } => *retry,
+            SourceError::Transient(_) | SourceError::Fatal(_) => RetryClass::Other,
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::config::{PollingConfig, PostgresConfig};
 use crate::dead_letter::DeadLetter;
 use crate::decode::{decode_text_row, OutboxEvent};
 use crate::outbox::{self, describe};
+use crate::policy::{Classify, RetryClass};
 use crate::telemetry::Chain;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -66,7 +67,7 @@ const COLUMNS: [&str; 7] = [
 pub async fn release_claims(pg: &PostgresConfig, prefix: &str) -> Result<u64, SourceError> {
     let client = outbox::connect(pg)
         .await
-        .map_err(|e| SourceError::Transient(Chain(&e).to_string()))?;
+        .map_err(|e| SourceError::transient(e.retry_class(), Chain(&e).to_string()))?;
     client
         .execute(
             "UPDATE event_outbox SET status = 'pending', lock_id = NULL
@@ -88,7 +89,7 @@ pub struct PollingSource {
 }
 
 fn transient(context: &str, err: &tokio_postgres::Error) -> SourceError {
-    SourceError::Transient(format!("{context}: {}", describe(err)))
+    SourceError::transient(err.retry_class(), format!("{context}: {}", describe(err)))
 }
 
 fn now_ms() -> i64 {
@@ -130,12 +131,12 @@ impl PollingSource {
         if self.client.is_none() {
             let client = outbox::connect(&self.pg)
                 .await
-                .map_err(|e| SourceError::Transient(Chain(&e).to_string()))?;
+                .map_err(|e| SourceError::transient(e.retry_class(), Chain(&e).to_string()))?;
             self.client = Some(client);
         }
         self.client
             .as_ref()
-            .ok_or_else(|| SourceError::Transient("no connection".into()))
+            .ok_or_else(|| SourceError::transient(RetryClass::Connection, "no connection"))
     }
 
     fn lock_id(&self) -> String {

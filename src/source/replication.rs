@@ -461,10 +461,13 @@ impl Source for ReplicationSource {
             // The session holding the ownership ended: another process may
             // own the slot by now. Stop, and own it again before going on.
             self.disconnect();
-            return Err(SourceError::Transient(format!(
-                "lost the ownership of replication slot `{}` (its session ended)",
-                self.options.slot
-            )));
+            return Err(SourceError::transient(
+                crate::policy::RetryClass::Connection,
+                format!(
+                    "lost the ownership of replication slot `{}` (its session ended)",
+                    self.options.slot
+                ),
+            ));
         }
         if matches!(self.phase, Phase::Down) {
             self.connect().await?;

@@ -13,7 +13,7 @@
 //!   isolated and dead-lettered, the rest of their batch applies.
 
 use super::mongo::StoreError;
-use crate::policy::{Summarise, Summarised};
+use crate::policy::{RetryClass, Summarise, Summarised};
 
 /// Server codes that mean "try again" (not primary, shutting down, network).
 pub const RETRYABLE_CODES: &[i32] = &[
@@ -63,6 +63,19 @@ pub fn classify(code: i32) -> CodeClass {
     }
 }
 
+/// What kind of outage a transient server code is: network codes
+/// `connection`, time limits `timeout`, shutting down and not primary
+/// `unavailable`, a write conflict `conflict`.
+pub fn retry_class(code: i32) -> RetryClass {
+    match code {
+        6 | 7 | 9001 => RetryClass::Connection, // HostUnreachable, HostNotFound, SocketException
+        50 | 64 | 89 | 202 | 262 => RetryClass::Timeout, // MaxTimeMSExpired, WriteConcernFailed, NetworkTimeout, ..., ExceededTimeLimit
+        91 | 189 | 10107 | 11600 | 11602 | 13435 | 13436 => RetryClass::Unavailable, // shutdown, stepped down, not primary
+        112 => RetryClass::Conflict, // WriteConflict
+        _ => RetryClass::Other,
+    }
+}
+
 /// Longest server message kept in an error (messages can quote documents).
 const MESSAGE_MAX: usize = 160;
 
@@ -82,9 +95,10 @@ pub fn shorten(text: &str, max: usize) -> String {
 pub fn write_error(collection: &str, code: i32, message: &str) -> StoreError {
     let message = shorten(message, MESSAGE_MAX);
     match classify(code) {
-        CodeClass::Transient => {
-            StoreError::transient(format!("writing {collection}: {message} (code {code})"))
-        }
+        CodeClass::Transient => StoreError::transient(
+            retry_class(code),
+            format!("writing {collection}: {message} (code {code})"),
+        ),
         CodeClass::Fatal(advice) => StoreError::fatal(format!(
             "writing {collection}: {message} (code {code}): {advice}"
         )),
@@ -137,9 +151,38 @@ pub fn describe(err: &mongodb::error::Error) -> String {
         ),
         ErrorKind::Authentication { message, .. } => format!("authentication failed: {message}"),
         ErrorKind::Io(io) => io.to_string(),
+        ErrorKind::ServerSelection { message, .. } => server_selection(message),
         other => other.to_string(),
     };
     shorten(&text, 2 * MESSAGE_MAX)
+}
+
+/// A server selection that timed out, in one line: the driver's message
+/// describes the whole topology (debug output); only each server's address
+/// and error are kept.
+fn server_selection(message: &str) -> String {
+    let servers: Vec<String> = message
+        .split("Address: ")
+        .skip(1)
+        .filter_map(|server| {
+            let (address, rest) = server.split_once(',')?;
+            let error = rest.split_once("Error: ")?.1;
+            let error = error.strip_prefix("Kind: ").unwrap_or(error);
+            let error = error.split(", labels:").next().unwrap_or(error);
+            Some(format!(
+                "{address}: {}",
+                error.trim_end_matches([' ', '}', ']'])
+            ))
+        })
+        .collect();
+    if servers.is_empty() {
+        "no server available within the server selection timeout".to_string()
+    } else {
+        format!(
+            "no server available within the server selection timeout ({})",
+            servers.join("; ")
+        )
+    }
 }
 
 #[cfg(test)]
@@ -159,6 +202,61 @@ mod tests {
         let fatal = write_error("users", 13, &"not authorized ".repeat(100)).to_string();
         assert!(fatal.len() < 250, "{fatal}");
         assert!(fatal.ends_with(GRANT), "{fatal}");
+    }
+
+    /// The driver's own words for a dead port (2.x), and a topology without
+    /// a server error.
+    #[test]
+    fn a_server_selection_timeout_is_one_line() {
+        let message = "Server selection timeout: No available servers. Topology: { Type: Single, \
+            Servers: [ { Address: 127.0.0.1:1, Type: Unknown, Error: Kind: I/O error: Connection \
+            refused (os error 111), labels: {\"RetryableError\", \"SystemOverloadedError\"}, \
+            source: None, server response: None } ] }";
+        assert_eq!(
+            server_selection(message),
+            "no server available within the server selection timeout \
+             (127.0.0.1:1: I/O error: Connection refused (os error 111))"
+        );
+        assert_eq!(
+            server_selection("Server selection timeout: None of the available servers suitable"),
+            "no server available within the server selection timeout"
+        );
+    }
+
+    /// Real driver errors: I/O errors by kind, and a server selection that
+    /// times out on a dead port (`unavailable`, said in one line).
+    #[tokio::test]
+    async fn driver_errors_are_sorted_into_retry_classes() {
+        use crate::policy::Classify;
+        use std::io::{Error, ErrorKind};
+        let io = |kind| mongodb::error::Error::from(Error::from(kind));
+        assert_eq!(
+            io(ErrorKind::ConnectionRefused).retry_class(),
+            RetryClass::Connection
+        );
+        assert_eq!(io(ErrorKind::TimedOut).retry_class(), RetryClass::Timeout);
+        let store = StoreError::from(io(ErrorKind::ConnectionReset));
+        assert_eq!(store.retry_class(), RetryClass::Connection);
+        assert_eq!(retry_class(10107), RetryClass::Unavailable);
+        assert_eq!(retry_class(112), RetryClass::Conflict);
+        assert_eq!(retry_class(89), RetryClass::Timeout);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("its address").port();
+        drop(listener);
+        let uri = format!(
+            "mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=300"
+        );
+        let client = mongodb::Client::with_uri_str(&uri).await.expect("a client");
+        let err = client
+            .database("x")
+            .run_command(mongodb::bson::doc! { "ping": 1 })
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(err.retry_class(), RetryClass::Unavailable, "{err:?}");
+        let line = describe(&err);
+        assert!(line.starts_with("no server available"), "{line}");
+        assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+        assert!(!line.contains("Topology"), "{line}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use super::codes::{self, RETRYABLE_CODES};
 pub use super::codes::{DriverError, Refusal};
+use crate::policy::RetryClass;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
@@ -38,6 +39,8 @@ pub enum StoreError {
     #[error("mongodb unavailable{}", colon(what))]
     Transient {
         what: String,
+        /// What kind of outage (the driver's error says it when there is one).
+        retry: RetryClass,
         #[source]
         source: Option<DriverError>,
     },
@@ -64,10 +67,12 @@ fn colon(what: &str) -> String {
 }
 
 impl StoreError {
-    /// A transient failure the server reported without a driver error.
-    pub fn transient(what: impl Into<String>) -> Self {
+    /// A transient failure of the kind `retry` the server reported (or the
+    /// processor found) without a driver error.
+    pub fn transient(retry: RetryClass, what: impl Into<String>) -> Self {
         StoreError::Transient {
             what: what.into(),
+            retry,
             source: None,
         }
     }
@@ -83,11 +88,14 @@ impl StoreError {
 
 impl From<mongodb::error::Error> for StoreError {
     fn from(err: mongodb::error::Error) -> Self {
+        use crate::policy::Classify;
         let transient = retryable(&err);
+        let retry = err.retry_class();
         let source = Some(crate::policy::Summarised(err));
         if transient {
             StoreError::Transient {
                 what: String::new(),
+                retry,
                 source,
             }
         } else {
@@ -409,7 +417,10 @@ fn read_reply(reply: &Document, offset: usize, report: &mut WriteReport) -> Resu
         let code = wce.get_i32("code").unwrap_or(0);
         let message = codes::shorten(wce.get_str("errmsg").unwrap_or("write concern error"), 160);
         return Err(if RETRYABLE_CODES.contains(&code) || code == 64 {
-            StoreError::transient(format!("write concern not satisfied ({code}): {message}"))
+            StoreError::transient(
+                codes::retry_class(code),
+                format!("write concern not satisfied ({code}): {message}"),
+            )
         } else {
             StoreError::fatal(format!("write concern error ({code}): {message}"))
         });
@@ -431,9 +442,10 @@ fn read_reply(reply: &Document, offset: usize, report: &mut WriteReport) -> Resu
             };
             let message = error.get_str("errmsg").unwrap_or("").to_string();
             if RETRYABLE_CODES.contains(&code) {
-                return Err(StoreError::transient(format!(
-                    "write failed ({code}): {message}"
-                )));
+                return Err(StoreError::transient(
+                    codes::retry_class(code),
+                    format!("write failed ({code}): {message}"),
+                ));
             }
             report.errors.push(WriteError {
                 index: offset + index,
@@ -456,6 +468,13 @@ impl crate::policy::Classify for crate::store::mongo::StoreError {
             StoreError::Fatal { .. } => crate::policy::ErrorClass::Fatal,
         }
     }
+
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            StoreError::Transient { retry, .. } => *retry,
+            StoreError::Refused(_) | StoreError::Fatal { .. } => RetryClass::Other,
+        }
+    }
 }
 
 /// A MongoDB driver error: labels, kinds, then codes (never message text).
@@ -465,6 +484,22 @@ impl crate::policy::Classify for mongodb::error::Error {
             crate::policy::ErrorClass::Transient
         } else {
             crate::policy::ErrorClass::Fatal
+        }
+    }
+
+    /// By kind, then by the server's code ([`codes::retry_class`]): an I/O
+    /// error is `connection` (`timeout` when it timed out), a cleared pool
+    /// `connection`, no server to select `unavailable`.
+    fn retry_class(&self) -> RetryClass {
+        use mongodb::error::WriteFailure;
+        match self.kind.as_ref() {
+            ErrorKind::Io(io) => RetryClass::of_io(io),
+            ErrorKind::ConnectionPoolCleared { .. } => RetryClass::Connection,
+            ErrorKind::ServerSelection { .. } => RetryClass::Unavailable,
+            ErrorKind::Command(command) => codes::retry_class(command.code),
+            ErrorKind::Write(WriteFailure::WriteConcernError(wc)) => codes::retry_class(wc.code),
+            ErrorKind::Write(WriteFailure::WriteError(we)) => codes::retry_class(we.code),
+            _ => RetryClass::Other,
         }
     }
 }

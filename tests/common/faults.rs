@@ -45,7 +45,8 @@ pub async fn write_slowly(stage: &Stage, history: &[OutboxEvent], chunk: usize, 
 }
 
 /// `write_slowly` for a database that restarts meanwhile: a chunk whose
-/// write fails is written again, all but the rows that did commit.
+/// write fails is written again, all but the rows that did commit. Its
+/// connections are named `aep-test-writer`.
 pub async fn write_through_restarts(
     stage: &Stage,
     history: &[OutboxEvent],
@@ -57,6 +58,11 @@ pub async fn write_through_restarts(
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(client) = outbox::connect(&stage.pg.config).await {
+                // Told apart from the processor's connections (a test may
+                // terminate those).
+                let _ = client
+                    .batch_execute("SET application_name = 'aep-test-writer'")
+                    .await;
                 let ids: Vec<uuid::Uuid> = part.iter().map(|e| e.event_id).collect();
                 let written = client
                     .query(

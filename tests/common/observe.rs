@@ -272,7 +272,87 @@ pub async fn served_at(
     }
 }
 
-/// `/metrics` of the process at `addr`, parsed.
+/// `/readyz` of a process: its status and its JSON body.
+pub async fn readyz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let (status, _, body) = request(addr, "/readyz").await;
+    let json = serde_json::from_str(&body)
+        .unwrap_or_else(|err| panic!("/readyz is not JSON ({err}): {body}"));
+    (status, json)
+}
+
+/// The checks of a `/readyz` body that fail, with their reasons.
+pub fn failing(ready: &serde_json::Value) -> Vec<(String, String)> {
+    ready["checks"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|check| check["state"] == "failing")
+        .map(|check| {
+            (
+                check["name"].as_str().unwrap_or_default().to_string(),
+                check["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `/readyz` answers 503 with one of `names` failing in its
+/// JSON, within `limit`; how long it took, and that check's reason.
+pub async fn wait_unready(
+    addr: std::net::SocketAddr,
+    names: &[&str],
+    limit: Duration,
+) -> (Duration, String, String) {
+    let start = Instant::now();
+    loop {
+        let (status, ready) = readyz(addr).await;
+        let found = failing(&ready)
+            .into_iter()
+            .find(|(name, _)| names.contains(&name.as_str()));
+        match found {
+            Some((name, reason)) if status == 503 => return (start.elapsed(), name, reason),
+            _ => {}
+        }
+        assert!(
+            start.elapsed() < limit,
+            "/readyz not 503 naming one of {names:?} within {limit:?}: {status} {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until `/readyz` answers 200 (every check ok), within `limit`; how
+/// long it took.
+pub async fn wait_ready(addr: std::net::SocketAddr, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (status, ready) = readyz(addr).await;
+        if status == 200 {
+            assert_eq!(ready["ready"], true, "{ready}");
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "/readyz not 200 within {limit:?}: {status} {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The sum of the samples of `name` whose labels satisfy `labels`.
+pub fn sum_of(samples: &BTreeMap<String, f64>, name: &str, labels: impl Fn(&str) -> bool) -> f64 {
+    samples
+        .iter()
+        .filter_map(|(series, value)| {
+            let rest = series.strip_prefix(name)?;
+            let inner = rest.strip_prefix('{')?.strip_suffix('}')?;
+            labels(inner).then_some(*value)
+        })
+        .sum()
+}
+
+/// One scrape of `/metrics`, parsed.
 pub async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
     let (status, _, body) = request(addr, "/metrics").await;
     assert_eq!(status, 200, "{body}");

@@ -32,6 +32,18 @@ impl Stage {
         Self::assemble(pg, mongo)
     }
 
+    /// A stage whose PostgreSQL is a private one (for tests that stop it)
+    /// and whose MongoDB is the shared one.
+    pub async fn on_postgres(services: &super::services::OwnServices) -> Stage {
+        let admin = super::postgres_config_at(
+            &services.get("POSTGRES_HOST"),
+            &services.get("POSTGRES_PORT"),
+            "postgres",
+        );
+        let pg = TestDb::migrate(TestDb::create_on(admin).await).await;
+        Self::assemble(pg, TestMongo::create().await)
+    }
+
     fn assemble(pg: TestDb, mongo: TestMongo) -> Stage {
         let slot = format!("aep_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         Stage { pg, mongo, slot }

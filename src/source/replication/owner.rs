@@ -24,6 +24,7 @@
 
 use super::setup::{connect, query_error};
 use crate::config::PostgresConfig;
+use crate::policy::RetryClass;
 use crate::source::SourceError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -176,10 +177,13 @@ impl SlotOwner {
     pub async fn ensure_held(&self) -> Result<(), SourceError> {
         match self.try_acquire().await? {
             None => Ok(()),
-            Some(holder) => Err(SourceError::Transient(format!(
-                "replication slot `{}` is owned by another process ({holder}): waiting",
-                self.name()
-            ))),
+            Some(holder) => Err(SourceError::transient(
+                RetryClass::Conflict,
+                format!(
+                    "replication slot `{}` is owned by another process ({holder}): waiting",
+                    self.name()
+                ),
+            )),
         }
     }
 
@@ -220,11 +224,14 @@ impl SlotOwner {
     }
 
     fn lost(&self) -> SourceError {
-        SourceError::Transient(format!(
-            "lost the ownership of replication slot `{}` (its session ended): \
-             stopping capture until it is owned again",
-            self.name()
-        ))
+        SourceError::transient(
+            RetryClass::Connection,
+            format!(
+                "lost the ownership of replication slot `{}` (its session ended): \
+                 stopping capture until it is owned again",
+                self.name()
+            ),
+        )
     }
 
     /// Lets the lock go (on a clean stop; a crash lets it go by itself).

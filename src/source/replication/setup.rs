@@ -5,6 +5,7 @@
 
 use crate::config::PostgresConfig;
 use crate::outbox::describe;
+use crate::policy::Classify;
 use crate::source::SourceError;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::PgLsn;
@@ -52,7 +53,7 @@ pub(super) async fn connect(pg: &PostgresConfig) -> Result<Client, SourceError> 
         if is_fatal(&err) {
             SourceError::Fatal(text)
         } else {
-            SourceError::Transient(text)
+            SourceError::transient(err.retry_class(), text)
         }
     })?;
     tokio::spawn(async move {
@@ -89,7 +90,7 @@ pub(super) fn query_error(context: &str, err: &tokio_postgres::Error) -> SourceE
     if is_fatal(err) {
         SourceError::Fatal(text)
     } else {
-        SourceError::Transient(text)
+        SourceError::transient(err.retry_class(), text)
     }
 }
 

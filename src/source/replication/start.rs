@@ -7,6 +7,7 @@ use super::setup;
 use super::snapshot::Snapshot;
 use super::wal::Wal;
 use super::{lsn_text, Phase, ReplicationSource};
+use crate::policy::RetryClass;
 use crate::source::SourceError;
 use tokio_postgres::Client;
 
@@ -29,17 +30,29 @@ impl ReplicationSource {
         self.in_txn = false;
         self.carry = None;
         let Some(info) = info else {
+            if let Some(from) = self.resume {
+                tracing::warn!(
+                    slot,
+                    position = %lsn_text(from),
+                    "replication slot disappeared (dropped, or a failover to a server \
+                     without it): creating it again and reading the whole outbox again \
+                     (what was applied already is fenced)"
+                );
+            }
             return self.create_slot(admin).await;
         };
         if info.lost {
             return Err(SourceError::Fatal(setup::lost_slot_message(slot)));
         }
         if let Some(pid) = info.active_pid {
-            return Err(SourceError::Transient(format!(
-                "replication slot `{slot}` is in use by server process {pid}: \
-                 a connection the server has not yet noticed is gone, or a process \
-                 that does not take the ownership lock"
-            )));
+            return Err(SourceError::transient(
+                RetryClass::Conflict,
+                format!(
+                    "replication slot `{slot}` is in use by server process {pid}: \
+                     a connection the server has not yet noticed is gone, or a process \
+                     that does not take the ownership lock"
+                ),
+            ));
         }
         let confirmed = info.confirmed_flush.unwrap_or(0);
         match self.resume {

@@ -12,6 +12,7 @@ use super::setup::{
     conninfo, no_replication_privilege_message, slots_exhausted_message, wal_level_message,
 };
 use crate::config::PostgresConfig;
+use crate::policy::RetryClass;
 use crate::source::SourceError;
 use pg_walstream::{
     CancellationToken, LogicalReplicationStream, ReplicationError, ReplicationSlotOptions,
@@ -87,11 +88,11 @@ impl Wal {
             .map(str::to_owned)
             .ok_or_else(|| {
                 // `ensure_replication_slot` treats "already exists" as success.
-                SourceError::Transient(
+                SourceError::transient(
+                    RetryClass::Conflict,
                     "the replication slot appeared while it was being created \
                      (another processor?): \
-                     no snapshot was exported"
-                        .to_string(),
+                     no snapshot was exported",
                 )
             })
     }
@@ -187,7 +188,28 @@ fn classify(user: &str, context: &str, err: ReplicationError) -> SourceError {
         | ReplicationError::Config(_) => SourceError::Fatal(format!("{context}: {text}")),
         // A slot that vanished or was invalidated: the reconnect looks at the
         // slot again and takes a new snapshot if it must.
-        _ => SourceError::Transient(format!("{context}: {text}")),
+        _ => SourceError::transient(retry_class(&err, &text), format!("{context}: {text}")),
+    }
+}
+
+/// What kind of outage a transient `pg_walstream` error is: by the server's
+/// SQLSTATE where the crate quotes it (`[57P01] ...`), else by its variant.
+fn retry_class(err: &ReplicationError, text: &str) -> RetryClass {
+    let quoted = text
+        .split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(code, _)| code)
+        .filter(|code| code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if let Some(code) = quoted {
+        return crate::outbox::sqlstate_retry_class(code);
+    }
+    match err {
+        ReplicationError::TransientConnection(_)
+        | ReplicationError::ReplicationConnection(_)
+        | ReplicationError::Backend(_) => RetryClass::Connection,
+        ReplicationError::Io(io) => RetryClass::of_io(io),
+        ReplicationError::Timeout(_) => RetryClass::Timeout,
+        _ => RetryClass::Other,
     }
 }
 
@@ -249,5 +271,46 @@ mod tests {
             ),
         );
         assert_eq!(lost.class(), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn transient_errors_say_what_kind_of_outage() {
+        let kind = |err: ReplicationError| classify("app", "x", err).retry_class();
+        // pg_terminate_backend, or a server shutting down.
+        assert_eq!(
+            kind(ReplicationError::TransientConnection(
+                "[57P01] terminating connection due to administrator command".into()
+            )),
+            RetryClass::Unavailable
+        );
+        assert_eq!(
+            kind(ReplicationError::TransientConnection(
+                "[55006] replication slot \"s\" is active for PID 42".into()
+            )),
+            RetryClass::Conflict
+        );
+        // libpq lost the socket: no SQLSTATE.
+        assert_eq!(
+            kind(ReplicationError::TransientConnection(
+                "PQconsumeInput failed: server closed the connection unexpectedly".into()
+            )),
+            RetryClass::Connection
+        );
+        assert_eq!(
+            kind(ReplicationError::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset
+            ))),
+            RetryClass::Connection
+        );
+        assert_eq!(
+            kind(ReplicationError::Timeout("no data".into())),
+            RetryClass::Timeout
+        );
+        assert_eq!(
+            kind(ReplicationError::ReplicationSlot(
+                "[42704] replication slot \"s\" does not exist".into()
+            )),
+            RetryClass::Other
+        );
     }
 }
