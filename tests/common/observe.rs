@@ -244,3 +244,49 @@ pub fn slot_name() -> String {
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     )
 }
+
+/// The address a process given `METRICS_ADDR=127.0.0.1:0` logged that it
+/// serves on (at info, in `log`); panics if the process ends first.
+pub async fn served_at(
+    log: &std::path::Path,
+    process: &mut super::kafka::Proc,
+) -> std::net::SocketAddr {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter(|line| line.contains("serving /metrics"))
+            .find_map(|line| line.split("address=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok());
+        if let Some(addr) = found {
+            return addr;
+        }
+        assert!(
+            process.0.try_wait().expect("wait").is_none(),
+            "the process ended:\n{text}"
+        );
+        assert!(start.elapsed() < PATIENCE, "no address logged:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `/metrics` of the process at `addr`, parsed.
+pub async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
+    let (status, _, body) = request(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    parse_exposition(&body)
+}
+
+/// The sum of the `event_processor_events_total` samples with `outcome`.
+pub fn events_with(samples: &BTreeMap<String, f64>, outcome: &str) -> u64 {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            series.starts_with("event_processor_events_total{")
+                && series.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .map(|(_, value)| *value as u64)
+        .sum()
+}
