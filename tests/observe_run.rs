@@ -9,64 +9,21 @@ mod common;
 use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::projection::fold::ReferenceFold;
 use common::faults::spawn_run;
-use common::kafka::{self, Proc};
-use common::observe::parse_exposition;
+use common::kafka;
+use common::observe::{events_with as events, scrape, served_at};
 use common::pipeline::Stage;
 use common::proxy::{socket_addr, Mode, Proxy};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(300);
 /// `/readyz` must show a cause within this long.
 const READINESS: Duration = Duration::from_secs(60);
 
-/// The address the process logged it serves on (it was given port 0).
-async fn served_at(log: &Path, run: &mut Proc) -> SocketAddr {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let found = text
-            .lines()
-            .filter(|line| line.contains("serving /metrics"))
-            .find_map(|line| line.split("address=").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok());
-        if let Some(addr) = found {
-            return addr;
-        }
-        assert!(
-            run.0.try_wait().expect("wait").is_none(),
-            "the process ended:\n{text}"
-        );
-        assert!(start.elapsed() < LIMIT, "no address logged:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// GET `path`: the status and the body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (status, _, body) = common::observe::request(addr, path).await;
     (status, body)
-}
-
-async fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
-    let (status, body) = get(addr, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    parse_exposition(&body)
-}
-
-/// The sum of `events_total` samples with `outcome`.
-fn events(samples: &BTreeMap<String, f64>, outcome: &str) -> u64 {
-    samples
-        .iter()
-        .filter(|(series, _)| {
-            series.starts_with("event_processor_events_total{")
-                && series.contains(&format!("outcome=\"{outcome}\""))
-        })
-        .map(|(_, value)| *value as u64)
-        .sum()
 }
 
 /// Drains a generated outbox with `args`, scraping during and after.
