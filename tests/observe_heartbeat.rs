@@ -59,8 +59,9 @@ async fn scrape_done(addr: SocketAddr, history: &[OutboxEvent]) -> BTreeMap<Stri
     }
 }
 
-/// Every latency observed in `histogram` (`..._seconds`) is under a few
-/// seconds: none runs from the hour-old `created_at`.
+/// Every latency observed in `histogram` (`..._seconds`) is under 10 s
+/// (a loaded machine's few seconds): none runs from the hour-old
+/// `created_at`.
 fn assert_from_the_commit(samples: &BTreeMap<String, f64>, histogram: &str, at_least: u64) {
     let count = samples[&format!("{histogram}_count")];
     let sum = samples[&format!("{histogram}_sum")];
@@ -69,7 +70,7 @@ fn assert_from_the_commit(samples: &BTreeMap<String, f64>, histogram: &str, at_l
         "{histogram}: {count} observations"
     );
     let bucket = format!("{histogram}_bucket{{le=\"");
-    let under_5s = samples
+    let under_10s = samples
         .iter()
         .find_map(|(series, value)| {
             let le: f64 = series
@@ -77,15 +78,15 @@ fn assert_from_the_commit(samples: &BTreeMap<String, f64>, histogram: &str, at_l
                 .strip_suffix("\"}")?
                 .parse()
                 .ok()?;
-            (le == 5.0).then_some(*value)
+            (le == 10.0).then_some(*value)
         })
-        .unwrap_or_else(|| panic!("no 5 s bucket of {histogram}"));
+        .unwrap_or_else(|| panic!("no 10 s bucket of {histogram}"));
     assert_eq!(
-        under_5s, count,
-        "{histogram}: every latency under 5 s, from the commit (sum {sum} s over {count}: \
+        under_10s, count,
+        "{histogram}: every latency under 10 s, from the commit (sum {sum} s over {count}: \
          an hour each when measured from created_at)"
     );
-    assert!(sum / count < 5.0, "{histogram}: mean {} s", sum / count);
+    assert!(sum / count < 10.0, "{histogram}: mean {} s", sum / count);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -127,6 +127,8 @@ pub async fn run_emitter(
         };
         let result = tokio::select! {
             biased;
+            // A shutdown does not wait for a connection attempt or a write
+            // to a server that does not answer.
             _ = shutdown.cancelled() => return,
             result = attempt => result,
         };
