@@ -10,10 +10,9 @@ use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::projection::fold::ReferenceFold;
 use common::faults::spawn_run;
 use common::kafka;
-use common::observe::{scrape, served_at};
+use common::observe::{events_with as events, scrape, served_at};
 use common::pipeline::Stage;
 use common::proxy::{socket_addr, Mode, Proxy};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -25,18 +24,6 @@ const READINESS: Duration = Duration::from_secs(60);
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (status, _, body) = common::observe::request(addr, path).await;
     (status, body)
-}
-
-/// The sum of `events_total` samples with `outcome`.
-fn events(samples: &BTreeMap<String, f64>, outcome: &str) -> u64 {
-    samples
-        .iter()
-        .filter(|(series, _)| {
-            series.starts_with("event_processor_events_total{")
-                && series.contains(&format!("outcome=\"{outcome}\""))
-        })
-        .map(|(_, value)| *value as u64)
-        .sum()
 }
 
 /// Drains a generated outbox with `args`, scraping during and after.

@@ -3,7 +3,8 @@
 //! Input: the XLogData payloads of one replication connection, each as a big-endian
 //! `u16` length and that many bytes (the last one may be cut short).
 //!
-//! Properties: no panic; a `Commit` carries the end LSN of its bytes; a decoded
+//! Properties: no panic; a `Begin` carries the commit time of its bytes, a
+//! `Commit` the end LSN of its bytes; a heartbeat is an `M` message; a decoded
 //! outbox insert, written back as an insert of the real outbox table, decodes to
 //! the same event; a dead letter says what is wrong.
 
@@ -18,7 +19,16 @@ fuzz_target!(|data: &[u8]| {
     let mut decoder = Decoder::default();
     for message in frames(data) {
         match decoder.decode(message) {
-            Ok(WalItem::Begin) => assert_eq!(message.first(), Some(&b'B')),
+            Ok(WalItem::Begin { committed }) => {
+                assert_eq!(message.first(), Some(&b'B'));
+                let bytes: [u8; 8] = message[9..17].try_into().expect("a begin has 21 bytes");
+                let micros = i64::from_be_bytes(bytes);
+                if let Some(at) = committed {
+                    let since_2000 = at.timestamp_micros() - 946_684_800_000_000;
+                    assert_eq!(since_2000, micros, "the commit time of the Begin");
+                }
+            }
+            Ok(WalItem::Heartbeat { .. }) => assert_eq!(message.first(), Some(&b'M')),
             Ok(WalItem::Commit { end_lsn }) => {
                 assert_eq!(message.first(), Some(&b'C'));
                 let bytes: [u8; 8] = message[10..18].try_into().expect("a commit has 18 bytes");

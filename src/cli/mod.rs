@@ -218,6 +218,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 args.sink != "discard",
                 config.source == config::SourceKind::Kafka,
             );
+            observing.heartbeat(&config, observing::Capture::of_run(&config));
             let timeout = config.pipeline.shutdown_timeout;
             let after = config.clone();
             let code = until_signalled(timeout, |shutdown| {
@@ -242,6 +243,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 config::RelaySource::Polling => observing::Capture::Polling,
             };
             observing.sample(&config, capture, false, true);
+            observing.heartbeat(&config, capture);
             let timeout = config.pipeline.shutdown_timeout;
             let code = until_signalled(timeout, |shutdown| {
                 kafka::relay(config, &args, shutdown, &observing)

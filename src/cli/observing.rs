@@ -1,6 +1,7 @@
 //! `run` and `relay` observed: the server of `/metrics`, `/healthz` and
 //! `/readyz` on `METRICS_ADDR`, the [`Health`] the runtime and the samplers
-//! share, and the samplers of the source in use (docs/operating.md).
+//! share, the samplers of the source in use, and the heartbeat of the
+//! replication source (docs/operating.md).
 
 use crate::config::{Config, SourceKind};
 use crate::counters::Stats;
@@ -161,11 +162,27 @@ impl Observing {
         }
     }
 
+    /// Starts the heartbeat emitter when `capture` is the replication source
+    /// and `HEARTBEAT_INTERVAL` is not `off`; it runs whether or not the
+    /// metrics are served (it also moves an idle slot), until [`Self::stop`].
+    pub fn heartbeat(&mut self, config: &Config, capture: Capture<'_>) {
+        let (Capture::Replication { .. }, Some(interval)) = (capture, config.heartbeat_interval)
+        else {
+            return;
+        };
+        self.spawn(observe::heartbeat::run_emitter(
+            config.postgres.clone(),
+            interval,
+            observe::install(),
+            self.stop.clone(),
+        ));
+    }
+
     fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         self.tasks.push(tokio::spawn(task));
     }
 
-    /// Stops the server and the samplers.
+    /// Stops the server, the samplers and the heartbeat.
     pub async fn stop(self) {
         self.stop.cancel();
         for task in self.tasks {

@@ -155,6 +155,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "where run and relay serve /metrics, /healthz and /readyz: ip:port (loopback by default; port 0 picks a free one) or off",
     ),
     (
+        "HEARTBEAT_INTERVAL",
+        "10s",
+        "replication: how often run and relay write a heartbeat through the slot (its round trip is measured; it moves an idle slot); off or 0 disables",
+    ),
+    (
         "LOG_LEVEL",
         "info",
         "tracing filter: error, warn, info, debug, trace or a directive list",
@@ -259,6 +264,7 @@ pub(super) fn misspelt(key: &str) -> Option<&'static str> {
             | "RETRY"
             | "RELAY"
             | "METRICS"
+            | "HEARTBEAT"
     ) {
         return None;
     }

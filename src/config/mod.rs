@@ -155,6 +155,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: off).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How often the replication source's heartbeat is written (`None`: off).
+    pub heartbeat_interval: Option<Duration>,
     pub log_level: String,
     pub log_format: LogFormat,
 }

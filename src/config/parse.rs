@@ -113,6 +113,25 @@ impl<'a> Reader<'a> {
             }
         }
     }
+
+    /// A duration, or `off` (also `0`): `None`.
+    pub(super) fn duration_or_off(&mut self, key: &str) -> Option<Duration> {
+        let raw = self.string(key);
+        if raw.eq_ignore_ascii_case("off") {
+            return None;
+        }
+        match parse_duration(&raw) {
+            Some(duration) if duration.is_zero() => None,
+            Some(duration) => Some(duration),
+            None => {
+                self.problem(
+                    key,
+                    format!("`{raw}` is not a duration (use e.g. 1s, 10s, 1m) or off"),
+                );
+                None
+            }
+        }
+    }
 }
 
 /// Parses `250ms`, `10s`, `5m`, `1h`; a bare number means seconds.
@@ -209,6 +228,7 @@ impl Config {
                 None
             }
         };
+        let heartbeat_interval = r.duration_or_off("HEARTBEAT_INTERVAL");
         let log_level = r.non_empty("LOG_LEVEL");
         let log_format = match r.string("LOG_FORMAT").to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
@@ -231,6 +251,7 @@ impl Config {
                 pipeline,
                 kafka,
                 metrics_addr,
+                heartbeat_interval,
                 log_level,
                 log_format,
             })

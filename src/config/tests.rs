@@ -304,3 +304,40 @@ fn the_metrics_server_listens_on_loopback_unless_told() {
         "{typo}"
     );
 }
+
+#[test]
+fn the_heartbeat_interval_is_a_duration_or_off() {
+    let config = Config::from_env(&EnvMap::new()).expect("defaults are valid");
+    assert_eq!(
+        config.heartbeat_interval,
+        Some(crate::observe::heartbeat::DEFAULT_HEARTBEAT_INTERVAL)
+    );
+    for (raw, expected) in [
+        ("1s", Some(Duration::from_secs(1))),
+        ("250ms", Some(Duration::from_millis(250))),
+        ("2m", Some(Duration::from_secs(120))),
+        ("off", None),
+        ("OFF", None),
+        ("0", None),
+        ("0s", None),
+    ] {
+        let config =
+            Config::from_env(&env(&[("HEARTBEAT_INTERVAL", raw)])).expect("a valid interval");
+        assert_eq!(config.heartbeat_interval, expected, "{raw}");
+    }
+    for raw in ["soon", "-1s", "10 parsecs", ""] {
+        let err = Config::from_env(&env(&[("HEARTBEAT_INTERVAL", raw)])).expect_err(raw);
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("HEARTBEAT_INTERVAL: `{raw}` is not a duration")),
+            "{text}"
+        );
+        assert!(text.contains("or off"), "{text}");
+    }
+    let typo = Config::from_env(&env(&[("HEARTBEAT_INTERVALL", "1s")])).expect_err("a typo");
+    assert!(
+        typo.to_string()
+            .contains("did you mean HEARTBEAT_INTERVAL?"),
+        "{typo}"
+    );
+}

@@ -91,14 +91,17 @@ pub async fn emit(
 }
 
 /// Writes a heartbeat every `interval` on a connection of its own until
-/// `shutdown`, reconnecting when PostgreSQL goes away. A failure is logged
-/// when it starts and when it ends (readiness is the samplers' to report).
+/// `shutdown`, reconnecting when PostgreSQL goes away: a failure never stops
+/// it (nor the process). A failure is logged when it starts and when it
+/// ends (readiness is the samplers' to report).
 pub async fn run_emitter(
     pg: PostgresConfig,
     interval: Duration,
     metrics: &'static Metrics,
     shutdown: CancellationToken,
 ) {
+    // How long one attempt (connecting, writing) may take.
+    let patience = interval.clamp(Duration::from_secs(1), Duration::from_secs(10));
     let mut client: Option<tokio_postgres::Client> = None;
     let mut failing_since: Option<std::time::Instant> = None;
     let mut ticks = tokio::time::interval(interval);
@@ -110,19 +113,25 @@ pub async fn run_emitter(
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let result = async {
+        let attempt = async {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = Some(super::samplers::connect(&pg, interval).await?);
+                client = Some(super::samplers::connect(&pg, patience).await?);
             }
             let Some(c) = client.as_ref() else {
                 return Err("no connection".to_string());
             };
-            tokio::time::timeout(interval, emit(c, SystemTime::now()))
+            tokio::time::timeout(patience, emit(c, SystemTime::now()))
                 .await
-                .map_err(|_| format!("no answer within {} s", interval.as_secs_f64()))?
+                .map_err(|_| format!("no answer within {} s", patience.as_secs_f64()))?
                 .map_err(|err| crate::outbox::describe(&err))
-        }
-        .await;
+        };
+        let result = tokio::select! {
+            biased;
+            // A shutdown does not wait for a connection attempt or a write
+            // to a server that does not answer.
+            _ = shutdown.cancelled() => return,
+            result = attempt => result,
+        };
         match result {
             Ok(_) => {
                 metrics.heartbeat_emitted();
@@ -137,7 +146,12 @@ pub async fn run_emitter(
                 client = None;
                 if failing_since.is_none() {
                     failing_since = Some(std::time::Instant::now());
-                    tracing::warn!(%reason, "cannot write the heartbeat; retrying every interval");
+                    tracing::warn!(
+                        %reason,
+                        interval_seconds = interval.as_secs_f64(),
+                        "cannot write the heartbeat; retrying every interval \
+                         (HEARTBEAT_INTERVAL=off stops the heartbeat)"
+                    );
                 }
             }
         }

@@ -80,20 +80,6 @@ pub fn since(commit: SystemTime) -> Duration {
     commit.elapsed().unwrap_or_default()
 }
 
-/// The time of a pgoutput timestamp (the commit time of `Begin`):
-/// microseconds since 2000-01-01 00:00 UTC.
-pub fn pg_timestamp(micros: i64) -> SystemTime {
-    // 2000-01-01 is 946,684,800 s after the Unix epoch.
-    const PG_EPOCH: Duration = Duration::from_secs(946_684_800);
-    let epoch = SystemTime::UNIX_EPOCH + PG_EPOCH;
-    let offset = Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 {
-        epoch + offset
-    } else {
-        epoch - offset
-    }
-}
-
 /// A transient error of `component`, of the kind `class`, is retried.
 pub fn retry(component: Component, class: crate::policy::RetryClass) {
     if let Some(metrics) = recorder() {
@@ -136,29 +122,12 @@ pub fn kafka_consumer_lag(topic: &str, partition: i32, lag: i64) {
     }
 }
 
-/// The replication source saw a logical message: if it is a heartbeat, its
-/// round trip is recorded (and returned).
-pub fn heartbeat_received(prefix: &str, content: &[u8]) -> Option<Duration> {
-    let sent = heartbeat::heartbeat_sent_at(prefix, content)?;
+/// A heartbeat sent at `sent` came back through the slot: its round trip
+/// (from `sent` to now) is recorded, and returned.
+pub fn heartbeat_received(sent: SystemTime) -> Duration {
     let round_trip = since(sent);
     if let Some(metrics) = recorder() {
         metrics.heartbeat_received(round_trip);
     }
-    Some(round_trip)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pgoutput_timestamps_count_from_2000() {
-        let at = |micros| {
-            chrono::DateTime::<chrono::Utc>::from(pg_timestamp(micros))
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-        };
-        assert_eq!(at(0), "2000-01-01T00:00:00.000000Z");
-        assert_eq!(at(1_500_000), "2000-01-01T00:00:01.500000Z");
-        assert_eq!(at(-1), "1999-12-31T23:59:59.999999Z");
-    }
+    round_trip
 }

@@ -25,12 +25,19 @@
 //! transaction larger than a batch is split, and its first parts carry the
 //! previous commit's position, so memory never holds more than one batch.
 //!
+//! Each streamed event carries its transaction's commit time (pgoutput's
+//! `Begin`) in [`SourceBatch::committed`]; snapshot and sweep rows carry none
+//! (their `created_at` stands in).
+//!
 //! The slot's position moves only on [`Source::ack`], so it never passes what
 //! the caller holds durably. When no outbox events come but the database
 //! writes other WAL, an empty batch every [`POSITION_INTERVAL`] hands out the
-//! stream's position, so that the slot does not hold that WAL forever. While
-//! streaming, a sweep ([`sweep`]) looks for rows the capture passed without
-//! applying them and delivers them again.
+//! stream's position, so that the slot does not hold that WAL forever; so
+//! does the commit of a heartbeat ([`crate::observe::heartbeat`], the logical
+//! messages `START_REPLICATION` asks for), at once: a heartbeat is no event,
+//! its round trip is recorded, and an idle slot's lag falls back to about 0
+//! at each one. While streaming, a sweep ([`sweep`]) looks for rows the
+//! capture passed without applying them and delivers them again.
 
 mod owner;
 // Public, but hidden, for the fuzz targets under fuzz/.
@@ -40,6 +47,7 @@ mod rows;
 mod setup;
 mod snapshot;
 mod start;
+mod stream;
 mod sweep;
 mod wal;
 
@@ -50,6 +58,7 @@ use crate::config::{PostgresConfig, ReplicationConfig};
 use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
 use crate::policy::{Classify, ErrorClass};
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use pgoutput::WalItem;
 use rows::{decode_row, EVENT_COLUMNS};
@@ -146,6 +155,13 @@ pub struct ReplicationSource {
     last_commit: u64,
     /// A transaction's `Begin` was read and its `Commit` not yet.
     in_txn: bool,
+    /// When the transaction being read committed (its `Begin` says).
+    txn_committed: Option<DateTime<Utc>>,
+    /// The transaction being read holds a heartbeat.
+    txn_heartbeat: bool,
+    /// A heartbeat's transaction was read to its commit since the last
+    /// batch: the next idle moment hands out the position.
+    heartbeat_due: bool,
     /// A row read after its batch was full: the first of the next batch.
     carry: Option<Box<WalItem>>,
     /// Every transaction committed before `start` ends at or before this.
@@ -205,6 +221,9 @@ impl ReplicationSource {
             handed: position,
             last_commit: position,
             in_txn: false,
+            txn_committed: None,
+            txn_heartbeat: false,
+            heartbeat_due: false,
             carry: None,
             target: 0,
             last_handout: Instant::now(),
@@ -223,18 +242,24 @@ impl ReplicationSource {
         self.phase = Phase::Down;
         self.sweeper.admin = None;
         self.in_txn = false;
+        self.txn_heartbeat = false;
         self.carry = None;
     }
 
+    /// A batch; `committed`: each event's commit time, or empty.
     fn hand_out(
         &mut self,
         events: Vec<OutboxEvent>,
         malformed: Vec<DeadLetter>,
+        committed: Vec<Option<DateTime<Utc>>>,
         lsn: u64,
     ) -> SourceBatch<Lsn> {
         self.handed = self.handed.max(lsn);
         self.last_handout = Instant::now();
-        SourceBatch::new(events, malformed, Lsn(lsn))
+        self.heartbeat_due = false;
+        let mut batch = SourceBatch::new(events, malformed, Lsn(lsn));
+        batch.committed = committed;
+        batch
     }
 
     async fn snapshot_batch(
@@ -246,7 +271,12 @@ impl ReplicationSource {
         };
         let chunk = snapshot.fetch(max_events).await?;
         if !chunk.last {
-            return Ok(Some(self.hand_out(chunk.events, chunk.malformed, 0)));
+            return Ok(Some(self.hand_out(
+                chunk.events,
+                chunk.malformed,
+                Vec::new(),
+                0,
+            )));
         }
         let Phase::Snapshot { mut wal, snapshot } = std::mem::replace(&mut self.phase, Phase::Down)
         else {
@@ -265,85 +295,9 @@ impl ReplicationSource {
         Ok(Some(self.hand_out(
             chunk.events,
             chunk.malformed,
+            Vec::new(),
             consistent_point,
         )))
-    }
-
-    async fn stream_batch(
-        &mut self,
-        max_events: usize,
-        max_wait: Duration,
-    ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
-        let Phase::Streaming(wal) = &mut self.phase else {
-            return Ok(None);
-        };
-        // A backlog keeps us from ever being idle: tell the server we are
-        // alive between batches too.
-        wal.keep_alive().await?;
-        let deadline = tokio::time::Instant::now() + max_wait;
-        let sleep = tokio::time::sleep_until(deadline);
-        tokio::pin!(sleep);
-        // Inside a transaction its end is on its way (pgoutput sends a
-        // transaction once it has committed): wait for it a little longer, so
-        // that batches end at commits.
-        let grace = tokio::time::sleep_until(deadline + TRANSACTION_GRACE);
-        tokio::pin!(grace);
-        let linger = tokio::time::sleep_until(deadline);
-        tokio::pin!(linger);
-        let mut events = Vec::with_capacity(max_events.min(BATCH_CAPACITY));
-        let mut malformed = Vec::new();
-        loop {
-            let full = events.len() + malformed.len() >= max_events;
-            if full && !self.in_txn {
-                break;
-            }
-            let item = match self.carry.take() {
-                Some(item) => *item,
-                None => {
-                    let item = if self.in_txn {
-                        wal.next(grace.as_mut()).await?
-                    } else if events.is_empty() && malformed.is_empty() {
-                        wal.next(sleep.as_mut()).await?
-                    } else {
-                        let quiet = (tokio::time::Instant::now() + LINGER).min(deadline);
-                        linger.as_mut().reset(quiet);
-                        wal.next(linger.as_mut()).await?
-                    };
-                    match item {
-                        Some(item) => item,
-                        None => break,
-                    }
-                }
-            };
-            match item {
-                // A transaction larger than a batch: this row opens the next one.
-                WalItem::Insert(row) if full => {
-                    self.carry = Some(Box::new(WalItem::Insert(row)));
-                    break;
-                }
-                WalItem::Begin => self.in_txn = true,
-                WalItem::Insert(Ok(event)) => events.push(event),
-                WalItem::Insert(Err(letter)) => malformed.push(*letter),
-                WalItem::Commit { end_lsn } => {
-                    self.in_txn = false;
-                    self.last_commit = self.last_commit.max(end_lsn);
-                    // A stream that is never idle still ends the batch on time.
-                    if tokio::time::Instant::now() >= deadline {
-                        break;
-                    }
-                }
-                WalItem::Other => {}
-            }
-        }
-        if events.is_empty() && malformed.is_empty() {
-            self.busy = false;
-            return Ok(self.position_batch());
-        }
-        self.busy = events.len() + malformed.len() >= max_events;
-        // Events after the last commit belong to a transaction that is not
-        // complete yet: they go out, but the position stays at that commit.
-        let lsn = self.last_commit;
-        Ok(Some(self.hand_out(events, malformed, lsn)))
     }
 
     /// Everything the stream carries up to `position` has been delivered, and
@@ -418,30 +372,17 @@ impl ReplicationSource {
              delivering them again"
         );
         // Position 0: these rows move nothing; the stream's position is ahead.
-        Ok(Some(self.hand_out(stuck.events, stuck.malformed, 0)))
+        Ok(Some(self.hand_out(
+            stuck.events,
+            stuck.malformed,
+            Vec::new(),
+            0,
+        )))
     }
 
     /// Rows the sweep found stuck (and delivered again) since the start.
     pub fn stuck_found(&self) -> u64 {
         self.sweeper.found
-    }
-
-    /// An empty batch with the stream's position, when it moved on without
-    /// outbox events (other tables' WAL, keepalives) and a while has passed.
-    fn position_batch(&mut self) -> Option<SourceBatch<Lsn>> {
-        let Phase::Streaming(wal) = &self.phase else {
-            return None;
-        };
-        if self.in_txn || self.last_handout.elapsed() < POSITION_INTERVAL {
-            return None;
-        }
-        // Outside a transaction, what was received is all delivered: the
-        // last message was a commit or a keepalive (the walsender's sent position).
-        let position = wal.received().max(self.last_commit);
-        if position <= self.handed {
-            return None;
-        }
-        Some(self.hand_out(Vec::new(), Vec::new(), position))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The few `pgoutput` messages (protocol 1, no streaming) the outbox needs,
-//! read straight from the frame's bytes: `Begin`, `Commit`, `Relation` (the
-//! column names) and `Insert` (the row as text). Everything else is skipped.
+//! read straight from the frame's bytes: `Begin` (its commit time), `Commit`,
+//! `Relation` (the column names), `Insert` (the row as text) and `Message`
+//! (the processor's heartbeat). Everything else is skipped.
 //! An insert is decoded without allocating: its text columns are borrowed
 //! from the frame and handed to [`decode_row`].
 //!
@@ -9,6 +10,9 @@
 use super::{decode_row, EVENT_COLUMNS};
 use crate::dead_letter::DeadLetter;
 use crate::decode::{DecodeError, OutboxEvent};
+use crate::observe::heartbeat::{heartbeat_sent_at, parse_logical_message};
+use chrono::{DateTime, Utc};
+use std::time::SystemTime;
 
 /// The table whose inserts are events.
 const OUTBOX: &str = "event_outbox";
@@ -18,14 +22,18 @@ const OUTBOX: &str = "event_outbox";
 // `Insert` is the common case: boxing it would cost an allocation per event.
 #[allow(clippy::large_enum_variant)]
 pub enum WalItem {
-    Begin,
+    /// A transaction starts; it committed at `committed` (`None`: a time
+    /// out of range).
+    Begin { committed: Option<DateTime<Utc>> },
     /// An outbox row, or the dead letter of one that does not decode.
     Insert(Result<OutboxEvent, Box<DeadLetter>>),
     /// The end of a transaction: resuming at `end_lsn` skips it.
-    Commit {
-        end_lsn: u64,
-    },
-    /// Anything else (relations, other tables, other operations).
+    Commit { end_lsn: u64 },
+    /// A heartbeat of this processor ([`crate::observe::heartbeat`]),
+    /// written at `sent_at`: not an event.
+    Heartbeat { sent_at: SystemTime },
+    /// Anything else (relations, other tables, other operations, other
+    /// logical messages).
     Other,
 }
 
@@ -55,7 +63,12 @@ impl Decoder {
     pub fn decode(&mut self, message: &[u8]) -> Result<WalItem, ProtocolError> {
         let mut r = Reader(message);
         match r.u8()? {
-            b'B' => Ok(WalItem::Begin),
+            b'B' => {
+                let _final_lsn = r.u64()?;
+                let committed = commit_time(r.i64()?);
+                let _xid = r.u32()?;
+                Ok(WalItem::Begin { committed })
+            }
             b'C' => {
                 let _flags = r.u8()?;
                 let _commit_lsn = r.u64()?;
@@ -66,6 +79,12 @@ impl Decoder {
                 Ok(WalItem::Other)
             }
             b'I' => self.insert(&mut r),
+            b'M' => {
+                let message = parse_logical_message(message)
+                    .ok_or(ProtocolError("a logical message cut short"))?;
+                Ok(heartbeat_sent_at(message.prefix, message.content)
+                    .map_or(WalItem::Other, |sent_at| WalItem::Heartbeat { sent_at }))
+            }
             _ => Ok(WalItem::Other),
         }
     }
@@ -163,6 +182,14 @@ impl Decoder {
     }
 }
 
+/// A pgoutput timestamp (microseconds since 2000-01-01 00:00 UTC) as a
+/// time; `None` past what a time can hold.
+pub fn commit_time(micros: i64) -> Option<DateTime<Utc>> {
+    /// 2000-01-01 in microseconds since the Unix epoch.
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    DateTime::from_timestamp_micros(micros.checked_add(PG_EPOCH_MICROS)?)
+}
+
 /// A cursor over a message.
 struct Reader<'a>(&'a [u8]);
 
@@ -197,6 +224,10 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, ProtocolError> {
         self.array().map(u64::from_be_bytes)
+    }
+
+    fn i64(&mut self) -> Result<i64, ProtocolError> {
+        self.array().map(i64::from_be_bytes)
     }
 
     /// A NUL-terminated string.
@@ -307,7 +338,7 @@ mod tests {
             decoder.decode(&commit),
             Ok(WalItem::Commit { end_lsn: 9 })
         ));
-        assert!(matches!(decoder.decode(b"B........"), Ok(WalItem::Begin)));
+        assert!(decoder.decode(b"B........").is_err(), "a Begin cut short");
         decoder
             .decode(&relation(8, "noise", &["x"]))
             .expect("relation");
@@ -316,6 +347,130 @@ mod tests {
             Ok(WalItem::Other)
         ));
         assert!(matches!(decoder.decode(b"Yxyz"), Ok(WalItem::Other)));
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// The XLogData payloads of a capture (`fuzz/corpus/pgoutput`): each a
+    /// big-endian `u16` length and that many bytes.
+    fn frames(mut data: &[u8]) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        while let [a, b, rest @ ..] = data {
+            let len = usize::from(u16::from_be_bytes([*a, *b])).min(rest.len());
+            out.push(&rest[..len]);
+            data = &rest[len..];
+        }
+        out
+    }
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        text.parse().expect("a time")
+    }
+
+    /// Frames PostgreSQL 15 sent for `SELECT pg_logical_emit_message(true,
+    /// 'activity-event-processor.heartbeat', 'sent_at_us=1764000000123456')`
+    /// (`pg_logical_slot_get_binary_changes`, pgoutput, `messages` on).
+    const HEARTBEAT_TRANSACTION: [&str; 3] = [
+        "420000000001920ff8000304f7afcad717000002da",
+        "4d010000000001920ff861637469766974792d6576656e742d70726f636573736f722e68656172746265\
+         6174000000001b73656e745f61745f75733d31373634303030303030313233343536",
+        "43000000000001920ff80000000001921028000304f7afcad717",
+    ];
+
+    #[test]
+    fn begin_carries_the_commit_time() {
+        // A transaction PostgreSQL 15 sent: Begin, Relation, Insert, Commit.
+        let capture = include_bytes!("../../../fuzz/corpus/pgoutput/tx_insert_user_created");
+        let mut decoder = Decoder::default();
+        let items: Vec<WalItem> = frames(capture)
+            .into_iter()
+            .map(|frame| decoder.decode(frame).expect("a real frame decodes"))
+            .collect();
+        let Some(WalItem::Begin { committed }) = items.first() else {
+            panic!("expected a Begin first: {items:?}");
+        };
+        // 0x000304f24aa0fb2a microseconds after 2000-01-01.
+        assert_eq!(*committed, Some(utc("2026-12-06T09:13:30.792746Z")));
+        assert!(items
+            .iter()
+            .any(|item| matches!(item, WalItem::Insert(Ok(_)))));
+        assert!(matches!(items.last(), Some(WalItem::Commit { .. })));
+
+        // The layout: Byte1('B') Int64 final_lsn Int64 commit time Int32 xid.
+        let mut begin = vec![b'B'];
+        begin.extend(0x16_B374_D848u64.to_be_bytes());
+        begin.extend(1_500_000i64.to_be_bytes());
+        begin.extend(742u32.to_be_bytes());
+        assert!(matches!(
+            decoder.decode(&begin),
+            Ok(WalItem::Begin { committed: Some(at) }) if at == utc("2000-01-01T00:00:01.500Z")
+        ));
+        let mut before_2000 = begin.clone();
+        before_2000[9..17].copy_from_slice(&(-1i64).to_be_bytes());
+        assert!(matches!(
+            decoder.decode(&before_2000),
+            Ok(WalItem::Begin { committed: Some(at) }) if at == utc("1999-12-31T23:59:59.999999Z")
+        ));
+        // Out of any calendar: no time, and the commit's position still counts.
+        let mut far = begin.clone();
+        far[9..17].copy_from_slice(&i64::MAX.to_be_bytes());
+        assert!(matches!(
+            decoder.decode(&far),
+            Ok(WalItem::Begin { committed: None })
+        ));
+        assert!(decoder.decode(&begin[..begin.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_heartbeat_is_read_and_other_logical_messages_are_not_events() {
+        let mut decoder = Decoder::default();
+        let items: Vec<WalItem> = HEARTBEAT_TRANSACTION
+            .iter()
+            .map(|frame| decoder.decode(&hex(frame)).expect("a real frame decodes"))
+            .collect();
+        let sent = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_000_000_123_456);
+        assert!(
+            matches!(
+                items.as_slice(),
+                [
+                    WalItem::Begin { committed: Some(_) },
+                    WalItem::Heartbeat { sent_at },
+                    WalItem::Commit { end_lsn: 0x0192_1028 },
+                ] if *sent_at == sent
+            ),
+            "{items:?}"
+        );
+        // Another prefix (a capture of `pg_logical_emit_message(true,
+        // 'prefix', 'hello')`): skipped, inside its transaction.
+        let capture = include_bytes!("../../../fuzz/corpus/pgoutput/tx_logical_message");
+        let items: Vec<WalItem> = frames(capture)
+            .into_iter()
+            .map(|frame| decoder.decode(frame).expect("a real frame decodes"))
+            .collect();
+        assert!(
+            matches!(
+                items.as_slice(),
+                [
+                    WalItem::Other,
+                    WalItem::Begin { committed: Some(_) },
+                    WalItem::Other,
+                    WalItem::Commit { .. }
+                ]
+            ),
+            "{items:?}"
+        );
+        // A heartbeat whose content is not ours is no heartbeat.
+        let mut odd = hex(HEARTBEAT_TRANSACTION[1]);
+        let last = odd.len() - 1;
+        odd[last] = b'x';
+        assert!(matches!(decoder.decode(&odd), Ok(WalItem::Other)));
+        // One cut short is a protocol error, as any other message.
+        assert!(decoder.decode(&odd[..odd.len() - 3]).is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The replication connection: the one place that knows `pg_walstream`.
 //!
 //! It creates the slot (with an exported snapshot when asked), starts
-//! streaming from the position we give it, hands the raw pgoutput messages to
+//! streaming from the position we give it (with pgoutput's logical messages,
+//! for the heartbeat), hands the raw pgoutput messages to
 //! our [`Decoder`], and reports our acknowledged position back to the server.
 //! Its own reconnect and retry machinery and its typed decoder are not used:
 //! the source decides where to resume, the pipeline owns the backoff, and an
@@ -52,6 +53,10 @@ impl Wal {
         let config = ReplicationStreamConfig::builder(slot, publication)
             .with_protocol_version(1)
             .with_streaming_mode(StreamingMode::Off)
+            // Logical messages too (`"messages" 'on'`): the heartbeats,
+            // whose transactions move an idle slot (the decoder skips
+            // every other message).
+            .with_messages(true)
             .with_connection_timeout(pg.connect_timeout)
             // One attempt: the pipeline retries with its own backoff.
             .with_retry_config(RetryConfig {
