@@ -238,7 +238,8 @@ async fn show(
     }
     match audit::find(store, &[id.to_string()]).await?.pop() {
         Some(record) => {
-            write(out, &format!("{}\n", describe_record(&record)))?;
+            let done = describe_record(&record);
+            write(out, &format!("{id}: no longer a dead letter: {done}\n"))?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -347,7 +348,8 @@ async fn check_ids(
         return Ok(Some(ExitCode::from(super::EXIT_FAILURE)));
     }
     for record in &audited {
-        write(out, &format!("{}\n", describe_record(record)))?;
+        let done = describe_record(record);
+        write(out, &format!("{}: already {done}\n", record.letter.id))?;
     }
     Ok(None)
 }
@@ -377,6 +379,8 @@ fn describe_outcome(letter: &Letter, outcome: &Outcome) -> String {
     }
 }
 
+/// What was done with a letter: "retried at ..., re-emitted as ..." or
+/// "discarded at ...: reason".
 fn describe_record(record: &Record) -> String {
     let at = record.at.map_or("-".into(), |t| rfc3339(&t));
     match &record.action {
@@ -384,13 +388,10 @@ fn describe_record(record: &Record) -> String {
             event_id,
             sequence_id,
         } => format!(
-            "{}: already retried at {at}, re-emitted as {event_id} (sequence_id {})",
-            record.letter.id,
+            "retried at {at}, re-emitted as {event_id} (sequence_id {})",
             seq(*sequence_id)
         ),
-        Action::Discarded { reason } => {
-            format!("{}: already discarded at {at}: {reason}", record.letter.id)
-        }
+        Action::Discarded { reason } => format!("discarded at {at}: {reason}"),
     }
 }
 
@@ -451,7 +452,7 @@ fn render_records(records: &[Record], json: bool) -> String {
         }
     }
     if !json {
-        let _ = writeln!(out, "{} letters", records.len());
+        let _ = writeln!(out, "{} dead letters moved to the audit", records.len());
     }
     out
 }
