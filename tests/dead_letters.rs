@@ -13,7 +13,7 @@ use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::dead_letter::reemit::new_event_id;
 use activity_event_processor::decode::OutboxEvent;
 use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
-use common::kafka::Slots;
+use common::kafka::{self, Slots};
 use common::mongo::{fail_command, fail_command_off, FAILPOINT};
 use common::pipeline::{kill_9, Stage};
 use mongodb::bson::{doc, Document};
@@ -543,5 +543,78 @@ async fn discard_keeps_the_letter_with_its_reason_and_bad_input_is_refused() {
     }
     assert!(letter_ids(&stage).await.contains(&second));
     assert_eq!(row_count(&stage).await, rows_before);
+    stage.mongo.drop().await;
+}
+
+/// Waits until no letter is provisional: with the kafka source an event
+/// whose aggregate is missing waits (its letter says so) until its last try.
+async fn wait_final_letters(stage: &Stage, log: &std::path::Path) {
+    let start = Instant::now();
+    loop {
+        let letters = stage
+            .mongo
+            .store
+            .find("dead_letters", doc! {}, None)
+            .await
+            .expect("letters");
+        let waiting = letters.iter().any(|d| {
+            d.get_str("error")
+                .unwrap_or_default()
+                .contains("waiting for")
+        });
+        if !letters.is_empty() && !waiting {
+            return;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "letters still provisional\n{}",
+            kafka::tail(log)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// With the kafka source the re-emitted rows travel through the relay like
+/// any other row, and the read models end as the fold of the outbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_kafka_source_re_emitted_rows_travel_through_the_relay() {
+    let stage = Stage::new().await;
+    let _slots = Slots(stage.pg.config.clone());
+    let topic = kafka::fresh("retry");
+    kafka::create_topic(&topic, 2).await;
+    let mut env = stage.env();
+    env.extend(kafka::kafka_env(&topic, &kafka::fresh("group")));
+    env.push(("MAX_RETRIES", "1".into()));
+    let log = stage.log_path();
+    let relay = || {
+        let child = kafka::spawn(&["relay", "--until-caught-up"], &env, &log);
+        kafka::wait_success(child, LIMIT, &log);
+    };
+    let (kept, withheld) = missing_creations(7006, 160, 2);
+    stage.load(&kept).await;
+    relay();
+    let mut consumer = kafka::spawn(&["run", "--source", "kafka"], &env, &log);
+    wait_final_letters(&stage, &log).await;
+    stage.load(&withheld).await;
+    relay();
+    wait_fold_of_outbox(&stage).await;
+    let letters = letter_ids(&stage).await;
+
+    let out = succeeded(
+        &stage.command(&["dead-letters", "retry", "--all"], &env),
+        "retry",
+    );
+    assert_eq!(
+        out.matches(": re-emitted as ").count(),
+        letters.len(),
+        "{out}"
+    );
+    relay();
+    wait_fold_of_outbox(&stage).await;
+    kafka::terminate(&mut consumer, Duration::from_secs(10));
+    let rows = rows_of(&stage, &new_ids(&letters)).await;
+    assert_eq!(rows.len(), letters.len(), "one new row per letter");
+    let still = letter_ids(&stage).await;
+    assert!(letters.iter().all(|id| !still.contains(id)), "{still:?}");
     stage.mongo.drop().await;
 }
