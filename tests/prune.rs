@@ -110,5 +110,6 @@ async fn prune_deletes_old_processed_rows_only_and_the_capture_ignores_it() {
     stage.run_until_caught_up(&[], &[], LIMIT);
     stage.wait_converged(&history, LIMIT).await;
     stage.assert_converged(&history, true).await;
+    let _ = std::fs::remove_file(stage.log_path());
     stage.mongo.drop().await;
 }
