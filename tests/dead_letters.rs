@@ -13,6 +13,7 @@ use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::dead_letter::reemit::new_event_id;
 use activity_event_processor::decode::OutboxEvent;
 use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
+use activity_event_processor::sink::deferral;
 use common::kafka::{self, Slots};
 use common::mongo::{fail_command, fail_command_off, FAILPOINT};
 use common::pipeline::{kill_9, Stage};
@@ -541,6 +542,31 @@ async fn discard_keeps_the_letter_with_its_reason_and_bad_input_is_refused() {
     assert!(letter_ids(&stage).await.contains(&second));
     let out = stage.command(&["dead-letters", "show", &unknown], &[]);
     assert_eq!(out.status.code(), Some(1));
+
+    // A provisional letter (the kafka consumer still tries its event) is
+    // left alone.
+    let waiting = Uuid::new_v4().to_string();
+    let provisional = doc! {
+        "_id": &waiting, "sequence_id": 9_000_i64, "aggregate_type": "User",
+        "aggregate_id": Uuid::new_v4().to_string(), "event_type": "UserUpdated",
+        "payload": { "displayName": "Later" }, "attempts": 1_i64,
+        "error": format!("user not found ({}; tried 1 of 5 times)", deferral::WAITING),
+    };
+    stage
+        .mongo
+        .store
+        .database()
+        .collection::<Document>("dead_letters")
+        .insert_one(provisional)
+        .await
+        .expect("provisional letter");
+    let out = succeeded(
+        &stage.command(&["dead-letters", "retry", &waiting], &[]),
+        "retry waiting",
+    );
+    assert!(out.contains("the kafka consumer still tries it"), "{out}");
+    assert!(letter_ids(&stage).await.contains(&waiting));
+    assert_eq!(row_count(&stage).await, rows_before);
 
     for bad in [
         vec!["dead-letters", "discard", &second],

@@ -376,6 +376,10 @@ fn describe_outcome(letter: &Letter, outcome: &Outcome) -> String {
         ),
         Outcome::Discarded => format!("{what}: discarded"),
         Outcome::Refused(why) => format!("{what}: not re-emitted: {why}"),
+        Outcome::Waiting => format!(
+            "{what}: not re-emitted: the kafka consumer still tries it (its aggregate \
+             may yet be created); retry it once its error no longer says it waits"
+        ),
     }
 }
 

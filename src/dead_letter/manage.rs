@@ -6,6 +6,8 @@
 //!   ([`audit::move_letters`]). A rerun finds the rows by their derived ids
 //!   and only finishes the move; a letter whose audit record says
 //!   "retried" is never re-emitted again.
+//!   A provisional letter of the kafka source (the consumer still tries its
+//!   event, `sink::deferral`) is left alone.
 //! - discard: write the audit records, then remove the letters.
 //!
 //! MongoDB down is transient: every MongoDB step waits for it (with the
@@ -46,6 +48,8 @@ pub enum Outcome {
     Discarded,
     /// Cannot be re-emitted (why); left where it is.
     Refused(String),
+    /// A provisional letter: the kafka consumer still tries the event.
+    Waiting,
 }
 
 /// Why a command stopped before the end.
@@ -138,6 +142,12 @@ pub async fn retry(
             Action::Discarded { .. } => None,
         })
         .collect();
+    let (waiting, letters): (Vec<Letter>, Vec<Letter>) = letters
+        .into_iter()
+        .partition(|l| l.error.contains(crate::sink::deferral::WAITING));
+    for letter in &waiting {
+        done(letter, &Outcome::Waiting);
+    }
     let (again, fresh): (Vec<Letter>, Vec<Letter>) = letters
         .into_iter()
         .partition(|l| earlier.contains_key(&l.id));
