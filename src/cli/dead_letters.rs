@@ -170,12 +170,13 @@ pub async fn execute(config: &Config, args: DeadLettersArgs) -> anyhow::Result<E
         }
         DeadLettersCommand::Show { id, json } => return show(&store, id, json, stdout).await,
         DeadLettersCommand::Export { filters, .. } => {
-            let letters = records::select(&store, &filters.selection(Vec::new())).await?;
-            let mut out = String::new();
-            for letter in letters {
-                let _ = writeln!(out, "{}", letter.to_json());
-            }
-            write(stdout, &out)?;
+            let selection = filters.selection(Vec::new());
+            let mut line = |letter: Letter| -> std::io::Result<()> {
+                use std::io::Write as _;
+                writeln!(stdout, "{}", letter.to_json())
+            };
+            records::each(&store, &selection, &mut line).await?;
+            std::io::Write::flush(stdout)?;
         }
         DeadLettersCommand::Retry(select) => {
             let Some(mut pg) = pg else {

@@ -83,24 +83,57 @@ impl Selection {
 /// The letters `selection` picks, in the order they failed (by
 /// `sequence_id`, then id).
 pub async fn select(store: &MongoStore, selection: &Selection) -> Result<Vec<Letter>, StoreError> {
+    let mut letters = Vec::new();
+    let collected = each(store, selection, &mut |letter| {
+        letters.push(letter);
+        Ok(())
+    })
+    .await;
+    match collected {
+        Ok(_) => {}
+        Err(EachError::Store(err)) => return Err(err),
+        // Collecting into memory writes nothing.
+        Err(EachError::Write(_)) => {}
+    }
+    letters.sort_by(|a, b| {
+        (a.sequence_id.unwrap_or(i64::MAX), &a.id).cmp(&(b.sequence_id.unwrap_or(i64::MAX), &b.id))
+    });
+    Ok(letters)
+}
+
+/// Why [`each`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EachError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write the dead letters")]
+    Write(#[source] std::io::Error),
+}
+
+/// Hands each letter `selection` picks to `each`, one at a time in `_id`
+/// order (memory does not grow with the collection: `export`); the count.
+pub async fn each(
+    store: &MongoStore,
+    selection: &Selection,
+    each: &mut dyn FnMut(Letter) -> std::io::Result<()>,
+) -> Result<u64, EachError> {
     let now = Utc::now();
     let mut cursor = store
         .database()
         .collection::<Document>(DEAD_LETTERS)
         .find(selection.filter())
         .sort(doc! { "_id": 1 })
-        .await?;
-    let mut letters = Vec::new();
-    while let Some(document) = cursor.try_next().await? {
+        .await
+        .map_err(StoreError::from)?;
+    let mut count = 0;
+    while let Some(document) = cursor.try_next().await.map_err(StoreError::from)? {
         let letter = Letter::from_document(document);
         if selection.admits(&letter, now) {
-            letters.push(letter);
+            each(letter).map_err(EachError::Write)?;
+            count += 1;
         }
     }
-    letters.sort_by(|a, b| {
-        (a.sequence_id.unwrap_or(i64::MAX), &a.id).cmp(&(b.sequence_id.unwrap_or(i64::MAX), &b.id))
-    });
-    Ok(letters)
+    Ok(count)
 }
 
 impl Letter {
