@@ -698,3 +698,59 @@ async fn ctrl_c_stops_a_waiting_retry_with_nothing_changed() {
     assert_eq!(row_count(&stage).await, rows_before);
     finish(stage).await;
 }
+
+/// A write transaction in flight: `retry` waits for it without holding the
+/// write side up (another insert meanwhile is not kept waiting long), gives
+/// up after `--wait` having re-emitted nothing, and goes through once it
+/// commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_in_flight_holds_retry_off_without_holding_writers_up() {
+    let (stage, _withheld) = stage_with_letters(7008, 1).await;
+    let _slots = Slots(stage.pg.config.clone());
+    let letters = letter_ids(&stage).await;
+    let insert = "INSERT INTO event_outbox (event_id, aggregate_id, aggregate_type, event_type, payload)
+                  VALUES ($1, $2, 'User', 'UserCreated', '{\"email\": \"w@example.com\", \"displayName\": \"W\"}')";
+    let mut held = stage.pg.client().await;
+    let in_flight = held.transaction().await.expect("begin");
+    let held_id = Uuid::new_v4();
+    in_flight
+        .execute(insert, &[&held_id, &Uuid::new_v4()])
+        .await
+        .expect("insert in flight");
+
+    let env = stage.env();
+    let retry = std::thread::spawn(move || {
+        common::run_binary(&["dead-letters", "retry", "--all", "--wait", "4s"], &env)
+    });
+    let writer = stage.pg.client().await;
+    let mut slowest = Duration::ZERO;
+    while !retry.is_finished() {
+        let started = Instant::now();
+        writer
+            .execute(insert, &[&Uuid::new_v4(), &Uuid::new_v4()])
+            .await
+            .expect("insert beside the retry");
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = retry.join().expect("retry thread");
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the outbox stayed locked"), "{err}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a writer waited {slowest:?}"
+    );
+    assert!(rows_of(&stage, &new_ids(&letters)).await.is_empty());
+
+    in_flight.commit().await.expect("commit");
+    succeeded(
+        &stage.command(&["dead-letters", "retry", "--all"], &[]),
+        "retry",
+    );
+    assert_eq!(
+        rows_of(&stage, &new_ids(&letters)).await.len(),
+        letters.len()
+    );
+    finish(stage).await;
+}

@@ -190,7 +190,7 @@ async fn retry_group(
     group: &Group,
     done: &mut dyn FnMut(&Letter, &Outcome),
 ) -> Result<(), Stopped> {
-    let emitted = reemit::insert_group(pg, group, patience.wait).await?;
+    let emitted = lock_and_insert(pg, patience, group).await?;
     let records: Vec<_> = group
         .items
         .iter()
@@ -216,6 +216,30 @@ async fn retry_group(
         done(&item.letter, &outcome);
     }
     Ok(())
+}
+
+/// [`reemit::insert_group`], trying for the outbox's lock again (after a
+/// pause) until `wait` is over or the command is interrupted.
+async fn lock_and_insert(
+    pg: &mut Client,
+    patience: &Patience,
+    group: &Group,
+) -> Result<Vec<reemit::Emitted>, Stopped> {
+    let started = std::time::Instant::now();
+    let mut backoff = patience.retry.backoff();
+    loop {
+        match reemit::insert_group(pg, group, reemit::LOCK_TRY).await {
+            Err(ReemitError::Locked(_)) if started.elapsed() < patience.wait => {
+                if !patience.retry.pause(backoff.next_delay()).await {
+                    return Err(Stopped::Interrupted);
+                }
+            }
+            Err(ReemitError::Locked(_)) => {
+                return Err(Stopped::Reemit(ReemitError::Locked(patience.wait)))
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 /// Moves `letters` to the audit collection as discarded for `reason`; a

@@ -18,6 +18,8 @@
 //!   flight and holds off new ones until it commits, so the new rows'
 //!   `sequence_id`s follow every committed row and commit in sequence order
 //!   (the order the capture and the fences rely on, docs/design.md section 5).
+//!   It waits for the lock [`LOCK_TRY`] at a time, so that the write side
+//!   never queues long behind it.
 
 use super::records::Letter;
 use crate::outbox::OutboxError;
@@ -201,6 +203,12 @@ fn raw_record(payload: &Value) -> bool {
         && payload.get("offset").is_some()
 }
 
+/// Longest one try waits for the outbox's lock. Short, because the write
+/// side's new transactions queue behind a waiting lock request: a long
+/// write transaction in flight makes the re-emission try again later
+/// rather than hold the write side up.
+pub const LOCK_TRY: Duration = Duration::from_millis(500);
+
 /// Why a re-emission failed: the outbox stayed locked, or PostgreSQL failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReemitError {
@@ -214,7 +222,8 @@ pub enum ReemitError {
 }
 
 /// Inserts the group's rows in one transaction (see the module doc); each
-/// letter's row, inserted now or found from an earlier run.
+/// letter's row, inserted now or found from an earlier run. `Locked` when
+/// the outbox's lock was not had within `lock_wait` (nothing done).
 pub async fn insert_group(
     client: &mut Client,
     group: &Group,
