@@ -127,13 +127,10 @@ pub async fn execute(config: &Config, args: DeadLettersArgs) -> anyhow::Result<E
         }
     });
     let patience = Patience::new(&config.pipeline, interrupt, args.wait);
-    // Retry needs the outbox: without it, nothing may change.
+    // Retry needs the outbox: without it, nothing may change (asked first,
+    // so that it is said before any wait for MongoDB).
     let pg = match &args.command {
-        DeadLettersCommand::Retry(_) => Some(outbox::connect(&config.postgres).await.map_err(|e| {
-            anyhow::Error::new(e).context(
-                "dead-letters retry re-emits events into the outbox, which is unreachable: nothing changed",
-            )
-        })?),
+        DeadLettersCommand::Retry(_) => Some(connect_outbox(config).await?),
         _ => None,
     };
     let store = match connect(config, &patience).await {
@@ -154,19 +151,12 @@ pub async fn execute(config: &Config, args: DeadLettersArgs) -> anyhow::Result<E
             discarded,
             retried,
         } => {
-            let selection = filters.selection(Vec::new());
-            let result = match (discarded, retried) {
-                (false, false) => records::select(&store, &selection)
-                    .await
-                    .map(|letters| render_letters(&letters, json)),
-                (true, _) => audit::list(&store, "discarded", &selection)
-                    .await
-                    .map(|r| render_records(&r, json)),
-                (_, true) => audit::list(&store, "retried", &selection)
-                    .await
-                    .map(|r| render_records(&r, json)),
+            let audited = match (discarded, retried) {
+                (true, _) => Some("discarded"),
+                (_, true) => Some("retried"),
+                _ => None,
             };
-            write(stdout, &result?)?;
+            write(stdout, &list(&store, &filters, json, audited).await?)?;
         }
         DeadLettersCommand::Show { id, json } => return show(&store, id, json, stdout).await,
         DeadLettersCommand::Export { filters, .. } => {
@@ -179,8 +169,9 @@ pub async fn execute(config: &Config, args: DeadLettersArgs) -> anyhow::Result<E
             std::io::Write::flush(stdout)?;
         }
         DeadLettersCommand::Retry(select) => {
-            let Some(mut pg) = pg else {
-                return Ok(ExitCode::from(super::EXIT_FAILURE));
+            let mut pg = match pg {
+                Some(pg) => pg,
+                None => connect_outbox(config).await?,
             };
             return act(&store, &patience, &select, Act::Retry(&mut pg), stdout).await;
         }
@@ -189,6 +180,29 @@ pub async fn execute(config: &Config, args: DeadLettersArgs) -> anyhow::Result<E
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn connect_outbox(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
+    outbox::connect(&config.postgres).await.map_err(|e| {
+        anyhow::Error::new(e).context(
+            "dead-letters retry re-emits events into the outbox, which is unreachable: nothing changed",
+        )
+    })
+}
+
+/// The table (or JSON lines) of the dead letters, or of the audit records
+/// of one action.
+async fn list(
+    store: &MongoStore,
+    filters: &Filters,
+    json: bool,
+    audited: Option<&str>,
+) -> anyhow::Result<String> {
+    let selection = filters.selection(Vec::new());
+    Ok(match audited {
+        None => render_letters(&records::select(store, &selection).await?, json),
+        Some(action) => render_records(&audit::list(store, action, &selection).await?, json),
+    })
 }
 
 fn write(out: &mut impl std::io::Write, text: &str) -> anyhow::Result<()> {
