@@ -1,9 +1,11 @@
 //! The command line: parse, load and validate configuration, dispatch.
 
+pub mod dead_letters;
 pub mod decode;
 pub mod flags;
 pub mod kafka;
 pub mod observing;
+pub mod prune;
 pub mod run;
 pub mod show;
 pub mod status;
@@ -74,6 +76,10 @@ pub enum Command {
     Relay(kafka::RelayArgs),
     /// Kafka administration: `kafka topics create [--partitions N] [TOPIC...]`.
     Kafka(kafka::KafkaArgs),
+    /// Dead letters: `list`, `show ID`, `retry (ID... | --all)`, `discard ... --reason TEXT`, `export`.
+    DeadLetters(dead_letters::DeadLettersArgs),
+    /// Delete `processed` outbox rows older than `--older-than` (never unfinished or failed ones).
+    Prune(prune::PruneArgs),
 }
 
 /// `--stats-file`, on `run` and `relay`.
@@ -253,6 +259,8 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             return code;
         }
         Command::Kafka(args) => kafka::execute(&config, &args).await?,
+        Command::DeadLetters(args) => return dead_letters::execute(&config, args).await,
+        Command::Prune(args) => return prune::execute(&config, &args).await,
         Command::Show(args) => {
             let store = crate::store::mongo::MongoStore::connect(
                 config.mongodb.uri.expose(),

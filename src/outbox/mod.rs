@@ -4,6 +4,7 @@
 
 pub mod load;
 pub mod migrate;
+pub mod prune;
 pub mod seed;
 pub mod status;
 

@@ -22,6 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use uuid::Uuid;
 
+/// What the error of a provisional dead letter says (the event still
+/// waits: `dead-letters retry` leaves such a letter alone).
+pub const WAITING: &str = "waiting for its aggregate's creation";
+
 /// What became of retried events.
 #[derive(Debug, Default)]
 pub struct DeferralStats {
@@ -91,10 +95,7 @@ impl Deferral {
     pub fn provisional(&self, event: &OutboxEvent, error: &str) -> DeadLetter {
         DeadLetter {
             event: event.clone(),
-            error: format!(
-                "{error} (waiting for its aggregate's creation; tried 1 of {} times)",
-                self.max_retries
-            ),
+            error: format!("{error} ({WAITING}; tried 1 of {} times)", self.max_retries),
             attempts: 1,
         }
     }

@@ -3,7 +3,7 @@
 
 use super::mongo::TestMongo;
 use super::TestDb;
-use activity_event_processor::decode::OutboxEvent;
+use activity_event_processor::decode::{decode_text_row, OutboxEvent};
 use activity_event_processor::outbox::load::copy_events;
 use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
 use std::process::{Child, Command, Stdio};
@@ -66,6 +66,50 @@ impl Stage {
         env.push(("RETRY_BACKOFF_MAX", "1s".into()));
         env.push(("LOG_LEVEL", "warn".into()));
         env
+    }
+
+    /// The outbox as it now stands, every row whatever its status, in
+    /// `sequence_id` order (what the reference fold takes).
+    pub async fn outbox_events(&self) -> Vec<OutboxEvent> {
+        let rows = self
+            .pg
+            .client()
+            .await
+            .query(
+                "SELECT event_id::text, sequence_id::text, aggregate_id::text, aggregate_type,
+                        event_type, payload::text, created_at::text
+                 FROM event_outbox ORDER BY sequence_id",
+                &[],
+            )
+            .await
+            .expect("read the outbox");
+        let names = [
+            "event_id",
+            "sequence_id",
+            "aggregate_id",
+            "aggregate_type",
+            "event_type",
+            "payload",
+            "created_at",
+        ];
+        rows.iter()
+            .map(|row| {
+                let columns: Vec<(&str, Option<&str>)> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| (*name, row.get::<_, Option<&str>>(i)))
+                    .collect();
+                decode_text_row(&columns).expect("an outbox row decodes")
+            })
+            .collect()
+    }
+
+    /// Runs `event-processor <args>` against this stage (with `extra`
+    /// variables added) and waits for it.
+    pub fn command(&self, args: &[&str], extra: &[(&'static str, String)]) -> std::process::Output {
+        let mut env = self.env();
+        env.extend(extra.iter().cloned());
+        super::run_binary(args, &env)
     }
 
     /// Starts `event-processor run <args>` in the background; its log goes to

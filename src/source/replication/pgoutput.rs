@@ -473,6 +473,23 @@ mod tests {
         assert!(decoder.decode(&odd[..odd.len() - 3]).is_err());
     }
 
+    /// `prune` deletes outbox rows (and an operator may update them): where
+    /// a publication publishes those too, they are read past, never events.
+    #[test]
+    fn deletes_and_updates_of_outbox_rows_are_not_events() {
+        let mut decoder = Decoder::default();
+        decoder
+            .decode(&relation(7, "event_outbox", &COLUMNS))
+            .expect("relation");
+        let mut delete = insert(7, &row(b"{}"));
+        delete[0] = b'D';
+        delete[5] = b'K';
+        assert!(matches!(decoder.decode(&delete), Ok(WalItem::Other)));
+        let mut update = insert(7, &row(b"{}"));
+        update[0] = b'U';
+        assert!(matches!(decoder.decode(&update), Ok(WalItem::Other)));
+    }
+
     #[test]
     fn bad_rows_are_dead_letters_and_bad_messages_errors() {
         let mut decoder = Decoder::default();
