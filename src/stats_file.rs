@@ -64,7 +64,8 @@ pub struct StatsReport {
     /// (seconds since start, `done`) pairs over the whole run: one every
     /// 250 ms at first, the spacing doubling whenever 2048 points are reached.
     pub timeline: Vec<(f64, u64)>,
-    /// Commit-to-durable latency of every event of every finished batch.
+    /// Commit-to-durable latency of every applied event of every finished
+    /// batch (the events whose effect the batch made durable).
     pub latency: LatencyReport,
     /// Time spent in each stage of the finished batches, microseconds by
     /// stage (`source`, `load`, `fold`, `dead_letters`, `write`, `refresh`,

@@ -279,8 +279,9 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         };
         crash_point(points.after_write);
         let committed = batch.commit_times();
+        let outcomes = observed::outcomes(&batch.events, &report);
         if let Some(stats_file) = &self.shared.stats_file {
-            stats_file.durable(&committed);
+            stats_file.durable(&observed::applied_commit_times(&committed, &outcomes));
         }
         let outcome = BatchOutcome {
             dead_letters: report.dead_letters.clone(),
@@ -317,7 +318,13 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             &report,
             self.shared.stats_file.as_deref(),
         );
-        observed::durable(self.shared.source, &batch.events, &committed, &report);
+        observed::durable(
+            self.shared.source,
+            &batch.events,
+            &committed,
+            &outcomes,
+            &report,
+        );
         for letter in &outcome.dead_letters {
             tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
         }

@@ -37,64 +37,94 @@ pub(super) fn received(
     }
 }
 
-/// A batch whose effects are durable: every event's outcome, the batch, the
-/// MongoDB writes, and the commit-to-durable latency of each applied event.
+/// Per event of a batch, what the sink's report makes of it: `Applied`,
+/// `Duplicate` or `UnknownType`, `None` for one dead-lettered or deferred
+/// (those are counted from the report's own lists).
 ///
 /// The sink reports how many events were applied, fenced as duplicates or
 /// unmatched, not which: the events that neither were dead-lettered nor
 /// deferred nor of an unknown type count as applied in batch order, the rest
 /// as duplicates. The totals are exact; a batch that mixes event types and
 /// holds duplicates may attribute a duplicate to the wrong type.
-///
-/// The commit time is the carrier's where it says it, else the event's
-/// `created_at` (`SourceBatch::commit_time`).
+pub(super) fn outcomes(events: &[OutboxEvent], report: &SinkReport) -> Vec<Option<Outcome>> {
+    let set_aside: HashSet<Uuid> = report
+        .dead_letters
+        .iter()
+        .map(|letter| letter.event.event_id)
+        .chain(report.deferred.iter().map(|(event, _)| event.event_id))
+        .collect();
+    let (mut applied, mut unmatched) = (report.applied, report.unmatched);
+    events
+        .iter()
+        .map(|event| {
+            if set_aside.contains(&event.event_id) {
+                None
+            } else if unmatched > 0 && event_type_label(&event.event_type) == "other" {
+                unmatched -= 1;
+                Some(Outcome::UnknownType)
+            } else if applied > 0 {
+                applied -= 1;
+                Some(Outcome::Applied)
+            } else {
+                Some(Outcome::Duplicate)
+            }
+        })
+        .collect()
+}
+
+/// The commit times of the applied events (`outcomes` of the batch).
+pub(super) fn applied_commit_times(
+    committed: &[Option<DateTime<Utc>>],
+    outcomes: &[Option<Outcome>],
+) -> Vec<Option<DateTime<Utc>>> {
+    committed
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, outcome)| **outcome == Some(Outcome::Applied))
+        .map(|(committed, _)| *committed)
+        .collect()
+}
+
+/// A batch whose effects are durable: every event's outcome (`outcomes`),
+/// the batch, the MongoDB writes, and the commit-to-durable latency of each
+/// applied event. The commit time is the carrier's where it says it, else
+/// the event's `created_at` (`SourceBatch::commit_time`).
 pub(super) fn durable(
     source: SourceKind,
     events: &[OutboxEvent],
     committed: &[Option<DateTime<Utc>>],
+    outcomes: &[Option<Outcome>],
     report: &SinkReport,
 ) {
-    let mut outcomes: BTreeMap<(&'static str, Outcome), u64> = BTreeMap::new();
+    let mut counts: BTreeMap<(&'static str, Outcome), u64> = BTreeMap::new();
     let mut add = |event_type: &str, outcome: Outcome| {
-        *outcomes
+        *counts
             .entry((event_type_label(event_type), outcome))
             .or_default() += 1;
     };
+    for letter in &report.dead_letters {
+        add(&letter.event.event_type, Outcome::DeadLettered);
+    }
+    for (event, outcome) in events.iter().zip(outcomes) {
+        if let Some(outcome) = outcome {
+            add(&event.event_type, *outcome);
+        }
+    }
+    let now = SystemTime::now();
+    for committed in applied_commit_times(committed, outcomes)
+        .into_iter()
+        .flatten()
+    {
+        observe::commit_to_durable(elapsed(committed, now));
+    }
+    for ((event_type, outcome), n) in counts {
+        observe::events(source, event_type, outcome, n);
+    }
     let dead: HashSet<Uuid> = report
         .dead_letters
         .iter()
         .map(|letter| letter.event.event_id)
         .collect();
-    let deferred: HashSet<Uuid> = report
-        .deferred
-        .iter()
-        .map(|(event, _)| event.event_id)
-        .collect();
-    for letter in &report.dead_letters {
-        add(&letter.event.event_type, Outcome::DeadLettered);
-    }
-    let (mut applied, mut unmatched) = (report.applied, report.unmatched);
-    let now = SystemTime::now();
-    for (event, committed) in events.iter().zip(committed) {
-        if dead.contains(&event.event_id) || deferred.contains(&event.event_id) {
-            continue;
-        }
-        if unmatched > 0 && event_type_label(&event.event_type) == "other" {
-            unmatched -= 1;
-            add(&event.event_type, Outcome::UnknownType);
-        } else if applied > 0 {
-            applied -= 1;
-            add(&event.event_type, Outcome::Applied);
-            if let Some(committed) = committed {
-                observe::commit_to_durable(elapsed(*committed, now));
-            }
-        } else {
-            add(&event.event_type, Outcome::Duplicate);
-        }
-    }
-    for ((event_type, outcome), n) in outcomes {
-        observe::events(source, event_type, outcome, n);
-    }
     observe::batch(
         events.len()
             + report
@@ -119,4 +149,62 @@ fn dead_in(events: &[OutboxEvent], dead: &HashSet<Uuid>) -> usize {
         .iter()
         .filter(|event| dead.contains(&event.event_id))
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dead_letter::DeadLetter;
+
+    fn event(event_type: &str, minute: u32) -> OutboxEvent {
+        OutboxEvent {
+            event_id: Uuid::new_v4(),
+            sequence_id: Some(i64::from(minute)),
+            aggregate_id: Uuid::new_v4(),
+            aggregate_type: "User".into(),
+            event_type: event_type.into(),
+            payload: serde_json::json!({}),
+            created_at: format!("2026-01-01T00:{minute:02}:00Z").parse().ok(),
+        }
+    }
+
+    #[test]
+    fn only_the_applied_events_are_measured() {
+        let events = [
+            event("UserCreated", 1),
+            event("UserCreated", 2),
+            event("NoSuchType", 3),
+            event("UserRenamed", 4),
+            event("UserCreated", 5),
+        ];
+        // The second is dead-lettered, the third unknown, the fourth
+        // deferred; of the other two, one took effect and one was fenced.
+        let report = SinkReport {
+            applied: 1,
+            unmatched: 1,
+            dead_letters: vec![DeadLetter {
+                event: events[1].clone(),
+                error: "bad".into(),
+                attempts: 1,
+            }],
+            deferred: vec![(events[3].clone(), "not created yet".into())],
+            ..SinkReport::default()
+        };
+        let outcomes = outcomes(&events, &report);
+        assert_eq!(
+            outcomes,
+            [
+                Some(Outcome::Applied),
+                None,
+                Some(Outcome::UnknownType),
+                None,
+                Some(Outcome::Duplicate)
+            ]
+        );
+        let committed: Vec<_> = events.iter().map(|event| event.created_at).collect();
+        assert_eq!(
+            applied_commit_times(&committed, &outcomes),
+            [events[0].created_at]
+        );
+    }
 }
