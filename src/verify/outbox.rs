@@ -1,0 +1,108 @@
+//! The outbox folded with the reference fold: every row, whatever its
+//! status, in `sequence_id` order, read through a server-side cursor in one
+//! read-only snapshot (memory holds one chunk of rows, never the table).
+
+use crate::decode::decode_text_row;
+use crate::outbox::{describe, OutboxError};
+use crate::projection::fold::ReferenceFold;
+use tokio_postgres::{Client, SimpleQueryMessage};
+use uuid::Uuid;
+
+/// Rows fetched from the cursor at a time.
+const CHUNK: usize = 5_000;
+
+const COLUMNS: [&str; 8] = [
+    "event_id",
+    "sequence_id",
+    "aggregate_id",
+    "aggregate_type",
+    "event_type",
+    "payload",
+    "created_at",
+    "status",
+];
+
+/// The fold of the outbox and what was seen on the way.
+#[derive(Debug, Default)]
+pub struct Folded {
+    pub fold: ReferenceFold,
+    pub rows: u64,
+    /// Rows that do not decode (the processor dead-letters them as they are).
+    pub malformed: u64,
+    /// Rows still `pending`, `processing` or `retry`: events whose effects
+    /// the read models may not show yet.
+    pub unfinished: u64,
+}
+
+/// Folds the whole outbox; `progress` hears the rows folded so far after
+/// each chunk.
+pub async fn fold(client: &Client, progress: &mut dyn FnMut(u64)) -> Result<Folded, OutboxError> {
+    // `ORDER BY` names the table's column: the bare name would be the
+    // output column, its text.
+    let select = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+         DECLARE aep_verify NO SCROLL CURSOR FOR \
+         SELECT {} FROM event_outbox ORDER BY event_outbox.sequence_id",
+        COLUMNS
+            .iter()
+            .map(|c| format!("{c}::text"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    client
+        .batch_execute(&select)
+        .await
+        .map_err(|e| OutboxError::query("cannot read the outbox", e))?;
+    let mut folded = Folded::default();
+    loop {
+        let messages = client
+            .simple_query(&format!("FETCH FORWARD {CHUNK} FROM aep_verify"))
+            .await
+            .map_err(|e| OutboxError::query("reading the outbox failed", e))?;
+        let before = folded.rows;
+        for message in &messages {
+            if let SimpleQueryMessage::Row(row) = message {
+                let columns: Vec<(&str, Option<&str>)> = COLUMNS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| (*name, row.try_get(i).ok().flatten()))
+                    .collect();
+                folded.take(&columns);
+            }
+        }
+        progress(folded.rows);
+        if folded.rows - before < CHUNK as u64 {
+            break;
+        }
+    }
+    if let Err(err) = client.batch_execute("COMMIT").await {
+        tracing::debug!(error = %describe(&err), "closing the outbox snapshot");
+    }
+    Ok(folded)
+}
+
+impl Folded {
+    /// Folds one row, as the processor would apply it.
+    fn take(&mut self, columns: &[(&str, Option<&str>)]) {
+        self.rows += 1;
+        let status = columns.iter().find(|(name, _)| *name == "status");
+        if let Some((_, Some("pending" | "processing" | "retry"))) = status {
+            self.unfinished += 1;
+        }
+        match decode_text_row(columns) {
+            Ok(event) => self.fold.apply(&event),
+            Err(_) => {
+                self.malformed += 1;
+                let uuid = |wanted: &str| {
+                    columns
+                        .iter()
+                        .find(|(name, _)| *name == wanted)
+                        .and_then(|(_, value)| Uuid::parse_str((*value)?).ok())
+                        .unwrap_or_else(Uuid::nil)
+                };
+                self.fold
+                    .dead_letter(uuid("event_id"), uuid("aggregate_id"));
+            }
+        }
+    }
+}
