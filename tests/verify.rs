@@ -3,7 +3,8 @@
 //! corrupted by hand, a copy corrupted, a missing document, an extra one and
 //! a missing dead letter are each named (exit 1); `--aggregate` narrows to
 //! one aggregate and the documents that copy it; `--limit` caps what is
-//! printed, not what is counted; bad input and unreachable services.
+//! printed, not what is counted; bad input (an aggregate nothing names
+//! included) and unreachable services.
 
 mod common;
 
@@ -244,6 +245,13 @@ async fn verify_refuses_bad_input_and_says_what_is_unreachable() {
             "{args:?} names the value: {stderr}"
         );
     }
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let out = stage.command(&["verify", "--aggregate", &unknown], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let said = format!("error: no outbox row and no read-model document has aggregate {unknown}");
+    assert_eq!(stderr.trim_end(), said);
 
     let secret = "pg-secret-8841";
     let pg_down = [

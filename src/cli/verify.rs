@@ -51,6 +51,15 @@ pub async fn execute(config: &Config, args: &VerifyArgs) -> anyhow::Result<ExitC
     let summary =
         verify::verify(&client, &store, scope, &mut |p| progress.say(p), &mut print).await?;
     stdout.flush()?;
+    if let (Some(id), Some(0), 0, 0) = (
+        args.aggregate,
+        summary.aggregate_rows,
+        summary.documents,
+        count,
+    ) {
+        eprintln!("error: no outbox row and no read-model document has aggregate {id}");
+        return Ok(ExitCode::from(super::EXIT_FAILURE));
+    }
     say_summary(&summary, count, shown, started.elapsed());
     Ok(if count == 0 {
         ExitCode::SUCCESS

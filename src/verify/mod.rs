@@ -122,6 +122,8 @@ pub struct Summary {
     pub malformed: u64,
     pub unfinished: u64,
     pub documents: u64,
+    /// With `--aggregate`: the outbox rows of that aggregate.
+    pub aggregate_rows: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +151,14 @@ pub async fn verify(
     progress: &mut dyn FnMut(Progress),
     mismatch: &mut dyn FnMut(Mismatch),
 ) -> Result<Summary, VerifyError> {
-    let folded = outbox::fold(client, &mut |rows| progress(Progress::Folded(rows))).await?;
+    let aggregate = match scope {
+        Scope::All => None,
+        Scope::Aggregate(id) => Some(id),
+    };
+    let folded = outbox::fold(client, aggregate, &mut |rows| {
+        progress(Progress::Folded(rows))
+    })
+    .await?;
     let mut listener = compare::Listener {
         mismatch,
         compared: &mut |n| progress(Progress::Compared(n)),
@@ -163,5 +172,6 @@ pub async fn verify(
         malformed: folded.malformed,
         unfinished: folded.unfinished,
         documents: listener.documents,
+        aggregate_rows: folded.aggregate.map(|(_, rows)| rows),
     })
 }

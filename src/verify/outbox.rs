@@ -32,11 +32,17 @@ pub struct Folded {
     /// Rows still `pending`, `processing` or `retry`: events whose effects
     /// the read models may not show yet.
     pub unfinished: u64,
+    /// The aggregate asked about, and how many rows are its own.
+    pub aggregate: Option<(Uuid, u64)>,
 }
 
-/// Folds the whole outbox; `progress` hears the rows folded so far after
-/// each chunk.
-pub async fn fold(client: &Client, progress: &mut dyn FnMut(u64)) -> Result<Folded, OutboxError> {
+/// Folds the whole outbox, counting the rows of `aggregate`; `progress`
+/// hears the rows folded so far after each chunk.
+pub async fn fold(
+    client: &Client,
+    aggregate: Option<Uuid>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Folded, OutboxError> {
     // `ORDER BY` names the table's column: the bare name would be the
     // output column, its text.
     let select = format!(
@@ -53,7 +59,10 @@ pub async fn fold(client: &Client, progress: &mut dyn FnMut(u64)) -> Result<Fold
         .batch_execute(&select)
         .await
         .map_err(|e| OutboxError::query("cannot read the outbox", e))?;
-    let mut folded = Folded::default();
+    let mut folded = Folded {
+        aggregate: aggregate.map(|id| (id, 0)),
+        ..Folded::default()
+    };
     loop {
         let messages = client
             .simple_query(&format!("FETCH FORWARD {CHUNK} FROM aep_verify"))
@@ -90,7 +99,12 @@ impl Folded {
             self.unfinished += 1;
         }
         match decode_text_row(columns) {
-            Ok(event) => self.fold.apply(&event),
+            Ok(event) => {
+                if let Some((id, rows)) = &mut self.aggregate {
+                    *rows += u64::from(event.aggregate_id == *id);
+                }
+                self.fold.apply(&event)
+            }
             Err(_) => {
                 self.malformed += 1;
                 let uuid = |wanted: &str| {
