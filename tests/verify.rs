@@ -34,16 +34,20 @@ fn closed_port() -> u16 {
 
 /// A stage whose read models are a converged `run` of a generated history
 /// with poison, unknown types and events of aggregates never created.
-async fn converged(seed: u64, events: usize) -> (Stage, ReadModels) {
+async fn converged(seed: u64, events: usize) -> (Stage, ReadModels, Letters) {
     let stage = Stage::new().await;
     let history = generate(seed, &HistoryOptions::realistic(events));
     stage.load(&history).await;
     stage.run_until_caught_up(&[], &[], LIMIT);
-    let expected = ReferenceFold::of(&history).read_models();
+    let fold = ReferenceFold::of(&history);
+    let expected = fold.read_models();
     stage.assert_read_models(&expected, true).await;
     assert!(!expected.dead_letters.is_empty(), "the history has poison");
-    (stage, expected)
+    (stage, expected, fold.dead_letters().clone())
 }
+
+/// Dead-lettered events: event id, aggregate id.
+type Letters = std::collections::BTreeMap<uuid::Uuid, uuid::Uuid>;
 
 async fn set(stage: &Stage, collection: &str, id: &str, update: Document) {
     let result = stage
@@ -93,10 +97,11 @@ struct Damage {
     deleted_activity: String,
     extra_user: String,
     deleted_letter: String,
+    letter_aggregate: String,
     untouched_user: String,
 }
 
-fn choose(expected: &ReadModels) -> Damage {
+fn choose(expected: &ReadModels, letters: &Letters) -> Damage {
     let organized: Vec<(&String, &Value)> = expected
         .activities
         .iter()
@@ -111,6 +116,29 @@ fn choose(expected: &ReadModels) -> Damage {
     });
     let renamed_user = free.next().expect("a user in no activity").0.clone();
     let untouched_user = free.next().expect("another one").0.clone();
+    // A letter of an aggregate that none of the damage above touches.
+    let damaged = [
+        copy_activity,
+        deleted_activity,
+        &renamed_user,
+        &untouched_user,
+    ];
+    let apart = |aggregate: &String| {
+        let activities = &expected
+            .users
+            .get(aggregate)
+            .map(|u| u["activities"].to_string());
+        !related.contains(aggregate)
+            && !damaged.contains(&aggregate)
+            && !activities.as_ref().is_some_and(|a| {
+                a.contains(copy_activity.as_str()) || a.contains(deleted_activity.as_str())
+            })
+    };
+    let (letter, aggregate) = letters
+        .iter()
+        .map(|(letter, aggregate)| (letter.to_string(), aggregate.to_string()))
+        .find(|(_, aggregate)| apart(aggregate))
+        .expect("a letter apart from the rest");
     Damage {
         renamed_user,
         copy_activity: copy_activity.clone(),
@@ -120,12 +148,8 @@ fn choose(expected: &ReadModels) -> Damage {
             .into(),
         deleted_activity: deleted_activity.clone(),
         extra_user: uuid::Uuid::new_v4().to_string(),
-        deleted_letter: expected
-            .dead_letters
-            .iter()
-            .next()
-            .expect("a letter")
-            .clone(),
+        deleted_letter: letter,
+        letter_aggregate: aggregate,
         untouched_user,
     }
 }
@@ -155,7 +179,7 @@ async fn damage(stage: &Stage, d: &Damage) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_finds_nothing_on_a_converged_run_and_names_each_damage() {
-    let (stage, expected) = converged(1414, 4_000).await;
+    let (stage, expected, letters) = converged(1414, 4_000).await;
     let started = Instant::now();
     let out = stage.command(&["verify"], &[]);
     let (stdout, stderr) = text(&out);
@@ -167,7 +191,7 @@ async fn verify_finds_nothing_on_a_converged_run_and_names_each_damage() {
     );
     eprintln!("verify of 4000 rows took {:?}", started.elapsed());
 
-    let d = choose(&expected);
+    let d = choose(&expected, &letters);
     damage(&stage, &d).await;
     let out = stage.command(&["verify"], &[]);
     let (stdout, stderr) = text(&out);
@@ -222,6 +246,11 @@ async fn verify_finds_nothing_on_a_converged_run_and_names_each_damage() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stdout.starts_with(&wanted[2]), "{stdout}");
+    let out = only(&d.letter_aggregate);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stdout.starts_with(&wanted[4]), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
     let out = only(&d.untouched_user);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
