@@ -7,6 +7,7 @@ use super::found::{comparable, id_text};
 use super::{Mismatch, Scope};
 use crate::dead_letter::audit::AUDIT;
 use crate::projection::fold::{Memberships, ReferenceFold};
+use crate::store::codes::REFUSED;
 use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, DEAD_LETTERS, USERS};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
@@ -165,6 +166,33 @@ async fn dead_letters(
         (listener.mismatch)(Mismatch::missing(DEAD_LETTERS, id));
     }
     Ok(())
+}
+
+/// The events whose letters (in `dead_letters` or the audit) say MongoDB
+/// refused to store them.
+pub async fn refused(store: &MongoStore) -> Result<BTreeSet<Uuid>, StoreError> {
+    let mut found = BTreeSet::new();
+    for (collection, field) in [(DEAD_LETTERS, "error"), (AUDIT, "letter.error")] {
+        let mut cursor = store
+            .database()
+            .collection::<Document>(collection)
+            .find(doc! {})
+            .projection(doc! { "_id": 1, field: 1 })
+            .await?;
+        while let Some(doc) = cursor.try_next().await? {
+            let error = match field {
+                "error" => doc.get_str("error").ok(),
+                _ => doc
+                    .get_document("letter")
+                    .and_then(|l| l.get_str("error"))
+                    .ok(),
+            };
+            if error.is_some_and(|e| e.starts_with(REFUSED)) {
+                found.extend(Uuid::parse_str(&id_text(&doc)).ok());
+            }
+        }
+    }
+    Ok(found)
 }
 
 async fn ids(

@@ -8,6 +8,10 @@
 //! are compared by presence: every event the fold dead-letters has a letter
 //! (in `dead_letters`, or retried or discarded in `dead_letters_audit`),
 //! and every letter in `dead_letters` is an event the fold dead-letters.
+//! An event MongoDB refused to store (a document over 16 MB, a date it
+//! rejects) is dead-lettered by the processor where the fold would apply
+//! it: the fold takes such events, known by their letters' errors, as
+//! dead-lettered too.
 
 pub mod compare;
 pub mod diff;
@@ -155,7 +159,8 @@ pub async fn verify(
         Scope::All => None,
         Scope::Aggregate(id) => Some(id),
     };
-    let folded = outbox::fold(client, aggregate, &mut |rows| {
+    let refused = compare::refused(store).await.map_err(VerifyError::Store)?;
+    let folded = outbox::fold(client, aggregate, refused, &mut |rows| {
         progress(Progress::Folded(rows))
     })
     .await?;

@@ -5,6 +5,7 @@
 use crate::decode::decode_text_row;
 use crate::outbox::{describe, OutboxError};
 use crate::projection::fold::ReferenceFold;
+use std::collections::BTreeSet;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use uuid::Uuid;
 
@@ -34,13 +35,18 @@ pub struct Folded {
     pub unfinished: u64,
     /// The aggregate asked about, and how many rows are its own.
     pub aggregate: Option<(Uuid, u64)>,
+    /// Events MongoDB refused to store (their letters say so): the
+    /// processor dead-lettered them, which the fold cannot foresee.
+    pub refused: BTreeSet<Uuid>,
 }
 
-/// Folds the whole outbox, counting the rows of `aggregate`; `progress`
-/// hears the rows folded so far after each chunk.
+/// Folds the whole outbox, counting the rows of `aggregate` and
+/// dead-lettering the `refused` events; `progress` hears the rows folded so
+/// far after each chunk.
 pub async fn fold(
     client: &Client,
     aggregate: Option<Uuid>,
+    refused: BTreeSet<Uuid>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Folded, OutboxError> {
     // `ORDER BY` names the table's column: the bare name would be the
@@ -61,6 +67,7 @@ pub async fn fold(
         .map_err(|e| OutboxError::query("cannot read the outbox", e))?;
     let mut folded = Folded {
         aggregate: aggregate.map(|id| (id, 0)),
+        refused,
         ..Folded::default()
     };
     loop {
@@ -103,7 +110,11 @@ impl Folded {
                 if let Some((id, rows)) = &mut self.aggregate {
                     *rows += u64::from(event.aggregate_id == *id);
                 }
-                self.fold.apply(&event)
+                if self.refused.contains(&event.event_id) {
+                    self.fold.dead_letter(event.event_id, event.aggregate_id);
+                } else {
+                    self.fold.apply(&event);
+                }
             }
             Err(_) => {
                 self.malformed += 1;
