@@ -30,12 +30,7 @@ pub struct VerifyArgs {
 /// Runs the verification; exit 0 with no mismatch, 1 with any.
 pub async fn execute(config: &Config, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let client = outbox::connect(&config.postgres).await?;
-    let uri = config.mongodb.uri.expose();
-    let store = MongoStore::connect_within(uri, &config.mongodb.database, Some(MONGO_WAIT))
-        .await
-        .map_err(|e| {
-            anyhow::Error::new(e).context(format!("cannot reach MongoDB at {}", redact_uri(uri)))
-        })?;
+    let store = connect_mongo(config).await?;
     let scope = args.aggregate.map_or(Scope::All, Scope::Aggregate);
     let started = Instant::now();
     let mut progress = Reporter::new(started);
@@ -66,6 +61,16 @@ pub async fn execute(config: &Config, args: &VerifyArgs) -> anyhow::Result<ExitC
     } else {
         ExitCode::from(super::EXIT_FAILURE)
     })
+}
+
+/// MongoDB, asked first so that a long fold is not wasted on it.
+async fn connect_mongo(config: &Config) -> anyhow::Result<MongoStore> {
+    let uri = config.mongodb.uri.expose();
+    MongoStore::connect_within(uri, &config.mongodb.database, Some(MONGO_WAIT))
+        .await
+        .map_err(|e| {
+            anyhow::Error::new(e).context(format!("cannot reach MongoDB at {}", redact_uri(uri)))
+        })
 }
 
 fn say_summary(summary: &Summary, count: u64, shown: u64, took: Duration) {

@@ -49,6 +49,25 @@ pub async fn fold(
     refused: BTreeSet<Uuid>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Folded, OutboxError> {
+    open_cursor(client).await?;
+    let mut folded = Folded {
+        aggregate: aggregate.map(|id| (id, 0)),
+        refused,
+        ..Folded::default()
+    };
+    while folded.fetch(client).await? == CHUNK {
+        progress(folded.rows);
+    }
+    progress(folded.rows);
+    if let Err(err) = client.batch_execute("COMMIT").await {
+        tracing::debug!(error = %describe(&err), "closing the outbox snapshot");
+    }
+    Ok(folded)
+}
+
+/// One read-only snapshot, and a cursor over every row in `sequence_id`
+/// order.
+async fn open_cursor(client: &Client) -> Result<(), OutboxError> {
     // `ORDER BY` names the table's column: the bare name would be the
     // output column, its text.
     let select = format!(
@@ -64,18 +83,17 @@ pub async fn fold(
     client
         .batch_execute(&select)
         .await
-        .map_err(|e| OutboxError::query("cannot read the outbox", e))?;
-    let mut folded = Folded {
-        aggregate: aggregate.map(|id| (id, 0)),
-        refused,
-        ..Folded::default()
-    };
-    loop {
+        .map_err(|e| OutboxError::query("cannot read the outbox", e))
+}
+
+impl Folded {
+    /// Folds the next chunk of the cursor; the rows it held.
+    async fn fetch(&mut self, client: &Client) -> Result<usize, OutboxError> {
         let messages = client
             .simple_query(&format!("FETCH FORWARD {CHUNK} FROM aep_verify"))
             .await
             .map_err(|e| OutboxError::query("reading the outbox failed", e))?;
-        let before = folded.rows;
+        let mut rows = 0;
         for message in &messages {
             if let SimpleQueryMessage::Row(row) = message {
                 let columns: Vec<(&str, Option<&str>)> = COLUMNS
@@ -83,21 +101,13 @@ pub async fn fold(
                     .enumerate()
                     .map(|(i, name)| (*name, row.try_get(i).ok().flatten()))
                     .collect();
-                folded.take(&columns);
+                self.take(&columns);
+                rows += 1;
             }
         }
-        progress(folded.rows);
-        if folded.rows - before < CHUNK as u64 {
-            break;
-        }
+        Ok(rows)
     }
-    if let Err(err) = client.batch_execute("COMMIT").await {
-        tracing::debug!(error = %describe(&err), "closing the outbox snapshot");
-    }
-    Ok(folded)
-}
 
-impl Folded {
     /// Folds one row, as the processor would apply it.
     fn take(&mut self, columns: &[(&str, Option<&str>)]) {
         self.rows += 1;
