@@ -42,3 +42,4 @@ pub mod stages;
 pub mod stats_file;
 pub mod store;
 pub mod telemetry;
+pub mod verify;

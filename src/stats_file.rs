@@ -359,7 +359,7 @@ fn cpu_seconds() -> Option<(f64, f64)> {
 }
 
 /// Peak resident set size of this process, bytes (`VmHWM`).
-fn peak_rss_bytes() -> Option<u64> {
+pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -235,6 +235,14 @@ async fn retry_all_after_the_missing_creations_gives_the_fold_of_the_outbox() {
         "the retried events took effect"
     );
     assert_rows_finished(&stage, &letters).await;
+    // `verify` agrees: the retried letters are in the audit, where it looks.
+    let verified = stage.command(&["verify"], &[]);
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "verify: {}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
     for record in audit(&stage).await {
         assert_eq!(record.get_str("action"), Ok("retried"), "{record}");
         let id = record.get_str("_id").expect("id");

@@ -9,6 +9,7 @@ pub mod prune;
 pub mod run;
 pub mod show;
 pub mod status;
+pub mod verify;
 
 use crate::config::{self, Config, ConfigError, EnvMap, Flag};
 use crate::counters::Stats;
@@ -80,6 +81,12 @@ pub enum Command {
     DeadLetters(dead_letters::DeadLettersArgs),
     /// Delete `processed` outbox rows older than `--older-than` (never unfinished or failed ones).
     Prune(prune::PruneArgs),
+    /// Fold the whole outbox and compare the read models with it, document by document;
+    /// print each mismatch (collection, id, field, expected, found).
+    ///
+    /// Exit status: 0 with no mismatch; 1 with any, or when PostgreSQL or MongoDB
+    /// cannot be read; 2 for a usage or configuration error.
+    Verify(verify::VerifyArgs),
 }
 
 /// `--stats-file`, on `run` and `relay`.
@@ -261,6 +268,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         Command::Kafka(args) => kafka::execute(&config, &args).await?,
         Command::DeadLetters(args) => return dead_letters::execute(&config, args).await,
         Command::Prune(args) => return prune::execute(&config, &args).await,
+        Command::Verify(args) => return verify::execute(&config, &args).await,
         Command::Show(args) => {
             let store = crate::store::mongo::MongoStore::connect(
                 config.mongodb.uri.expose(),

@@ -52,7 +52,8 @@ impl Activity {
 pub struct ReferenceFold {
     users: BTreeMap<Uuid, User>,
     activities: BTreeMap<Uuid, Activity>,
-    dead_letters: BTreeSet<Uuid>,
+    /// Dead-lettered events: event id, aggregate id.
+    dead_letters: BTreeMap<Uuid, Uuid>,
 }
 
 /// The read models in a comparable form: documents by `_id`, bookkeeping
@@ -97,7 +98,7 @@ impl ReferenceFold {
             Err(_) => false,
         };
         if !ok {
-            self.dead_letters.insert(event.event_id);
+            self.dead_letters.insert(event.event_id, event.aggregate_id);
         }
     }
 
@@ -218,80 +219,144 @@ impl ReferenceFold {
             .map_or(Value::Null, |u| Value::String(u.display_name.clone()))
     }
 
+    /// Records an event the processor dead-letters without routing it (an
+    /// outbox row that does not decode).
+    pub fn dead_letter(&mut self, event_id: Uuid, aggregate_id: Uuid) {
+        self.dead_letters.insert(event_id, aggregate_id);
+    }
+
+    /// The dead-lettered events: event id and aggregate id.
+    pub fn dead_letters(&self) -> &BTreeMap<Uuid, Uuid> {
+        &self.dead_letters
+    }
+
+    /// The ids of the user and activity documents the facts define.
+    pub fn user_ids(&self) -> impl Iterator<Item = &Uuid> {
+        self.users.keys()
+    }
+
+    pub fn activity_ids(&self) -> impl Iterator<Item = &Uuid> {
+        self.activities.keys()
+    }
+
+    /// The organizer and the participants of an activity (none if it does
+    /// not exist).
+    pub fn members(&self, activity: &Uuid) -> Vec<Uuid> {
+        self.activities.get(activity).map_or_else(Vec::new, |a| {
+            std::iter::once(a.organizer)
+                .chain(a.participants.iter().map(|(u, _)| *u))
+                .collect()
+        })
+    }
+
+    /// Every user's activities and role in each (`organizer` wins): built
+    /// once, so that deriving every user document stays linear.
+    pub fn memberships(&self) -> Memberships {
+        let mut roles: BTreeMap<Uuid, BTreeMap<Uuid, &'static str>> = BTreeMap::new();
+        for (activity_id, a) in &self.activities {
+            for (user, _) in &a.participants {
+                roles
+                    .entry(*user)
+                    .or_default()
+                    .insert(*activity_id, "participant");
+            }
+            roles
+                .entry(a.organizer)
+                .or_default()
+                .insert(*activity_id, "organizer");
+        }
+        Memberships(roles)
+    }
+
+    /// The activity document these facts define, if the activity exists.
+    pub fn activity_doc(&self, id: &Uuid) -> Option<Value> {
+        let a = self.activities.get(id)?;
+        let mut participants: Vec<Value> = a
+            .participants
+            .iter()
+            .map(|(u, joined_at)| {
+                json!({
+                    "user_id": u.to_string(),
+                    "display_name": self.display_name(u),
+                    "joined_at": time_key(joined_at),
+                })
+            })
+            .collect();
+        sort_by_key(&mut participants, "user_id");
+        Some(json!({
+            "_id": id.to_string(),
+            "title": a.title,
+            "location": a.location,
+            "starts_at": time_key(&a.starts_at),
+            "capacity": a.capacity,
+            "status": a.status(),
+            "organizer": {
+                "user_id": a.organizer.to_string(),
+                "display_name": self.display_name(&a.organizer),
+            },
+            "participants": participants,
+            "participant_count": a.participants.len(),
+            "created_at": opt_time(&a.created_at),
+            "updated_at": opt_time(&a.updated_at),
+        }))
+    }
+
+    /// The user document these facts define, if the user exists.
+    pub fn user_doc(&self, id: &Uuid, memberships: &Memberships) -> Option<Value> {
+        let u = self.users.get(id)?;
+        let entries: Vec<Value> = memberships
+            .of(id)
+            .filter_map(|(activity_id, role)| {
+                let a = self.activities.get(activity_id)?;
+                Some(json!({
+                    "activity_id": activity_id.to_string(),
+                    "title": a.title,
+                    "starts_at": time_key(&a.starts_at),
+                    "status": a.status(),
+                    "role": role,
+                }))
+            })
+            .collect();
+        Some(json!({
+            "_id": id.to_string(),
+            "email": u.email,
+            "display_name": u.display_name,
+            "created_at": opt_time(&u.created_at),
+            "updated_at": opt_time(&u.updated_at),
+            "activities": entries,
+        }))
+    }
+
     /// The read models these facts define.
     pub fn read_models(&self) -> ReadModels {
-        let mut models = ReadModels {
-            dead_letters: self.dead_letters.iter().map(Uuid::to_string).collect(),
-            ..ReadModels::default()
-        };
-        for (id, a) in &self.activities {
-            let mut participants: Vec<Value> = a
-                .participants
-                .iter()
-                .map(|(u, joined_at)| {
-                    json!({
-                        "user_id": u.to_string(),
-                        "display_name": self.display_name(u),
-                        "joined_at": time_key(joined_at),
-                    })
-                })
-                .collect();
-            sort_by_key(&mut participants, "user_id");
-            models.activities.insert(
-                id.to_string(),
-                json!({
-                    "_id": id.to_string(),
-                    "title": a.title,
-                    "location": a.location,
-                    "starts_at": time_key(&a.starts_at),
-                    "capacity": a.capacity,
-                    "status": a.status(),
-                    "organizer": {
-                        "user_id": a.organizer.to_string(),
-                        "display_name": self.display_name(&a.organizer),
-                    },
-                    "participants": participants,
-                    "participant_count": a.participants.len(),
-                    "created_at": opt_time(&a.created_at),
-                    "updated_at": opt_time(&a.updated_at),
-                }),
-            );
-        }
-        for (id, u) in &self.users {
-            let mut entries: Vec<Value> = self
+        let memberships = self.memberships();
+        ReadModels {
+            dead_letters: self.dead_letters.keys().map(Uuid::to_string).collect(),
+            users: self
+                .users
+                .keys()
+                .filter_map(|id| Some((id.to_string(), self.user_doc(id, &memberships)?)))
+                .collect(),
+            activities: self
                 .activities
-                .iter()
-                .filter_map(|(activity_id, a)| {
-                    let role = if a.organizer == *id {
-                        "organizer"
-                    } else if a.participants.iter().any(|(p, _)| p == id) {
-                        "participant"
-                    } else {
-                        return None;
-                    };
-                    Some(json!({
-                        "activity_id": activity_id.to_string(),
-                        "title": a.title,
-                        "starts_at": time_key(&a.starts_at),
-                        "status": a.status(),
-                        "role": role,
-                    }))
-                })
-                .collect();
-            sort_by_key(&mut entries, "activity_id");
-            models.users.insert(
-                id.to_string(),
-                json!({
-                    "_id": id.to_string(),
-                    "email": u.email,
-                    "display_name": u.display_name,
-                    "created_at": opt_time(&u.created_at),
-                    "updated_at": opt_time(&u.updated_at),
-                    "activities": entries,
-                }),
-            );
+                .keys()
+                .filter_map(|id| Some((id.to_string(), self.activity_doc(id)?)))
+                .collect(),
         }
-        models
+    }
+}
+
+/// Each user's activities with the user's role, by activity id.
+#[derive(Debug, Default)]
+pub struct Memberships(BTreeMap<Uuid, BTreeMap<Uuid, &'static str>>);
+
+impl Memberships {
+    /// The activities of `user` in id order, with the role in each.
+    pub fn of(&self, user: &Uuid) -> impl Iterator<Item = (&Uuid, &'static str)> {
+        self.0
+            .get(user)
+            .into_iter()
+            .flat_map(|roles| roles.iter().map(|(id, role)| (id, *role)))
     }
 }
 

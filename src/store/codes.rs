@@ -110,6 +110,10 @@ pub fn write_error(collection: &str, code: i32, message: &str) -> StoreError {
     }
 }
 
+/// How the message of a [`Refusal`] begins (and so the error of the dead
+/// letter of an event the server refused): `verify` finds such letters by it.
+pub const REFUSED: &str = "mongodb refused the write";
+
 /// The server refused a write because of what it held.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("mongodb refused the write to {collection}: {message} (code {code})")]
@@ -188,6 +192,16 @@ fn server_selection(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_says_so_first() {
+        let refusal = Refusal {
+            collection: "users".into(),
+            code: 2,
+            message: "bad date".into(),
+        };
+        assert!(refusal.to_string().starts_with(REFUSED), "{refusal}");
+    }
 
     #[test]
     fn codes_are_sorted_into_three_classes() {

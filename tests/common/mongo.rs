@@ -1,10 +1,10 @@
 //! A MongoDB database of its own per test, on the server the services script
 //! started, and the read models read back in the reference fold's form.
 
-use activity_event_processor::projection::fold::{sort_by_key, time_key, ReadModels};
+use activity_event_processor::projection::fold::ReadModels;
 use activity_event_processor::store::mongo::{MongoStore, ACTIVITIES, DEAD_LETTERS, USERS};
-use mongodb::bson::{doc, Bson, Document};
-use serde_json::{Map, Value};
+use activity_event_processor::verify::found::{comparable, id_text};
+use mongodb::bson::{doc, Bson};
 
 pub fn mongodb_uri() -> String {
     std::env::var("MONGODB_URI").unwrap_or_else(|_| {
@@ -54,67 +54,30 @@ impl TestMongo {
     }
 }
 
-/// The read models as stored, bookkeeping (`_`-prefixed) fields removed, dates as
-/// RFC 3339 with milliseconds, arrays sorted: comparable with the fold.
+/// The read models as stored, in the reference fold's form (the library's
+/// `verify::found`): comparable with the fold.
 pub async fn read_models(store: &MongoStore) -> ReadModels {
     let mut models = ReadModels::default();
-    for doc in store.find(USERS, doc! {}, None).await.expect("users") {
-        let mut value = to_json(&doc);
-        if let Some(Value::Array(items)) = value.get_mut("activities") {
-            sort_by_key(items, "activity_id");
+    for (collection, into) in [
+        (USERS, &mut models.users),
+        (ACTIVITIES, &mut models.activities),
+    ] {
+        for doc in store
+            .find(collection, doc! {}, None)
+            .await
+            .expect("read models")
+        {
+            into.insert(id_text(&doc), comparable(collection, &doc));
         }
-        models.users.insert(id_of(&value), value);
-    }
-    for doc in store
-        .find(ACTIVITIES, doc! {}, None)
-        .await
-        .expect("activities")
-    {
-        let mut value = to_json(&doc);
-        if let Some(Value::Array(items)) = value.get_mut("participants") {
-            sort_by_key(items, "user_id");
-        }
-        models.activities.insert(id_of(&value), value);
     }
     for doc in store
         .find(DEAD_LETTERS, doc! {}, None)
         .await
         .expect("dead letters")
     {
-        models.dead_letters.insert(id_of(&to_json(&doc)));
+        models.dead_letters.insert(id_text(&doc));
     }
     models
-}
-
-fn id_of(value: &Value) -> String {
-    value["_id"].as_str().expect("string _id").to_string()
-}
-
-fn to_json(doc: &Document) -> Value {
-    bson_to_json(&Bson::Document(doc.clone()))
-}
-
-fn bson_to_json(value: &Bson) -> Value {
-    match value {
-        Bson::Document(doc) => {
-            let mut map = Map::new();
-            for (key, value) in doc {
-                if key.starts_with('_') && key != "_id" {
-                    continue;
-                }
-                map.insert(key.clone(), bson_to_json(value));
-            }
-            Value::Object(map)
-        }
-        Bson::Array(items) => Value::Array(items.iter().map(bson_to_json).collect()),
-        Bson::DateTime(t) => {
-            let t = chrono::DateTime::from_timestamp_millis(t.timestamp_millis()).expect("date");
-            Value::String(time_key(&t))
-        }
-        Bson::Int32(n) => Value::from(*n),
-        Bson::Int64(n) => Value::from(*n),
-        other => other.clone().into_relaxed_extjson(),
-    }
 }
 
 /// Arms the server's test-only `failCommand` failpoint: the next `times`

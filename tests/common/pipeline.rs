@@ -78,7 +78,7 @@ impl Stage {
             .query(
                 "SELECT event_id::text, sequence_id::text, aggregate_id::text, aggregate_type,
                         event_type, payload::text, created_at::text
-                 FROM event_outbox ORDER BY sequence_id",
+                 FROM event_outbox ORDER BY event_outbox.sequence_id",
                 &[],
             )
             .await
