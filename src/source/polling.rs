@@ -50,15 +50,8 @@ WHERE t.event_id = c.event_id
 RETURNING t.event_id::text, t.sequence_id::text, t.aggregate_id::text, t.aggregate_type,
           t.event_type, t.payload::text, t.created_at::text";
 
-const COLUMNS: [&str; 7] = [
-    "event_id",
-    "sequence_id",
-    "aggregate_id",
-    "aggregate_type",
-    "event_type",
-    "payload",
-    "created_at",
-];
+/// The columns `CLAIM` returns, in its order.
+const COLUMNS: [&str; 7] = super::replication::EVENT_COLUMNS;
 
 /// Gives the claims of the workers named `<prefix>...` back (`pending`), for a
 /// process stopping without finishing its batches: their rows are claimable

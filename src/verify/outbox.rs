@@ -3,6 +3,7 @@
 //! read-only snapshot (memory holds one chunk of rows, never the table).
 
 use crate::decode::decode_text_row;
+use crate::source::replication::EVENT_COLUMNS;
 use crate::outbox::{describe, OutboxError};
 use crate::projection::fold::ReferenceFold;
 use std::collections::BTreeSet;
@@ -12,16 +13,10 @@ use uuid::Uuid;
 /// Rows fetched from the cursor at a time.
 const CHUNK: usize = 5_000;
 
-const COLUMNS: [&str; 8] = [
-    "event_id",
-    "sequence_id",
-    "aggregate_id",
-    "aggregate_type",
-    "event_type",
-    "payload",
-    "created_at",
-    "status",
-];
+/// The columns read: an event's, and the row's status.
+fn columns() -> impl Iterator<Item = &'static str> {
+    EVENT_COLUMNS.into_iter().chain(["status"])
+}
 
 /// The fold of the outbox and what was seen on the way.
 #[derive(Debug, Default)]
@@ -74,8 +69,7 @@ async fn open_cursor(client: &Client) -> Result<(), OutboxError> {
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
          DECLARE aep_verify NO SCROLL CURSOR FOR \
          SELECT {} FROM event_outbox ORDER BY event_outbox.sequence_id",
-        COLUMNS
-            .iter()
+        columns()
             .map(|c| format!("{c}::text"))
             .collect::<Vec<_>>()
             .join(", ")
@@ -96,10 +90,9 @@ impl Folded {
         let mut rows = 0;
         for message in &messages {
             if let SimpleQueryMessage::Row(row) = message {
-                let columns: Vec<(&str, Option<&str>)> = COLUMNS
-                    .iter()
+                let columns: Vec<(&str, Option<&str>)> = columns()
                     .enumerate()
-                    .map(|(i, name)| (*name, row.try_get(i).ok().flatten()))
+                    .map(|(i, name)| (name, row.try_get(i).ok().flatten()))
                     .collect();
                 self.take(&columns);
                 rows += 1;

@@ -83,15 +83,7 @@ impl Stage {
             )
             .await
             .expect("read the outbox");
-        let names = [
-            "event_id",
-            "sequence_id",
-            "aggregate_id",
-            "aggregate_type",
-            "event_type",
-            "payload",
-            "created_at",
-        ];
+        let names = activity_event_processor::source::replication::EVENT_COLUMNS;
         rows.iter()
             .map(|row| {
                 let columns: Vec<(&str, Option<&str>)> = names

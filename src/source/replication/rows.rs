@@ -7,7 +7,7 @@ use crate::decode::{decode_text_row, DecodeError, OutboxEvent};
 use uuid::Uuid;
 
 /// The outbox columns an event is made of (the others are never read).
-pub(super) const EVENT_COLUMNS: [&str; 7] = [
+pub const EVENT_COLUMNS: [&str; 7] = [
     "event_id",
     "sequence_id",
     "aggregate_id",
