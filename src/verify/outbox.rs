@@ -3,9 +3,9 @@
 //! read-only snapshot (memory holds one chunk of rows, never the table).
 
 use crate::decode::decode_text_row;
-use crate::source::replication::EVENT_COLUMNS;
 use crate::outbox::{describe, OutboxError};
 use crate::projection::fold::ReferenceFold;
+use crate::source::replication::EVENT_COLUMNS;
 use std::collections::BTreeSet;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use uuid::Uuid;
