@@ -3,108 +3,26 @@
 //! outbox, and the read models then equal the reference fold of the outbox
 //! as it stands (re-emitted rows included); a retry concurrent with `run`
 //! and with another retry, or run again, re-emits each letter once; a
-//! retry stopped between the outbox and the audit finishes on rerun;
-//! MongoDB or PostgreSQL unreachable changes nothing; `discard` keeps the
-//! letter with its reason; bad input is refused.
+//! retry stopped between the outbox and the audit finishes on rerun; the
+//! re-emitted rows travel through the relay with the kafka source; a write
+//! in flight holds a retry off (`tests/dead_letters_cli.rs` has the failures
+//! and the bad input).
 
 mod common;
 
-use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::dead_letter::reemit::new_event_id;
-use activity_event_processor::decode::OutboxEvent;
 use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
-use activity_event_processor::sink::deferral;
 use common::kafka::{self, Slots};
+use common::letters::{
+    audit, finish, ids_in, letter_ids, missing_creations, row_count, stage_with_letters, succeeded,
+    text, wait_final_letters, AUDIT, LIMIT,
+};
 use common::mongo::{fail_command, fail_command_off, FAILPOINT};
 use common::pipeline::{kill_9, Stage};
-use mongodb::bson::{doc, Document};
-use std::collections::{BTreeSet, HashMap};
-use std::process::Output;
+use mongodb::bson::doc;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-const LIMIT: Duration = Duration::from_secs(120);
-const AUDIT: &str = "dead_letters_audit";
-
-/// A generated history without poison, split into the events the outbox
-/// gets first and the creations of the `withhold` aggregates with the most
-/// later events (their events dead-letter until the creations come). The
-/// creations have no `sequence_id`: inserted later, they get new ones.
-fn missing_creations(
-    seed: u64,
-    events: usize,
-    withhold: usize,
-) -> (Vec<OutboxEvent>, Vec<OutboxEvent>) {
-    let options = HistoryOptions {
-        poison_per_mille: 0,
-        unknown_per_mille: 0,
-        chaos_per_mille: 0,
-        ..HistoryOptions::realistic(events)
-    };
-    let history = generate(seed, &options);
-    let mut later: HashMap<Uuid, usize> = HashMap::new();
-    for e in &history {
-        if !e.event_type.ends_with("Created") {
-            *later.entry(e.aggregate_id).or_default() += 1;
-        }
-    }
-    let mut creations: Vec<&OutboxEvent> = history
-        .iter()
-        .filter(|e| e.event_type.ends_with("Created"))
-        .collect();
-    creations.sort_by_key(|e| std::cmp::Reverse(later.get(&e.aggregate_id).copied().unwrap_or(0)));
-    let chosen: BTreeSet<Uuid> = creations
-        .iter()
-        .take(withhold)
-        .map(|e| e.event_id)
-        .collect();
-    let (mut withheld, kept): (Vec<OutboxEvent>, Vec<OutboxEvent>) = history
-        .into_iter()
-        .partition(|e| chosen.contains(&e.event_id));
-    for e in &mut withheld {
-        e.sequence_id = None;
-    }
-    (kept, withheld)
-}
-
-/// A stage whose outbox holds `kept`, applied by a replication run: its
-/// dead letters are the events of the withheld aggregates.
-async fn stage_with_letters(seed: u64, withhold: usize) -> (Stage, Vec<OutboxEvent>) {
-    let stage = Stage::new().await;
-    let (kept, withheld) = missing_creations(seed, 240, withhold);
-    stage.load(&kept).await;
-    stage.run_until_caught_up(&[], &[], LIMIT);
-    assert!(
-        letter_ids(&stage).await.len() > withhold,
-        "the history dead-letters the withheld aggregates' events"
-    );
-    (stage, withheld)
-}
-
-async fn ids_in(stage: &Stage, collection: &str) -> BTreeSet<String> {
-    stage
-        .mongo
-        .store
-        .find(collection, doc! {}, None)
-        .await
-        .expect("read")
-        .iter()
-        .map(|d| d.get_str("_id").expect("string _id").to_string())
-        .collect()
-}
-
-async fn letter_ids(stage: &Stage) -> BTreeSet<String> {
-    ids_in(stage, "dead_letters").await
-}
-
-async fn audit(stage: &Stage) -> Vec<Document> {
-    stage
-        .mongo
-        .store
-        .find(AUDIT, doc! {}, None)
-        .await
-        .expect("audit")
-}
 
 /// The fold of the outbox as it now stands, its dead letters less those
 /// moved to the audit collection (retried or discarded).
@@ -142,15 +60,6 @@ async fn rows_of(stage: &Stage, ids: &[Uuid]) -> Vec<(Uuid, String)> {
     rows.iter().map(|r| (r.get(0), r.get(1))).collect()
 }
 
-async fn row_count(stage: &Stage) -> i64 {
-    let client = stage.pg.client().await;
-    let row = client
-        .query_one("SELECT count(*) FROM event_outbox", &[])
-        .await
-        .expect("count");
-    row.get(0)
-}
-
 /// One new row per letter, `processed`, or `failed` where the fold of the
 /// outbox dead-letters it (a duplicate creation fails again); most succeed.
 async fn assert_rows_finished(stage: &Stage, letters: &BTreeSet<String>) {
@@ -172,29 +81,6 @@ async fn assert_rows_finished(stage: &Stage, letters: &BTreeSet<String>) {
         processed * 2 > rows.len(),
         "most retried events take effect: {rows:?}"
     );
-}
-
-/// Drops the test's MongoDB database and its log.
-async fn finish(stage: Stage) {
-    let _ = std::fs::remove_file(stage.log_path());
-    stage.mongo.drop().await;
-}
-
-fn text(output: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&output.stdout).to_string(),
-        String::from_utf8_lossy(&output.stderr).to_string(),
-    )
-}
-
-fn succeeded(output: &Output, what: &str) -> String {
-    let (out, err) = text(output);
-    assert!(
-        output.status.success(),
-        "{what}: {:?}\n{out}\n{err}",
-        output.status
-    );
-    out
 }
 
 fn new_ids(letters: &BTreeSet<String>) -> Vec<Uuid> {
@@ -236,13 +122,7 @@ async fn retry_all_after_the_missing_creations_gives_the_fold_of_the_outbox() {
     );
     assert_rows_finished(&stage, &letters).await;
     // `verify` agrees: the retried letters are in the audit, where it looks.
-    let verified = stage.command(&["verify"], &[]);
-    assert_eq!(
-        verified.status.code(),
-        Some(0),
-        "verify: {}",
-        String::from_utf8_lossy(&verified.stdout)
-    );
+    stage.assert_verified();
     for record in audit(&stage).await {
         assert_eq!(record.get_str("action"), Ok("retried"), "{record}");
         let id = record.get_str("_id").expect("id");
@@ -386,244 +266,6 @@ async fn a_retry_stopped_before_the_audit_finishes_on_rerun_without_re_emitting(
     finish(stage).await;
 }
 
-/// A closed port on this host.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
-/// MongoDB unreachable: retry waits, says so, gives up after `--wait`;
-/// PostgreSQL unreachable: says so at once. Neither changes anything.
-#[tokio::test(flavor = "multi_thread")]
-async fn retry_without_mongodb_or_the_outbox_changes_nothing() {
-    let (stage, _withheld) = stage_with_letters(7004, 1).await;
-    let _slots = Slots(stage.pg.config.clone());
-    let letters = letter_ids(&stage).await;
-    let rows_before = row_count(&stage).await;
-
-    let mongo_down = [(
-        "MONGODB_URI",
-        format!("mongodb://127.0.0.1:{}/?retryWrites=false", closed_port()),
-    )];
-    let started = Instant::now();
-    let out = stage.command(
-        &["dead-letters", "retry", "--all", "--wait", "2s"],
-        &mongo_down,
-    );
-    let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("MongoDB unreachable, waiting for it"), "{err}");
-    assert!(err.contains("nothing changed"), "{err}");
-    assert!(started.elapsed() >= Duration::from_secs(2), "it waited");
-
-    let pg_down = [("POSTGRES_PORT", closed_port().to_string())];
-    let out = stage.command(&["dead-letters", "retry", "--all"], &pg_down);
-    let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("the outbox, which is unreachable: nothing changed"),
-        "{err}"
-    );
-
-    assert_eq!(row_count(&stage).await, rows_before);
-    assert_eq!(letter_ids(&stage).await, letters);
-    assert!(audit(&stage).await.is_empty());
-    finish(stage).await;
-}
-
-/// (c) and the bad input: list, show, export, discard with a reason (then
-/// in `list --discarded`), unknown ids, an empty collection, bad values.
-#[tokio::test(flavor = "multi_thread")]
-async fn discard_keeps_the_letter_with_its_reason_and_bad_input_is_refused() {
-    let empty = Stage::new().await;
-    let out = succeeded(
-        &empty.command(&["dead-letters", "list"], &[]),
-        "list of none",
-    );
-    assert_eq!(out, "no dead letters\n");
-    let out = succeeded(
-        &empty.command(&["dead-letters", "retry", "--all"], &[]),
-        "retry none",
-    );
-    assert!(out.contains("nothing to do"), "{out}");
-    assert_eq!(
-        succeeded(
-            &empty.command(&["dead-letters", "export"], &[]),
-            "export none"
-        ),
-        ""
-    );
-    finish(empty).await;
-
-    let (stage, _withheld) = stage_with_letters(7005, 2).await;
-    let _slots = Slots(stage.pg.config.clone());
-    let letters = letter_ids(&stage).await;
-    let (first, second) = {
-        let mut it = letters.iter();
-        (
-            it.next().expect("one").clone(),
-            it.next().expect("two").clone(),
-        )
-    };
-    let table = succeeded(&stage.command(&["dead-letters", "list"], &[]), "list");
-    assert!(
-        table.starts_with("ID ") && table.contains("ATTEMPTS"),
-        "{table}"
-    );
-    assert!(
-        letters.iter().all(|id| table.contains(id.as_str())),
-        "{table}"
-    );
-    let json = succeeded(
-        &stage.command(&["dead-letters", "list", "--json"], &[]),
-        "list --json",
-    );
-    let rows: Vec<serde_json::Value> = json
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
-    assert_eq!(rows.len(), letters.len());
-    assert!(rows
-        .iter()
-        .all(|r| r["attempts"].as_i64() >= Some(1) && r["last_failed_at"].is_string()));
-    let shown = succeeded(
-        &stage.command(&["dead-letters", "show", &first, "--json"], &[]),
-        "show",
-    );
-    let shown: serde_json::Value = serde_json::from_str(&shown).expect("show json");
-    assert_eq!(shown["id"], first.as_str());
-    assert!(shown["payload"].is_object(), "{shown}");
-    let export = succeeded(
-        &stage.command(&["dead-letters", "export", "--format", "jsonl"], &[]),
-        "export",
-    );
-    assert_eq!(export.lines().count(), letters.len());
-
-    let reason = "imported by mistake (ticket 42)";
-    let out = succeeded(
-        &stage.command(
-            &["dead-letters", "discard", &first, "--reason", reason],
-            &[],
-        ),
-        "discard",
-    );
-    assert!(
-        out.contains(first.as_str()) && out.contains("discarded"),
-        "{out}"
-    );
-    let discarded = succeeded(
-        &stage.command(&["dead-letters", "list", "--discarded"], &[]),
-        "list --discarded",
-    );
-    assert!(
-        discarded.contains(&first) && discarded.contains(reason),
-        "{discarded}"
-    );
-    assert!(!discarded.contains(&second), "{discarded}");
-    let listed = succeeded(&stage.command(&["dead-letters", "list"], &[]), "list after");
-    assert!(
-        !listed.contains(&first) && listed.contains(&second),
-        "{listed}"
-    );
-    let again = succeeded(
-        &stage.command(
-            &["dead-letters", "discard", &first, "--reason", "again"],
-            &[],
-        ),
-        "discard again",
-    );
-    assert!(
-        again.contains("already discarded") && again.contains(reason),
-        "{again}"
-    );
-
-    let rows_before = row_count(&stage).await;
-    let unknown = Uuid::new_v4().to_string();
-    let out = stage.command(&["dead-letters", "retry", &unknown, &second], &[]);
-    let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains(&unknown) && err.contains("nothing changed"),
-        "{err}"
-    );
-    assert_eq!(row_count(&stage).await, rows_before);
-    assert!(letter_ids(&stage).await.contains(&second));
-    let out = stage.command(&["dead-letters", "show", &unknown], &[]);
-    assert_eq!(out.status.code(), Some(1));
-
-    // A provisional letter (the kafka consumer still tries its event) is
-    // left alone.
-    let waiting = Uuid::new_v4().to_string();
-    let provisional = doc! {
-        "_id": &waiting, "sequence_id": 9_000_i64, "aggregate_type": "User",
-        "aggregate_id": Uuid::new_v4().to_string(), "event_type": "UserUpdated",
-        "payload": { "displayName": "Later" }, "attempts": 1_i64,
-        "error": format!("user not found ({}; tried 1 of 5 times)", deferral::WAITING),
-    };
-    stage
-        .mongo
-        .store
-        .database()
-        .collection::<Document>("dead_letters")
-        .insert_one(provisional)
-        .await
-        .expect("provisional letter");
-    let out = succeeded(
-        &stage.command(&["dead-letters", "retry", &waiting], &[]),
-        "retry waiting",
-    );
-    assert!(out.contains("the kafka consumer still tries it"), "{out}");
-    assert!(letter_ids(&stage).await.contains(&waiting));
-    assert_eq!(row_count(&stage).await, rows_before);
-
-    for bad in [
-        vec!["dead-letters", "discard", &second],
-        vec!["dead-letters", "discard", &second, "--reason", " "],
-        vec!["dead-letters", "retry"],
-        vec!["dead-letters", "retry", "not-a-uuid"],
-        vec!["dead-letters", "retry", &second, "--all"],
-        vec!["dead-letters", "list", "--since", "5 parsecs"],
-        vec!["dead-letters", "export", "--format", "csv"],
-        vec!["prune"],
-        vec!["prune", "--older-than", "soon"],
-        vec!["prune", "--older-than", "-3d"],
-    ] {
-        let out = stage.command(&bad, &[]);
-        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out).1);
-    }
-    assert!(letter_ids(&stage).await.contains(&second));
-    assert_eq!(row_count(&stage).await, rows_before);
-    finish(stage).await;
-}
-
-/// Waits until no letter is provisional: with the kafka source an event
-/// whose aggregate is missing waits (its letter says so) until its last try.
-async fn wait_final_letters(stage: &Stage, log: &std::path::Path) {
-    let start = Instant::now();
-    loop {
-        let letters = stage
-            .mongo
-            .store
-            .find("dead_letters", doc! {}, None)
-            .await
-            .expect("letters");
-        let waiting = letters.iter().any(|d| {
-            d.get_str("error")
-                .unwrap_or_default()
-                .contains("waiting for")
-        });
-        if !letters.is_empty() && !waiting {
-            return;
-        }
-        assert!(
-            start.elapsed() < LIMIT,
-            "letters still provisional\n{}",
-            kafka::tail(log)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// With the kafka source the re-emitted rows travel through the relay like
 /// any other row, and the read models end as the fold of the outbox.
 #[tokio::test(flavor = "multi_thread")]
@@ -666,44 +308,6 @@ async fn with_the_kafka_source_re_emitted_rows_travel_through_the_relay() {
     assert_eq!(rows.len(), letters.len(), "one new row per letter");
     let still = letter_ids(&stage).await;
     assert!(letters.iter().all(|id| !still.contains(id)), "{still:?}");
-    finish(stage).await;
-}
-
-/// Ctrl-C while `retry` waits for MongoDB stops it (exit 130), nothing changed.
-#[tokio::test(flavor = "multi_thread")]
-async fn ctrl_c_stops_a_waiting_retry_with_nothing_changed() {
-    let (stage, _withheld) = stage_with_letters(7007, 1).await;
-    let _slots = Slots(stage.pg.config.clone());
-    let rows_before = row_count(&stage).await;
-    let mut env = stage.env();
-    env.push((
-        "MONGODB_URI",
-        format!("mongodb://127.0.0.1:{}/?retryWrites=false", closed_port()),
-    ));
-    let log = stage.log_path();
-    let args = ["dead-letters", "retry", "--all", "--wait", "60s"];
-    let mut child = kafka::spawn(&args, &env, &log);
-    common::faults::wait_for_line(&log, "MongoDB unreachable, waiting for it", 0, LIMIT).await;
-    let interrupted = Instant::now();
-    let signal = std::process::Command::new("kill")
-        .args(["-INT", &child.0.id().to_string()])
-        .status()
-        .expect("kill -INT");
-    assert!(signal.success());
-    let status = common::crash::wait_exit(&mut child, Duration::from_secs(15)).await;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(130),
-        "{}",
-        kafka::tail(&log)
-    );
-    assert!(interrupted.elapsed() < Duration::from_secs(15));
-    assert!(
-        kafka::tail(&log).contains("interrupted: nothing changed"),
-        "{}",
-        kafka::tail(&log)
-    );
-    assert_eq!(row_count(&stage).await, rows_before);
     finish(stage).await;
 }
 

@@ -210,7 +210,7 @@ async fn a_huge_document_is_dead_lettered_alone(args: &[&str], seed: u64) {
     stage
         .assert_read_models(&expected_without(&history, &poison), true)
         .await;
-    assert_verified(&stage);
+    stage.assert_verified();
     let letter = dead_letter(&stage, poison.event_id).await;
     let error = letter.get_str("error").expect("error");
     assert!(
@@ -262,18 +262,7 @@ async fn a_date_the_server_refuses_is_dead_lettered_alone() {
         letter.get_document("payload").is_ok(),
         "a small payload is kept whole"
     );
-    assert_verified(&stage);
-}
-
-/// `verify` takes the refused event as the processor did: no mismatch.
-fn assert_verified(stage: &Stage) {
-    let verified = stage.command(&["verify"], &[]);
-    assert_eq!(
-        verified.status.code(),
-        Some(0),
-        "verify: {}",
-        String::from_utf8_lossy(&verified.stdout)
-    );
+    stage.assert_verified();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -97,12 +97,7 @@ pub async fn move_letters(
             &err.message,
         ));
     }
-    store
-        .database()
-        .collection::<Document>(DEAD_LETTERS)
-        .delete_many(doc! { "_id": { "$in": ids } })
-        .await?;
-    Ok(())
+    store.delete_ids(DEAD_LETTERS, ids.to_vec()).await
 }
 
 /// The audit records of `ids`.

@@ -138,12 +138,7 @@ pub async fn withdraw(store: &MongoStore, ids: &[Uuid]) -> Result<(), StoreError
         return Ok(());
     }
     let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-    store
-        .database()
-        .collection::<Document>(DEAD_LETTERS)
-        .delete_many(doc! { "_id": { "$in": ids } })
-        .await?;
-    Ok(())
+    store.delete_ids(DEAD_LETTERS, ids).await
 }
 
 fn doc_id(doc: &Document) -> Option<Uuid> {

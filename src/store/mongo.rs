@@ -388,6 +388,15 @@ impl MongoStore {
         })
     }
 
+    /// Deletes the documents of `collection` whose `_id` is one of `ids`.
+    pub async fn delete_ids(&self, collection: &str, ids: Vec<String>) -> Result<(), StoreError> {
+        self.db
+            .collection::<Document>(collection)
+            .delete_many(doc! { "_id": { "$in": ids } })
+            .await?;
+        Ok(())
+    }
+
     pub async fn count(&self, collection: &str) -> Result<u64, StoreError> {
         Ok(self
             .db

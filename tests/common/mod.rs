@@ -173,6 +173,7 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
 pub mod crash;
 pub mod faults;
 pub mod kafka;
+pub mod letters;
 pub mod mongo;
 pub mod observe;
 pub mod pipeline;

@@ -104,6 +104,18 @@ impl Stage {
         super::run_binary(args, &env)
     }
 
+    /// `event-processor verify` finds the read models equal to the fold of
+    /// the outbox (exit 0).
+    pub fn assert_verified(&self) {
+        let verified = self.command(&["verify"], &[]);
+        assert_eq!(
+            verified.status.code(),
+            Some(0),
+            "verify: {}",
+            String::from_utf8_lossy(&verified.stdout)
+        );
+    }
+
     /// Starts `event-processor run <args>` in the background; its log goes to
     /// a file (a pipe nobody reads would fill up and stall it).
     pub fn spawn(&self, args: &[&str], extra: &[(&'static str, String)]) -> Child {
