@@ -203,14 +203,16 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                     crash_at(K::CRASH_POINTS.after_decode);
                     backoff.reset();
                     outage.recovered(&self.retry);
+                    let committed = batch.commit_times();
                     observed::received(
                         self.shared.source,
                         &batch.events,
-                        &batch.commit_times(),
+                        &committed,
                         batch.malformed.len(),
                     );
                     let span = tracing::debug_span!("batch", events = batch.events.len());
-                    if !self.process(batch, stages).instrument(span).await? {
+                    let processed = self.process(batch, &committed, stages);
+                    if !processed.instrument(span).await? {
                         return Ok(());
                     }
                 }
@@ -265,11 +267,12 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         }
     }
 
-    /// One batch, in the order of the module's doc; `false`: shutdown came
-    /// first (nothing acknowledged).
+    /// One batch (`committed`: its events' commit times), in the order of
+    /// the module's doc; `false`: shutdown came first (nothing acknowledged).
     async fn process(
         &mut self,
         batch: SourceBatch<S::Ack>,
+        committed: &[Option<chrono::DateTime<chrono::Utc>>],
         mut stages: StageTimes,
     ) -> Result<bool, PipelineError> {
         let points = K::CRASH_POINTS;
@@ -278,10 +281,9 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             return Ok(false);
         };
         crash_point(points.after_write);
-        let committed = batch.commit_times();
         let outcomes = observed::outcomes(&batch.events, &report);
         if let Some(stats_file) = &self.shared.stats_file {
-            stats_file.durable(&observed::applied_commit_times(&committed, &outcomes));
+            stats_file.durable(&observed::applied_commit_times(committed, &outcomes));
         }
         let outcome = BatchOutcome {
             dead_letters: report.dead_letters.clone(),
@@ -321,7 +323,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         observed::durable(
             self.shared.source,
             &batch.events,
-            &committed,
+            committed,
             &outcomes,
             &report,
         );

@@ -202,6 +202,7 @@ impl KafkaSource {
         flight: &mut InFlight,
         highest: &mut BTreeMap<Tp, i64>,
     ) {
+        let mut skipped = 0;
         for record in records {
             self.stats.records.fetch_add(1, Ordering::Relaxed);
             let tp = (record.topic.clone(), record.partition);
@@ -219,12 +220,7 @@ impl KafkaSource {
                 }
                 Ok((Decoded::Skip(reason), _)) => {
                     self.stats.skip(reason);
-                    crate::observe::events(
-                        crate::config::SourceKind::Kafka,
-                        "other",
-                        crate::observe::Outcome::Skipped,
-                        1,
-                    );
+                    skipped += 1;
                     if self.skips_seen.insert(reason) {
                         tracing::debug!(
                             reason = reason.as_str(),
@@ -238,6 +234,15 @@ impl KafkaSource {
                     malformed.push(record.dead_letter(&err, &self.decode));
                 }
             }
+        }
+        if skipped > 0 {
+            // Counted once per poll, not per record (a lookup each).
+            crate::observe::events(
+                crate::config::SourceKind::Kafka,
+                "other",
+                crate::observe::Outcome::Skipped,
+                skipped,
+            );
         }
     }
 
