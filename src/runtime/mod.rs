@@ -176,6 +176,9 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
     pub async fn run(mut self) -> Result<(), PipelineError> {
         let mut progress = Progress::new(self.shared.stats.clone());
         let result = self.intake(&mut progress).await;
+        if result.is_ok() {
+            self.source.close().await;
+        }
         self.sink.close().await;
         if self.report_progress {
             progress.finish();

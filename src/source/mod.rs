@@ -211,6 +211,11 @@ pub trait Source {
         false
     }
 
+    /// A graceful stop: make sure the upstream holds the last acknowledged
+    /// position before the process exits (a restart then re-delivers nothing
+    /// already applied). Best effort: a failure is logged, never an error.
+    async fn close(&mut self) {}
+
     /// True once every event committed before the source started has been
     /// delivered and acknowledged (for `run --until-caught-up`).
     async fn caught_up(&mut self) -> Result<bool, SourceError>;

@@ -83,6 +83,9 @@ const TRANSACTION_GRACE: Duration = Duration::from_secs(5);
 /// still fills whole batches (its next message is always already there).
 const LINGER: Duration = Duration::from_millis(2);
 
+/// How long a graceful stop waits for the slot to show the final position.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// Which slot and publication to use (both are created if missing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationOptions {
@@ -465,6 +468,39 @@ impl Source for ReplicationSource {
 
     fn mid_transaction(&self) -> bool {
         matches!(self.phase, Phase::Streaming(_)) && (self.in_txn || self.carry.is_some())
+    }
+
+    /// The last status update is on its way when `ack` returns, but the
+    /// walsender may read it after the process has gone: wait (briefly) until
+    /// the slot shows it, so that a stop followed by a start re-delivers
+    /// nothing already applied.
+    async fn close(&mut self) {
+        let Phase::Streaming(wal) = &mut self.phase else {
+            return;
+        };
+        if self.acked == 0 {
+            return;
+        }
+        if let Err(err) = wal.feedback().await {
+            tracing::warn!(error = %crate::policy::describe(&err), "cannot send the final position to the slot");
+            return;
+        }
+        let deadline = Instant::now() + CLOSE_WAIT;
+        loop {
+            match slot_position(&self.pg, &self.options.slot).await {
+                Ok(Some(confirmed)) if confirmed >= self.acked => return,
+                Ok(_) | Err(_) if Instant::now() >= deadline => {
+                    tracing::warn!(
+                        slot = %self.options.slot,
+                        position = %lsn_text(self.acked),
+                        "the slot did not show the final position before the stop; \
+                         a restart may deliver the last events again (they are fenced)"
+                    );
+                    return;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
     }
 
     /// Every row committed before the start is delivered and acknowledged,
