@@ -33,6 +33,7 @@ pub mod observe;
 pub mod outbox;
 pub mod policy;
 pub mod projection;
+pub mod rebuild;
 pub mod relay;
 pub mod route;
 pub mod runtime;

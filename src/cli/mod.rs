@@ -6,6 +6,7 @@ pub mod flags;
 pub mod kafka;
 pub mod observing;
 pub mod prune;
+pub mod rebuild;
 pub mod run;
 pub mod show;
 pub mod status;
@@ -81,6 +82,13 @@ pub enum Command {
     DeadLetters(dead_letters::DeadLettersArgs),
     /// Delete `processed` outbox rows older than `--older-than` (never unfinished or failed ones).
     Prune(prune::PruneArgs),
+    /// Build the read models anew from the outbox into shadow collections and swap
+    /// them in with no downtime (the live processor pauses at a batch boundary for
+    /// the swap); `--dry-run` builds and compares with the live models, swaps nothing.
+    ///
+    /// Exit status: 0 once swapped (or compared); 1 on failure or while another
+    /// rebuild runs; 130 when interrupted before the swap (nothing changed).
+    Rebuild(rebuild::RebuildArgs),
     /// Fold the whole outbox and compare the read models with it, document by document;
     /// print each mismatch (collection, id, field, expected, found).
     ///
@@ -268,6 +276,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         Command::Kafka(args) => kafka::execute(&config, &args).await?,
         Command::DeadLetters(args) => return dead_letters::execute(&config, args).await,
         Command::Prune(args) => return prune::execute(&config, &args).await,
+        Command::Rebuild(args) => return rebuild::execute(&config, &args).await,
         Command::Verify(args) => return verify::execute(&config, &args).await,
         Command::Show(args) => {
             let store = crate::store::mongo::MongoStore::connect(

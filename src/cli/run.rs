@@ -13,6 +13,7 @@ use crate::counters::Stats;
 use crate::observe::Component;
 use crate::policy::{describe, Classify, ErrorClass};
 use crate::projection::Projector;
+use crate::rebuild::gate::Gate;
 use crate::runtime::{OutboxMarker, Pipeline, Retry, Shared};
 use crate::sink::{DiscardSink, MongoSink, Sink};
 use crate::source::kafka::KafkaSource;
@@ -237,7 +238,8 @@ pub async fn run(
         );
         match store {
             Some(store) => {
-                let mut sink = MongoSink::new(Projector::new(store.clone()));
+                let gate = Gate::start(store.clone(), shared.shutdown.clone());
+                let mut sink = MongoSink::new(Projector::new(store.clone())).gated(gate);
                 if config.source == SourceKind::Kafka {
                     // An aggregate's creation may still be on its way (another
                     // partition): the source tries such events again.

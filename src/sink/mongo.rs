@@ -5,6 +5,7 @@ use super::{Sink, SinkReport};
 use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
 use crate::projection::{BatchReport, Projector};
+use crate::rebuild::gate::Gate;
 use crate::source::{Retried, SourceBatch};
 use crate::stages::Stage;
 use crate::store::mongo::StoreError;
@@ -23,6 +24,9 @@ pub struct MongoSink {
     /// (its report, the letters to write): a retry of the same batch writes
     /// only the letters (the events' effects are not counted twice).
     half_done: Option<(SinkReport, Vec<DeadLetter>)>,
+    /// Set: the read models are written only through it, so that a rebuild
+    /// can pause this process for its swap ([`crate::rebuild::gate`]).
+    gate: Option<Gate>,
 }
 
 impl MongoSink {
@@ -31,7 +35,14 @@ impl MongoSink {
             projector,
             deferral: None,
             half_done: None,
+            gate: None,
         }
+    }
+
+    /// Writes the read models only through `gate` (a rebuild's swap pauses it).
+    pub fn gated(mut self, gate: Gate) -> MongoSink {
+        self.gate = Some(gate);
+        self
     }
 
     /// Events whose aggregate does not exist yet are handed back
@@ -120,6 +131,10 @@ impl MongoSink {
         &mut self,
         batch: &SourceBatch<A>,
     ) -> Result<(SinkReport, Vec<DeadLetter>), StoreError> {
+        let _pass = match &self.gate {
+            Some(gate) => Some(gate.enter().await?),
+            None => None,
+        };
         let mut letters = batch.malformed.clone();
         let deferral = self.deferral.clone();
         let report = match &deferral {
@@ -182,5 +197,11 @@ impl Sink for MongoSink {
             report.dead_letters.extend(letters);
         }
         Ok(report)
+    }
+
+    async fn close(&mut self) {
+        if let Some(gate) = &self.gate {
+            gate.close().await;
+        }
     }
 }

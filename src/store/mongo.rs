@@ -156,12 +156,21 @@ pub struct WriteReport {
 /// Hides the credentials of a connection string (`user:pass@` -> `***@`).
 pub use crate::config::redact_uri;
 
+/// What a rebuild's shadow collections are called: the live name and this.
+pub const SHADOW_SUFFIX: &str = "__rebuild";
+
+/// The collections a rebuild builds anew and swaps in.
+pub const REBUILT: [&str; 2] = [USERS, ACTIVITIES];
+
 /// The read-model database.
 #[derive(Clone, Debug)]
 pub struct MongoStore {
     client: Client,
     db: Database,
     write_concern: Document,
+    /// Reads and writes go to the rebuild's shadow collections (the read
+    /// models and their dead letters) instead of the live ones.
+    shadow: bool,
 }
 
 impl MongoStore {
@@ -204,6 +213,7 @@ impl MongoStore {
             db: client.database(database),
             client,
             write_concern: doc! { "w": "majority" },
+            shadow: false,
         };
         store.ping().await?;
         Ok(store)
@@ -211,6 +221,30 @@ impl MongoStore {
 
     pub fn database(&self) -> &Database {
         &self.db
+    }
+
+    /// The same database, with the read models (and the dead letters their
+    /// projection writes) in the rebuild's shadow collections.
+    pub fn shadow(&self) -> MongoStore {
+        MongoStore {
+            shadow: true,
+            ..self.clone()
+        }
+    }
+
+    /// The collection `name` stands for in this store (its shadow's name in
+    /// a [`MongoStore::shadow`] store).
+    pub fn name(&self, name: &str) -> String {
+        if self.shadow && (REBUILT.contains(&name) || name == DEAD_LETTERS) {
+            format!("{name}{SHADOW_SUFFIX}")
+        } else {
+            name.to_string()
+        }
+    }
+
+    /// The collection `name` stands for ([`MongoStore::name`]).
+    pub fn collection(&self, name: &str) -> mongodb::Collection<Document> {
+        self.db.collection::<Document>(&self.name(name))
     }
 
     pub fn client(&self) -> &Client {
@@ -224,7 +258,7 @@ impl MongoStore {
 
     /// The indexes the projections filter on, array fields included.
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
-        let activities = self.db.collection::<Document>(ACTIVITIES);
+        let activities = self.collection(ACTIVITIES);
         for keys in [
             doc! { "participants.user_id": 1 },
             doc! { "organizer.user_id": 1 },
@@ -269,7 +303,7 @@ impl MongoStore {
             let reply = self
                 .db
                 .run_command(doc! {
-                    command: collection,
+                    command: self.name(collection),
                     list: chunk,
                     "ordered": ordered,
                     "writeConcern": self.write_concern.clone(),
@@ -356,7 +390,7 @@ impl MongoStore {
         filter: Document,
         projection: Option<Document>,
     ) -> Result<Vec<Document>, StoreError> {
-        let handle = self.db.collection::<Document>(collection);
+        let handle = self.collection(collection);
         let mut find = handle.find(filter);
         if let Some(projection) = projection {
             find = find.projection(projection);
@@ -371,7 +405,7 @@ impl MongoStore {
         collection: &str,
         field: &str,
     ) -> Result<Option<i64>, StoreError> {
-        let handle = self.db.collection::<Document>(collection);
+        let handle = self.collection(collection);
         let mut cursor = handle
             .find(doc! { field: { "$exists": true } })
             .sort(doc! { field: -1 })
@@ -390,19 +424,14 @@ impl MongoStore {
 
     /// Deletes the documents of `collection` whose `_id` is one of `ids`.
     pub async fn delete_ids(&self, collection: &str, ids: Vec<String>) -> Result<(), StoreError> {
-        self.db
-            .collection::<Document>(collection)
+        self.collection(collection)
             .delete_many(doc! { "_id": { "$in": ids } })
             .await?;
         Ok(())
     }
 
     pub async fn count(&self, collection: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .collection::<Document>(collection)
-            .count_documents(doc! {})
-            .await?)
+        Ok(self.collection(collection).count_documents(doc! {}).await?)
     }
 }
 

@@ -102,11 +102,7 @@ async fn documents(
     expected: &dyn Fn(&str, &Uuid) -> Option<Value>,
     listener: &mut Listener<'_>,
 ) -> Result<(), StoreError> {
-    let mut cursor = store
-        .database()
-        .collection::<Document>(collection)
-        .find(filter)
-        .await?;
+    let mut cursor = store.collection(collection).find(filter).await?;
     let mut seen = BTreeSet::new();
     while let Some(doc) = cursor.try_next().await? {
         let id = id_text(&doc);
@@ -201,8 +197,7 @@ async fn ids(
     filter: Document,
 ) -> Result<Vec<String>, StoreError> {
     let mut cursor = store
-        .database()
-        .collection::<Document>(collection)
+        .collection(collection)
         .find(filter)
         .projection(doc! { "_id": 1 })
         .await?;

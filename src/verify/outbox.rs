@@ -11,7 +11,13 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use uuid::Uuid;
 
 /// Rows fetched from the cursor at a time.
-const CHUNK: usize = 5_000;
+pub const CHUNK: usize = 5_000;
+
+/// One row: (column, value as text).
+pub type Columns<'a> = [(&'a str, Option<&'a str>)];
+
+/// The cursor verify reads the outbox with.
+const CURSOR: &str = "aep_verify";
 
 /// The columns read: an event's, and the row's status.
 fn columns() -> impl Iterator<Item = &'static str> {
@@ -44,7 +50,7 @@ pub async fn fold(
     refused: BTreeSet<Uuid>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Folded, OutboxError> {
-    open_cursor(client).await?;
+    open_cursor(client, CURSOR).await?;
     let mut folded = Folded {
         aggregate: aggregate.map(|id| (id, 0)),
         refused,
@@ -54,20 +60,18 @@ pub async fn fold(
         progress(folded.rows);
     }
     progress(folded.rows);
-    if let Err(err) = client.batch_execute("COMMIT").await {
-        tracing::debug!(error = %describe(&err), "closing the outbox snapshot");
-    }
+    close(client).await;
     Ok(folded)
 }
 
-/// One read-only snapshot, and a cursor over every row in `sequence_id`
-/// order.
-async fn open_cursor(client: &Client) -> Result<(), OutboxError> {
+/// One read-only snapshot, and the cursor `name` over every row (the event's
+/// columns and its status, as text) in `sequence_id` order.
+pub async fn open_cursor(client: &Client, name: &str) -> Result<(), OutboxError> {
     // `ORDER BY` names the table's column: the bare name would be the
     // output column, its text.
     let select = format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-         DECLARE aep_verify NO SCROLL CURSOR FOR \
+         DECLARE {name} NO SCROLL CURSOR FOR \
          SELECT {} FROM event_outbox ORDER BY event_outbox.sequence_id",
         columns()
             .map(|c| format!("{c}::text"))
@@ -80,25 +84,42 @@ async fn open_cursor(client: &Client) -> Result<(), OutboxError> {
         .map_err(|e| OutboxError::query("cannot read the outbox", e))
 }
 
+/// The next [`CHUNK`] rows of the cursor `name`, each to `take` as
+/// (column, value) pairs; how many there were.
+pub async fn fetch(
+    client: &Client,
+    name: &str,
+    take: &mut dyn FnMut(&Columns),
+) -> Result<usize, OutboxError> {
+    let messages = client
+        .simple_query(&format!("FETCH FORWARD {CHUNK} FROM {name}"))
+        .await
+        .map_err(|e| OutboxError::query("reading the outbox failed", e))?;
+    let mut rows = 0;
+    for message in &messages {
+        if let SimpleQueryMessage::Row(row) = message {
+            let columns: Vec<(&str, Option<&str>)> = columns()
+                .enumerate()
+                .map(|(i, name)| (name, row.try_get(i).ok().flatten()))
+                .collect();
+            take(&columns);
+            rows += 1;
+        }
+    }
+    Ok(rows)
+}
+
+/// Ends the snapshot the cursor was read in.
+pub async fn close(client: &Client) {
+    if let Err(err) = client.batch_execute("COMMIT").await {
+        tracing::debug!(error = %describe(&err), "closing the outbox snapshot");
+    }
+}
+
 impl Folded {
     /// Folds the next chunk of the cursor; the rows it held.
     async fn fetch(&mut self, client: &Client) -> Result<usize, OutboxError> {
-        let messages = client
-            .simple_query(&format!("FETCH FORWARD {CHUNK} FROM aep_verify"))
-            .await
-            .map_err(|e| OutboxError::query("reading the outbox failed", e))?;
-        let mut rows = 0;
-        for message in &messages {
-            if let SimpleQueryMessage::Row(row) = message {
-                let columns: Vec<(&str, Option<&str>)> = columns()
-                    .enumerate()
-                    .map(|(i, name)| (name, row.try_get(i).ok().flatten()))
-                    .collect();
-                self.take(&columns);
-                rows += 1;
-            }
-        }
-        Ok(rows)
+        fetch(client, CURSOR, &mut |columns| self.take(columns)).await
     }
 
     /// Folds one row, as the processor would apply it.
