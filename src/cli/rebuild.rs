@@ -86,9 +86,8 @@ fn say_outcome(outcome: &Outcome, dry_run: bool, took: Duration) {
     match &outcome.comparison {
         Some(comparison) => say_comparison(comparison, outcome),
         None if !dry_run => println!(
-            "rebuild: swapped in {} users and {} activities; the writers were paused for {} ms",
-            outcome.users,
-            outcome.activities,
+            "rebuild: swapped in {}; the writers were paused for {} ms",
+            documents(outcome),
             outcome.paused.as_millis()
         ),
         None => {}
@@ -112,15 +111,24 @@ fn say_comparison(c: &Comparison, outcome: &Outcome) {
         println!("{collection} {id}: only in the {side} collection");
     }
     println!(
-        "rebuild --dry-run: {} of {} documents would change, {} exist only live, {} only in the rebuild, {} were at different positions (the live processor is behind or ahead); built {} users and {} activities, nothing swapped",
+        "rebuild --dry-run: {} of {} documents would change, {} exist only live, {} only in the rebuild, {} differ at different positions (the live processor is behind or ahead); built {}, nothing swapped",
         c.differing,
         c.compared,
         c.only_live,
         c.only_shadow,
         c.elsewhere,
-        outcome.users,
-        outcome.activities
+        documents(outcome)
     );
+}
+
+/// `1 user and 2 activities`.
+fn documents(outcome: &Outcome) -> String {
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    format!(
+        "{} and {}",
+        plural(outcome.users, "user", "users"),
+        plural(outcome.activities, "activity", "activities")
+    )
 }
 
 /// Progress on stderr, at most every [`PROGRESS_EVERY`], with rate and ETA.
@@ -163,7 +171,8 @@ impl Reporter {
                 );
             }
             Step::CaughtUp { pass, events } => {
-                eprintln!("rebuild: catch-up pass {pass}: {events} events applied that the snapshot did not hold")
+                let pass = pass.map_or("last catch-up pass (writers paused)".into(), |n| format!("catch-up pass {n}"));
+                eprintln!("rebuild: {pass}: {events} events applied that the snapshot did not hold")
             }
             Step::Paused { gone } => {
                 eprintln!("rebuild: writers paused at a batch boundary");

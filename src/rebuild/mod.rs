@@ -44,12 +44,12 @@ use uuid::Uuid;
 /// The cursor the build reads the outbox with.
 const CURSOR: &str = "aep_rebuild";
 
-/// A catch-up pass that applied at most this many events is the last one
-/// before the swap.
-const SMALL_PASS: u64 = 1_000;
+/// A catch-up pass that applied at most this many events (or no fewer than
+/// the pass before) is the last one before the swap.
+const SMALL_PASS: u64 = 500;
 
 /// Most catch-up passes before the swap (the pause's pass takes the rest).
-const MAX_PASSES: u32 = 5;
+const MAX_PASSES: u32 = 10;
 
 /// Aggregates per catch-up query.
 const CATCH_UP_CHUNK: usize = 1_000;
@@ -89,8 +89,9 @@ pub enum Step<'a> {
     TookOver(&'a Stale),
     /// Outbox rows built into the shadow so far, of about `total`.
     Building { done: u64, total: u64 },
-    /// A catch-up pass applied `events` events.
-    CaughtUp { pass: u32, events: u64 },
+    /// A catch-up pass applied `events` events (`pass` `None`: the last one,
+    /// with the writers paused).
+    CaughtUp { pass: Option<u32>, events: u64 },
     /// The writers are paused (`gone`: those taken as stopped).
     Paused { gone: &'a [String] },
     /// A shadow collection replaced its live one.
@@ -117,11 +118,12 @@ pub struct Outcome {
 /// The shadow held against the live models (`--dry-run`).
 #[derive(Debug, Default)]
 pub struct Comparison {
-    /// Documents at the same `_seq` on both sides, and those of them that differ.
+    /// Documents on both sides, and those that differ at the same `_seq`.
     pub compared: u64,
     pub differing: u64,
     /// Documents only the live models hold, only the shadow holds, and
-    /// those at different positions (the live processor is behind or ahead).
+    /// those that differ at different positions (the live processor is
+    /// behind or ahead).
     pub only_live: u64,
     pub only_shadow: u64,
     pub elsewhere: u64,
@@ -189,17 +191,24 @@ async fn run(
     let projector = Projector::new(shadow.clone());
     let mut outcome = build(client, &projector, control, options, stop, step).await?;
     control.set(doc! { "state": "catching up" }).await?;
+    let mut previous = u64::MAX;
     for pass in 1..=MAX_PASSES {
         if stop.is_cancelled() {
             return Err(RebuildError::Interrupted);
         }
         let events = catch_up(client, live, &projector, options.batch_size).await?;
         outcome.caught_up += events;
-        step(Step::CaughtUp { pass, events });
+        step(Step::CaughtUp {
+            pass: Some(pass),
+            events,
+        });
         control.progress("catching up", u64::from(pass), 0).await?;
-        if events <= SMALL_PASS {
+        // Small enough, or no longer shrinking (writes arrive as fast as a
+        // pass takes them): the paused pass takes the rest.
+        if events <= SMALL_PASS || events >= previous {
             break;
         }
+        previous = events;
     }
     if stop.is_cancelled() {
         return Err(RebuildError::Interrupted);
@@ -267,23 +276,26 @@ async fn build(
                 }
             })
             .await?;
-            outcome.rows += rows as u64;
-            outcome.applied += apply(projector, &events, options.batch_size).await?;
-            step(Step::Building {
-                done: outcome.rows,
-                total: total.max(outcome.rows),
-            });
-            if recorded.elapsed() >= RECORD_EVERY {
-                recorded = Instant::now();
-                control
-                    .progress("building", outcome.rows, total.max(outcome.rows))
-                    .await?;
+            // Progress per batch: the malformed rows of the chunk first.
+            outcome.rows += (rows - events.len()) as u64;
+            for batch in events.chunks(options.batch_size.max(1)) {
+                outcome.applied += apply(projector, batch, options.batch_size).await?;
+                outcome.rows += batch.len() as u64;
+                let total = total.max(outcome.rows);
+                step(Step::Building {
+                    done: outcome.rows,
+                    total,
+                });
+                if recorded.elapsed() >= RECORD_EVERY {
+                    recorded = Instant::now();
+                    control.progress("building", outcome.rows, total).await?;
+                }
+                if stop.is_cancelled() {
+                    return Err(RebuildError::Interrupted);
+                }
             }
             if rows < cursor::CHUNK {
                 return Ok(());
-            }
-            if stop.is_cancelled() {
-                return Err(RebuildError::Interrupted);
             }
         }
     };
@@ -429,10 +441,7 @@ async fn swap(
     let swapped = async {
         let events = catch_up(client, live, projector, options.batch_size).await?;
         outcome.caught_up += events;
-        step(Step::CaughtUp {
-            pass: MAX_PASSES + 1,
-            events,
-        });
+        step(Step::CaughtUp { pass: None, events });
         if !control.owned() {
             return Err(RebuildError::Lost);
         }
@@ -540,7 +549,8 @@ fn alone(comparison: &mut Comparison, show: usize, name: &str, doc: &Document, s
     }
 }
 
-/// One document on both sides: compared when both are at the same `_seq`.
+/// One document on both sides. A difference between documents at different
+/// `_seq` may be the live processor being behind or ahead: counted apart.
 fn held_against(
     comparison: &mut Comparison,
     show: usize,
@@ -548,14 +558,14 @@ fn held_against(
     live: &Document,
     shadow: &Document,
 ) {
-    if seq_of(live) != seq_of(shadow) {
-        comparison.elsewhere += 1;
-        return;
-    }
     comparison.compared += 1;
     // The rebuild's document is what the outbox defines: it is "expected".
     let found = differences(&comparable(name, shadow), &comparable(name, live));
     if found.is_empty() {
+        return;
+    }
+    if seq_of(live) != seq_of(shadow) {
+        comparison.elsewhere += 1;
         return;
     }
     comparison.differing += 1;
