@@ -239,7 +239,9 @@ pub async fn run(
         match store {
             Some(store) => {
                 let gate = Gate::start(store.clone(), shared.shutdown.clone());
-                let mut sink = MongoSink::new(Projector::new(store.clone())).gated(gate);
+                let projector =
+                    Projector::new(store.clone()).cached(config.pipeline.document_cache);
+                let mut sink = MongoSink::new(projector).gated(gate);
                 if config.source == SourceKind::Kafka {
                     // An aggregate's creation may still be on its way (another
                     // partition): the source tries such events again.

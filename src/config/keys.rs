@@ -59,6 +59,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("BATCH_SIZE", "1000", "most events per batch"),
     ("BATCH_WAIT", "50ms", "longest wait to fill a batch"),
     (
+        "DOCUMENT_CACHE",
+        "20000",
+        "read-model documents kept in memory across batches (0: none)",
+    ),
+    (
         "MAX_RETRIES",
         "5",
         "attempts before an event that may be a race is dead-lettered",

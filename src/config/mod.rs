@@ -136,6 +136,8 @@ pub struct PollingConfig {
 pub struct PipelineConfig {
     pub batch_size: usize,
     pub batch_wait: Duration,
+    /// Read-model documents kept in memory across batches (0: none).
+    pub document_cache: usize,
     pub max_retries: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,

@@ -72,6 +72,15 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A whole number, 0 included.
+    pub(super) fn whole(&mut self, key: &str) -> u64 {
+        let raw = self.string(key);
+        raw.parse::<u64>().unwrap_or_else(|_| {
+            self.problem(key, format!("`{raw}` is not a whole number"));
+            0
+        })
+    }
+
     pub(super) fn boolean(&mut self, key: &str) -> bool {
         let raw = self.string(key);
         match raw.to_ascii_lowercase().as_str() {
@@ -212,6 +221,7 @@ impl Config {
         let pipeline = PipelineConfig {
             batch_size: r.positive("BATCH_SIZE") as usize,
             batch_wait: r.duration("BATCH_WAIT"),
+            document_cache: usize::try_from(r.whole("DOCUMENT_CACHE")).unwrap_or(usize::MAX),
             max_retries: r.positive("MAX_RETRIES").min(u64::from(u32::MAX)) as u32,
             backoff_initial: r.duration("RETRY_BACKOFF_INITIAL"),
             backoff_max: r.duration("RETRY_BACKOFF_MAX"),

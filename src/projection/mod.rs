@@ -22,6 +22,7 @@
 //! A batch is durable when [`Projector::apply`] returns `Ok`: only then may the
 //! caller acknowledge its position.
 
+pub mod cache;
 pub mod fold;
 mod isolate;
 mod letters;
@@ -36,10 +37,12 @@ use crate::store::codes;
 use crate::store::mongo::{
     MongoStore, Refusal, StoreError, ACTIVITIES, DUPLICATE_KEY, USERS, WRITE_CHUNK,
 };
+use cache::DocCache;
 use isolate::Attempted;
 use mongodb::bson::{doc, Bson, Document};
 use state::{ActivityDoc, Effect, NameCopy, Names, UserDoc};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 use uuid::Uuid;
 
@@ -72,6 +75,8 @@ pub struct Projector {
     /// Dead-letter "aggregate not created" failures at once (true), or hand
     /// them back for a later retry (false).
     pub dead_letter_races: bool,
+    /// Documents kept across batches ([`cache`]), shared by the clones.
+    cache: Option<Arc<Mutex<DocCache>>>,
 }
 
 enum Attempt {
@@ -111,7 +116,30 @@ impl Projector {
         Projector {
             store,
             dead_letter_races: true,
+            cache: None,
         }
+    }
+
+    /// Keeps up to `capacity` documents across batches (0: none); clones
+    /// share them.
+    pub fn cached(mut self, capacity: usize) -> Projector {
+        self.cache = (capacity > 0).then(|| Arc::new(Mutex::new(DocCache::new(capacity))));
+        self
+    }
+
+    /// Forgets every cached document (the collections were swapped, or a
+    /// batch went wrong).
+    pub fn clear_cache(&self) {
+        if let Some(cache) = &self.cache {
+            cache.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+    }
+
+    /// Documents cached, lookups answered from the cache, lookups not.
+    pub fn cache_stats(&self) -> Option<(usize, u64, u64)> {
+        let cache = self.cache.as_ref()?;
+        let cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        Some((cache.len(), cache.hits, cache.misses))
     }
 
     pub fn store(&self) -> &MongoStore {
@@ -153,7 +181,16 @@ impl Projector {
         ))
     }
 
+    /// One attempt; the cache keeps its documents only when it is done.
     async fn try_apply(&self, events: &[OutboxEvent]) -> Result<Attempt, StoreError> {
+        let attempt = self.try_apply_once(events).await;
+        if !matches!(attempt, Ok(Attempt::Done(_))) {
+            self.clear_cache();
+        }
+        attempt
+    }
+
+    async fn try_apply_once(&self, events: &[OutboxEvent]) -> Result<Attempt, StoreError> {
         let mut report = BatchReport::default();
         let started = Instant::now();
         let routed: Vec<Result<Routed, HandlerError>> = events.iter().map(route).collect();
@@ -197,7 +234,7 @@ impl Projector {
         crate::failpoint::crash_point(crate::failpoint::PROJECTION_AFTER_OWN_WRITES);
         let started = report.stages.lap(Stage::Write, started);
         match refresh::run(&self.store, &work, &mut report).await {
-            Ok(()) => {}
+            Ok(rewritten) => self.remember(&work, &rewritten),
             // Every own write and dead letter is durable: all of it is settled.
             Err(StoreError::Refused(refusal)) => {
                 return Ok(Attempt::Refused {
@@ -256,6 +293,15 @@ impl Projector {
             }
         }
         let mut work = Work::default();
+        let (cached_users, cached_activities) = self.recall(&user_ids, &activity_ids);
+        let user_ids: BTreeSet<Uuid> = user_ids
+            .into_iter()
+            .filter(|id| !cached_users.contains_key(id))
+            .collect();
+        let activity_ids: BTreeSet<Uuid> = activity_ids
+            .into_iter()
+            .filter(|id| !cached_activities.contains_key(id))
+            .collect();
         let user_docs = self
             .store
             .find_by_ids(USERS, ids(&user_ids), Some(user_projection()))
@@ -269,6 +315,21 @@ impl Projector {
         for id in &user_ids {
             work.users.insert(*id, None);
         }
+        for (id, user) in cached_users {
+            work.names.insert(
+                id,
+                NameCopy {
+                    name: Some(user.display_name.clone()),
+                    version: user.seq,
+                },
+            );
+            work.users.insert(id, Some(user));
+        }
+        work.activities.extend(
+            cached_activities
+                .into_iter()
+                .map(|(id, activity)| (id, Some(activity))),
+        );
         for doc in &user_docs {
             let id = doc_id(doc)?;
             let user = UserDoc::from_bson(doc).map_err(|e| corrupt(USERS, id, &e))?;
@@ -300,6 +361,52 @@ impl Projector {
             .map(|(id, d)| (*id, d.as_ref().map(|d| d.seq)))
             .collect();
         Ok(work)
+    }
+
+    /// The cached documents of these ids.
+    fn recall(
+        &self,
+        users: &BTreeSet<Uuid>,
+        activities: &BTreeSet<Uuid>,
+    ) -> (BTreeMap<Uuid, UserDoc>, BTreeMap<Uuid, ActivityDoc>) {
+        let Some(cache) = &self.cache else {
+            return Default::default();
+        };
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let users = users
+            .iter()
+            .filter_map(|id| Some((*id, cache.user(id)?)))
+            .collect();
+        let activities = activities
+            .iter()
+            .filter_map(|id| Some((*id, cache.activity(id)?)))
+            .collect();
+        (users, activities)
+    }
+
+    /// The batch is durable: its documents as they now stand go to the
+    /// cache, except activities whose copies the refresh rewrote (`rewritten`).
+    fn remember(&self, work: &Work, rewritten: &BTreeSet<Uuid>) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, user) in &work.users {
+            if let Some(user) = user {
+                cache.put_user(*id, user.clone());
+            }
+        }
+        for (id, activity) in &work.activities {
+            match activity {
+                Some(activity) if !rewritten.contains(id) => {
+                    cache.put_activity(*id, activity.clone());
+                }
+                _ => cache.forget_activity(id),
+            }
+        }
+        for id in rewritten {
+            cache.forget_activity(id);
+        }
     }
 
     /// One conditional write per changed document; `false` on a lost race.

@@ -36,14 +36,16 @@ struct StoredUser {
     rev: Option<String>,
 }
 
+/// Returns the activities whose copies it rewrote.
 pub(super) async fn run(
     store: &MongoStore,
     work: &Work,
     report: &mut BatchReport,
-) -> Result<(), StoreError> {
+) -> Result<BTreeSet<Uuid>, StoreError> {
+    let mut rewritten = BTreeSet::new();
     for _ in 0..MAX_ROUNDS {
-        if round(store, work, report).await? {
-            return Ok(());
+        if round(store, work, report, &mut rewritten).await? {
+            return Ok(rewritten);
         }
         tracing::debug!("copy refresh lost a race; redoing it from fresh reads");
     }
@@ -58,6 +60,7 @@ async fn round(
     store: &MongoStore,
     work: &Work,
     report: &mut BatchReport,
+    rewritten: &mut BTreeSet<Uuid>,
 ) -> Result<bool, StoreError> {
     let mut activities = read_activities(store, &work.touched, "_id", report).await?;
     for field in ["organizer.user_id", "participants.user_id"] {
@@ -84,6 +87,7 @@ async fn round(
         let mut doc = stored.doc.clone();
         if refresh_names(&mut doc, &name_of) {
             name_writes.push(activity_write(id, &doc, stored.rev.as_deref()));
+            rewritten.insert(*id);
         }
     }
 

@@ -69,6 +69,9 @@ struct Inner {
     store: MongoStore,
     /// This writer's registration's `_id`.
     id: String,
+    /// Pauses seen: documents read before one may come from collections
+    /// since swapped away.
+    pauses: std::sync::atomic::AtomicU64,
 }
 
 impl Clone for Gate {
@@ -109,6 +112,7 @@ impl Gate {
             open: AtomicUsize::new(1),
             store,
             id: format!("{INSTANCE_PREFIX}{}", uuid::Uuid::new_v4()),
+            pauses: std::sync::atomic::AtomicU64::new(0),
         });
         let beat = Beat {
             tx,
@@ -119,6 +123,13 @@ impl Gate {
         };
         tokio::spawn(beat.run());
         Gate { inner }
+    }
+
+    /// How many rebuild pauses this process has seen: when it changes,
+    /// whatever was read of the read models before may be from collections
+    /// swapped away since.
+    pub fn pauses(&self) -> u64 {
+        self.inner.pauses.load(Ordering::SeqCst)
     }
 
     /// This handle is done; the last one open removes the registration
@@ -259,6 +270,10 @@ impl Beat {
             .await?;
         let found = control.find_one(doc! { "_id": REBUILD_ID }).await?;
         let pause = self.pause_of(found.as_ref());
+        let before = self.tx.borrow().pause.clone();
+        if pause.is_some() && pause != before {
+            inner.pauses.fetch_add(1, Ordering::SeqCst);
+        }
         self.tx.send_replace(Reading {
             pause,
             read_at: Some(Instant::now()),

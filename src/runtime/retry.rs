@@ -254,6 +254,7 @@ mod tests {
         let config = PipelineConfig {
             batch_size: 1,
             batch_wait: Duration::from_millis(1),
+            document_cache: 0,
             max_retries: 1,
             backoff_initial: Duration::from_millis(1),
             backoff_max: Duration::from_millis(2),

@@ -27,6 +27,8 @@ pub struct MongoSink {
     /// Set: the read models are written only through it, so that a rebuild
     /// can pause this process for its swap ([`crate::rebuild::gate`]).
     gate: Option<Gate>,
+    /// The gate's pause count when the cache was last known good.
+    pauses: u64,
 }
 
 impl MongoSink {
@@ -36,6 +38,7 @@ impl MongoSink {
             deferral: None,
             half_done: None,
             gate: None,
+            pauses: 0,
         }
     }
 
@@ -132,7 +135,17 @@ impl MongoSink {
         batch: &SourceBatch<A>,
     ) -> Result<(SinkReport, Vec<DeadLetter>), StoreError> {
         let _pass = match &self.gate {
-            Some(gate) => Some(gate.enter().await?),
+            Some(gate) => {
+                let pass = gate.enter().await?;
+                // A rebuild may have swapped the collections: nothing cached
+                // from before is to be trusted.
+                let pauses = gate.pauses();
+                if pauses != self.pauses {
+                    self.pauses = pauses;
+                    self.projector.clear_cache();
+                }
+                Some(pass)
+            }
             None => None,
         };
         let mut letters = batch.malformed.clone();
