@@ -11,6 +11,7 @@ mod common;
 use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::decode::OutboxEvent;
 use activity_event_processor::store::mongo::{ACTIVITIES, USERS};
+use common::kafka::Proc;
 use common::pipeline::{binary, kill_9, wait_with_timeout, Stage};
 use mongodb::bson::{doc, Document};
 use std::collections::BTreeSet;
@@ -121,7 +122,8 @@ async fn rebuild_under_a_writer_and_a_reader_never_shows_a_missing_collection_an
     stage.run_until_caught_up(&[], &[], LIMIT);
     let (user, email) = untouched_user(&stage, rest).await;
     corrupt_email(&stage, &user).await;
-    let mut live = stage.spawn(&[], &[]);
+    // Killed when dropped, also when the test fails.
+    let live = Proc(stage.spawn(&[], &[]));
 
     // The reader: every 50 ms, each live collection is there and not empty.
     let stop = Arc::new(AtomicBool::new(false));
@@ -210,8 +212,7 @@ async fn rebuild_under_a_writer_and_a_reader_never_shows_a_missing_collection_an
         email,
         "the rebuild repaired the corrupted email"
     );
-    live.kill().expect("stop run");
-    let _ = live.wait();
+    drop(live);
     stage.assert_verified();
     let left: Vec<String> = collections(&stage)
         .await
@@ -249,7 +250,7 @@ async fn rebuild_killed_mid_way_leaves_the_live_models_and_a_rerun_converges() {
     let before = stage.mongo.read_models().await;
 
     let log = std::env::temp_dir().join(format!("{}-rebuild-killed.log", stage.mongo.name));
-    let mut first = spawn_rebuild(&stage, &["--batch-size", "20"], &log);
+    let mut first = Proc(spawn_rebuild(&stage, &["--batch-size", "20"], &log));
     let deadline = Instant::now() + LIMIT;
     loop {
         let building = control(&stage).await.is_some_and(|c| {
@@ -259,7 +260,7 @@ async fn rebuild_killed_mid_way_leaves_the_live_models_and_a_rerun_converges() {
             break;
         }
         assert!(
-            Instant::now() < deadline && first.try_wait().expect("wait").is_none(),
+            Instant::now() < deadline && first.0.try_wait().expect("wait").is_none(),
             "the rebuild never got to building: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
@@ -271,7 +272,7 @@ async fn rebuild_killed_mid_way_leaves_the_live_models_and_a_rerun_converges() {
     assert_eq!(second.status.code(), Some(1), "{err}");
     assert!(err.contains("another rebuild is running"), "{err}");
 
-    kill_9(&mut first);
+    kill_9(&mut first.0);
     let _ = std::fs::remove_file(&log);
     assert_eq!(
         stage.mongo.read_models().await,

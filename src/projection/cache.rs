@@ -67,6 +67,10 @@ impl DocCache {
         self.bound();
     }
 
+    pub fn forget_user(&mut self, id: &Uuid) {
+        self.users.remove(id);
+    }
+
     pub fn forget_activity(&mut self, id: &Uuid) {
         self.activities.remove(id);
     }

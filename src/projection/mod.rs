@@ -77,6 +77,8 @@ pub struct Projector {
     pub dead_letter_races: bool,
     /// Documents kept across batches ([`cache`]), shared by the clones.
     cache: Option<Arc<Mutex<DocCache>>>,
+    /// Batches that lost a race with another writer and were redone.
+    conflicts: Arc<std::sync::atomic::AtomicU64>,
 }
 
 enum Attempt {
@@ -117,6 +119,7 @@ impl Projector {
             store,
             dead_letter_races: true,
             cache: None,
+            conflicts: Arc::default(),
         }
     }
 
@@ -133,6 +136,12 @@ impl Projector {
         if let Some(cache) = &self.cache {
             cache.lock().unwrap_or_else(PoisonError::into_inner).clear();
         }
+    }
+
+    /// Batches that lost a race with another writer and were redone (one
+    /// writer alone never does: a document it cached is what it wrote).
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Documents cached, lookups answered from the cache, lookups not.
@@ -171,6 +180,8 @@ impl Projector {
                     return Ok(Attempted::Refused { refusal, settled })
                 }
                 Attempt::Conflict => {
+                    self.conflicts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!("batch lost a race with another writer; reloading");
                 }
             }
@@ -391,14 +402,36 @@ impl Projector {
             return;
         };
         let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        // A document is cached as the server now holds it: written by this
+        // batch, or unchanged since it was loaded (an event that changes
+        // nothing can move the fence in memory without a write).
+        let held = |changed: bool, loaded: Option<&Option<i64>>, seq: i64| {
+            changed || loaded.copied().flatten() == Some(seq)
+        };
         for (id, user) in &work.users {
-            if let Some(user) = user {
-                cache.put_user(*id, user.clone());
+            match user {
+                Some(user)
+                    if held(
+                        work.changed_users.contains(id),
+                        work.loaded_user_seq.get(id),
+                        user.seq,
+                    ) =>
+                {
+                    cache.put_user(*id, user.clone());
+                }
+                _ => cache.forget_user(id),
             }
         }
         for (id, activity) in &work.activities {
             match activity {
-                Some(activity) if !rewritten.contains(id) => {
+                Some(activity)
+                    if !rewritten.contains(id)
+                        && held(
+                            work.changed_activities.contains(id),
+                            work.loaded_activity_seq.get(id),
+                            activity.seq,
+                        ) =>
+                {
                     cache.put_activity(*id, activity.clone());
                 }
                 _ => cache.forget_activity(id),
