@@ -122,7 +122,8 @@ where
 pub fn main(cli: Cli) -> ExitCode {
     if let Command::Decode(args) = &cli.command {
         let mut stdout = std::io::stdout().lock();
-        return decode::execute(args, &mut stdout).unwrap_or_else(|err| {
+        let mut stderr = std::io::stderr().lock();
+        return decode::execute(args, &mut stdout, &mut stderr).unwrap_or_else(|err| {
             eprintln!("error: {err:#}");
             ExitCode::from(EXIT_FAILURE)
         });
