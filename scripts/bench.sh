@@ -18,6 +18,7 @@ banner "building event-processor and event-processor-bench (release)"
 cargo build --release --locked --quiet --workspace
 
 export SERVICES_DIR=${BENCH_SERVICES_DIR:-$PWD/.services/bench-$$}
+export SERVICES_OWNER_PID=$$ # `services.sh down` without SERVICES_DIR leaves them to us
 cleanup() {
   banner "stopping services ($SERVICES_DIR)"
   bash scripts/services.sh down || true
