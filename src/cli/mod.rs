@@ -3,6 +3,7 @@
 pub mod dead_letters;
 pub mod decode;
 pub mod flags;
+pub mod hints;
 pub mod kafka;
 pub mod observing;
 pub mod prune;
@@ -133,6 +134,15 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Relay(args) => args.flags.values.as_slice(),
         _ => &[],
     };
+    // The settings the command line gave, to name them as the user typed them.
+    let given: Vec<(Flag, String)> = cli
+        .global
+        .flags
+        .values
+        .iter()
+        .chain(extra)
+        .cloned()
+        .collect();
     let config = match load_config(&cli.global, extra) {
         Ok(config) => config,
         Err(err) => {
@@ -146,7 +156,14 @@ pub fn main(cli: Cli) -> ExitCode {
                         eprintln!("  {line}");
                     }
                 }
-                ConfigError::EnvFileRead { .. } | ConfigError::EnvFileLine { .. } => {
+                ConfigError::EnvFileRead { .. } => {
+                    let what = match &cli.global.env_file {
+                        Some(_) => "give --env-file a readable file",
+                        None => "make ./.env readable, or name another file with --env-file",
+                    };
+                    eprintln!("invalid configuration: {}; {what}", Chain(&err));
+                }
+                ConfigError::EnvFileLine { .. } => {
                     eprintln!("invalid configuration: {}", Chain(&err));
                 }
             }
@@ -172,7 +189,17 @@ pub fn main(cli: Cli) -> ExitCode {
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", scrubber.scrub(&format!("{err:#}")));
+            // The drivers' own accounts, in full, for LOG_LEVEL=debug.
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                // The outermost by its message (its debug form adds a backtrace), each
+                // cause by its debug form (a driver error's, unsummarised).
+                let causes: Vec<String> = std::iter::once(err.to_string())
+                    .chain(err.chain().skip(1).map(|cause| format!("{cause:?}")))
+                    .collect();
+                tracing::debug!(causes = %scrubber.scrub(&causes.join(" <- ")), "failed");
+            }
+            let message = scrubber.scrub(&format!("{err:#}"));
+            eprintln!("error: {}", hints::with_hint(&message, &given));
             ExitCode::from(EXIT_FAILURE)
         }
     }
