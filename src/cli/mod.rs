@@ -2,7 +2,9 @@
 
 pub mod dead_letters;
 pub mod decode;
+pub mod examples;
 pub mod flags;
+pub mod generate;
 pub mod hints;
 pub mod kafka;
 pub mod observing;
@@ -88,6 +90,10 @@ pub enum Command {
     /// Exit status: 0 with no mismatch; 1 with any, or when PostgreSQL or MongoDB
     /// cannot be read; 2 for a usage or configuration error.
     Verify(verify::VerifyArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(generate::CompletionsArgs),
+    /// Print the manual page, or write one per command with `--out DIR`.
+    Man(generate::ManArgs),
 }
 
 /// `--stats-file`, on `run` and `relay`.
@@ -128,6 +134,9 @@ pub fn main(cli: Cli) -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(EXIT_FAILURE)
         });
+    }
+    if let Command::Completions(_) | Command::Man(_) = &cli.command {
+        return generate::execute(&cli.command);
     }
     let extra = match &cli.command {
         Command::Run(args) => args.flags.values.as_slice(),
@@ -311,7 +320,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             })?;
             print!("{}", show::render(&store, args.limit).await?);
         }
-        Command::Decode(_) => unreachable_decode(),
+        Command::Decode(_) | Command::Completions(_) | Command::Man(_) => unreachable_decode(),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -369,7 +378,8 @@ async fn read_model_status(
     })
 }
 
-/// `decode` needs no configuration and returns before the runtime starts.
+/// `decode`, `completions` and `man` need no configuration and return
+/// before the runtime starts.
 fn unreachable_decode() {
-    tracing::error!("decode is handled before configuration is loaded");
+    tracing::error!("decode, completions and man are handled before configuration is loaded");
 }
