@@ -224,3 +224,30 @@ async fn a_database_without_the_schema_says_to_migrate() {
     );
     assert!(!stderr.contains(PG_SECRET), "{stderr}");
 }
+
+#[tokio::test]
+async fn an_id_that_is_not_one_says_where_ids_come_from() {
+    let db = TestDb::migrated().await;
+    for (args, line) in [
+        (
+            &["dead-letters", "show", "nope"][..],
+            "error: invalid value 'nope' for '<ID>': `nope` is not a dead letter id: give an id from \
+             the first column of `event-processor dead-letters list` (a UUID)",
+        ),
+        (
+            &["dead-letters", "retry", "12"],
+            "error: invalid value '12' for '[IDS]...': `12` is not a dead letter id: give an id from \
+             the first column of `event-processor dead-letters list` (a UUID)",
+        ),
+        (
+            &["verify", "--aggregate", "alice"],
+            "error: invalid value 'alice' for '--aggregate <ID>': `alice` is not an aggregate id: give \
+             a user's or an activity's id (a UUID, as `event-processor show` prints them)",
+        ),
+    ] {
+        let out = run(&db, args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().next(), Some(line), "{args:?}: {stderr}");
+    }
+}
