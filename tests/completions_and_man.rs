@@ -127,6 +127,24 @@ fn man_writes_a_page_per_command_with_its_examples() {
 }
 
 #[test]
+fn man_into_a_folder_it_cannot_write_says_so_in_one_line() {
+    let dir = tempfile::tempdir().expect("temp folder");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").expect("write");
+    let out = binary(&["man", "--out", &file.to_string_lossy()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: cannot write the manual pages into --out {}: ",
+            file.display()
+        )) && stderr.ends_with("; give a folder you can write to\n"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn every_help_ends_with_an_example() {
     for command in [
         &["migrate"][..],

@@ -5,7 +5,7 @@
 use clap::{Args, ValueEnum};
 use clap_complete::Shell;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// `completions`.
@@ -74,23 +74,26 @@ pub fn man(args: &ManArgs, stdout: &mut dyn Write) -> Result<(), String> {
     let command = super::examples::command();
     let Some(dir) = &args.out else {
         let mut page = Vec::new();
-        clap_mangen::Man::new(command)
+        return match clap_mangen::Man::new(command)
             .render(&mut page)
             .and_then(|()| stdout.write_all(&page))
             .and_then(|()| stdout.flush())
-            .map_err(|err| format!("cannot write the manual page: {err}"))?;
-        return Ok(());
+        {
+            // A reader that stopped early (`| head`) is not a failure.
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            result => result.map_err(|err| format!("cannot write the manual page: {err}")),
+        };
     };
-    let cannot = |what: &Path, err: std::io::Error| {
+    let cannot = |err: std::io::Error| {
         format!(
-            "cannot write the manual pages into --out {}: {what:?}: {err}; give a folder you can write to",
+            "cannot write the manual pages into --out {}: {err}; give a folder you can write to",
             dir.display()
         )
     };
-    std::fs::create_dir_all(dir).map_err(|err| cannot(dir, err))?;
-    clap_mangen::generate_to(command, dir).map_err(|err| cannot(dir, err))?;
+    std::fs::create_dir_all(dir).map_err(cannot)?;
+    clap_mangen::generate_to(command, dir).map_err(cannot)?;
     let mut pages: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|err| cannot(dir, err))?
+        .map_err(cannot)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| {
             path.extension().is_some_and(|x| x == "1")
@@ -101,7 +104,7 @@ pub fn man(args: &ManArgs, stdout: &mut dyn Write) -> Result<(), String> {
         .collect();
     pages.sort();
     for page in pages {
-        writeln!(stdout, "{}", page.display()).map_err(|err| cannot(&page, err))?;
+        writeln!(stdout, "{}", page.display()).map_err(cannot)?;
     }
     Ok(())
 }
