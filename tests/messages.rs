@@ -223,6 +223,13 @@ async fn a_database_without_the_schema_says_to_migrate() {
         "{stderr}"
     );
     assert!(!stderr.contains(PG_SECRET), "{stderr}");
+    for command in [&["prune", "--older-than", "1d"][..], &["seed"]] {
+        let out = run(&db, command, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert_eq!(stderr.matches("migrate").count(), 1, "said once: {stderr}");
+    }
 }
 
 #[tokio::test]

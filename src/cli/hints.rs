@@ -51,7 +51,8 @@ fn hint(message: &str, given: &[(Flag, String)]) -> Option<String> {
             )
         });
     }
-    if has("event_outbox") && has("does not exist") && !has("event-processor migrate") {
+    let says_migrate = has("event-processor migrate") || has("migrate` first");
+    if has("event_outbox") && has("does not exist") && !says_migrate {
         return Some("run `event-processor migrate` first".to_string());
     }
     if has("mongodb") {
@@ -117,5 +118,7 @@ mod tests {
         assert_eq!(with_hint(said, &[(RUN_FLAGS[0], "polling".into())]), said);
         let already = "table event_outbox does not exist in this database: run `event-processor migrate` first";
         assert_eq!(with_hint(already, &[]), already);
+        let asked = "cannot prepare the seed insert (run `migrate` first?): relation \"event_outbox\" does not exist";
+        assert_eq!(with_hint(asked, &[]), asked);
     }
 }
