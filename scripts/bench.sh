@@ -15,9 +15,10 @@ banner "setup (scripts/setup.sh)"
 bash scripts/setup.sh
 
 banner "building event-processor and event-processor-bench (release)"
-cargo build --release --locked --quiet --workspace
+cargo build --release --locked --workspace
 
 export SERVICES_DIR=${BENCH_SERVICES_DIR:-$PWD/.services/bench-$$}
+export SERVICES_OWNER_PID=$$ # `services.sh down` without SERVICES_DIR leaves them to us
 cleanup() {
   banner "stopping services ($SERVICES_DIR)"
   bash scripts/services.sh down || true

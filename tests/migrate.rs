@@ -162,9 +162,8 @@ fn unreachable_postgres_is_one_line_without_the_password() {
 
 #[test]
 fn broken_env_file_lists_every_problem_and_exits_2() {
-    let dir = std::env::temp_dir().join(format!("aep-envfile-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("broken.env");
+    let dir = tempfile::tempdir().expect("temp folder");
+    let path = dir.path().join("broken.env");
     std::fs::write(
         &path,
         "POSTGRES_PORT=not-a-port\nPOSTGRES_HOST=\nLOG_FORMAT=yaml\nPOSTGRES_PASWORD=x\n",
@@ -185,7 +184,6 @@ fn broken_env_file_lists_every_problem_and_exits_2() {
         ],
         "{stderr}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

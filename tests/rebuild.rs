@@ -175,11 +175,10 @@ async fn rebuild_under_a_writer_and_a_reader_never_shows_a_missing_collection_an
         })
     };
 
-    let log = std::env::temp_dir().join(format!("{}-rebuild.log", stage.mongo.name));
+    let log = stage.log_path().with_file_name("rebuild.log");
     let rebuild = spawn_rebuild(&stage, &["--batch-size", "500"], &log);
     let status = wait_with_timeout(rebuild, LIMIT, &stage);
     let said = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
     assert!(
         status.success(),
         "rebuild failed: {status}\n{said}\n{}",
@@ -249,7 +248,7 @@ async fn rebuild_killed_mid_way_leaves_the_live_models_and_a_rerun_converges() {
     stage.run_until_caught_up(&[], &[], LIMIT);
     let before = stage.mongo.read_models().await;
 
-    let log = std::env::temp_dir().join(format!("{}-rebuild-killed.log", stage.mongo.name));
+    let log = stage.log_path().with_file_name("rebuild-killed.log");
     let mut first = Proc(spawn_rebuild(&stage, &["--batch-size", "20"], &log));
     let deadline = Instant::now() + LIMIT;
     loop {
@@ -273,7 +272,6 @@ async fn rebuild_killed_mid_way_leaves_the_live_models_and_a_rerun_converges() {
     assert!(err.contains("another rebuild is running"), "{err}");
 
     kill_9(&mut first.0);
-    let _ = std::fs::remove_file(&log);
     assert_eq!(
         stage.mongo.read_models().await,
         before,

@@ -193,23 +193,28 @@ pub fn table(results: &Results, earlier: Option<&Results>) -> String {
             change,
         ]);
     }
+    let header = earlier.map(|_| {
+        [
+            String::new(),
+            "this run".to_string(),
+            "earlier".to_string(),
+            "change".to_string(),
+        ]
+    });
+    // Column widths from every row that is laid out in columns (a stage's
+    // heading stands on a line of its own), the header included.
     let widths: Vec<usize> = (0..4)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            header
+                .iter()
+                .chain(rows.iter().filter(|r| !r[1].is_empty()))
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
-    if earlier.is_some() {
-        let _ = writeln!(
-            out,
-            "{:<w0$}  {:>w1$}  {:>w2$}  change",
-            "",
-            "this run",
-            "earlier",
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        );
-    }
-    for row in &rows {
+    for row in header.iter().chain(&rows) {
         if row[1].is_empty() {
             let _ = writeln!(out, "{}", row[0]);
             continue;
@@ -324,6 +329,100 @@ mod tests {
         let text = table(&new, Some(&old));
         assert!(text.contains("-50.0% worse"), "{text}");
         assert!(text.contains("earlier"), "{text}");
+    }
+
+    /// Where `value` ends on the line of `text` that starts with `label`
+    /// (its first occurrence after the label; with `last`, its last).
+    fn value_end(text: &str, label: &str, value: &str, last: bool) -> usize {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(label))
+            .unwrap_or_else(|| panic!("no line {label:?} in\n{text}"));
+        let rest = &line[label.len()..];
+        let at = if last {
+            rest.rfind(value)
+        } else {
+            rest.find(value)
+        };
+        let at = at.unwrap_or_else(|| panic!("no {value:?} on {line:?}"));
+        label.len() + at + value.len()
+    }
+
+    fn end_of(text: &str, label: &str, value: &str) -> usize {
+        value_end(text, label, value, false)
+    }
+
+    #[test]
+    fn the_columns_align_whatever_the_lengths() {
+        let mut old = Results::default();
+        let mut new = Results::default();
+        for r in [&mut old, &mut new] {
+            r.push("a.x", "1 stage", "x", 1.0, "x", Better::Higher);
+            r.push(
+                "a.long",
+                "1 stage",
+                "a measure with a very long name indeed, longer than any other",
+                123_456_789.0,
+                "events/s",
+                Better::Higher,
+            );
+            r.push(
+                "b.y",
+                "2 a stage whose name is longer than every label",
+                "y",
+                2.5,
+                "ms",
+                Better::Lower,
+            );
+        }
+        new.figures[1].value = 7.0;
+        let long = "  a measure with a very long name indeed, longer than any other";
+        let text = table(&new, Some(&old));
+        let this_run = [
+            end_of(&text, "  x ", "1.00x"),
+            end_of(&text, long, "7.00 events/s"),
+            end_of(&text, "  y ", "2.50 ms"),
+            end_of(&text, " ", "this run"),
+        ];
+        assert!(
+            this_run.iter().all(|e| *e == this_run[0]),
+            "{this_run:?}\n{text}"
+        );
+        let earlier = [
+            value_end(&text, "  x ", "1.00x", true),
+            end_of(&text, long, "123,456,789 events/s"),
+            value_end(&text, "  y ", "2.50 ms", true),
+            end_of(&text, " ", "earlier"),
+        ];
+        assert!(
+            earlier.iter().all(|e| *e == earlier[0]),
+            "{earlier:?}\n{text}"
+        );
+        // Values narrower than the header.
+        let mut short = Results::default();
+        short.push("c.x", "3 c", "x", 1.0, "x", Better::Higher);
+        let text = table(&short, Some(&short));
+        assert_eq!(
+            end_of(&text, "  x ", "1.00x"),
+            end_of(&text, " ", "this run"),
+            "{text}"
+        );
+        assert_eq!(
+            value_end(&text, "  x ", "1.00x", true),
+            end_of(&text, " ", "earlier"),
+            "{text}"
+        );
+        let alone = table(&new, None);
+        let ends = [
+            end_of(&alone, "  x ", "1.00x"),
+            end_of(&alone, long, "7.00 events/s"),
+            end_of(&alone, "  y ", "2.50 ms"),
+        ];
+        assert!(ends.iter().all(|e| *e == ends[0]), "{ends:?}\n{alone}");
+        assert!(
+            alone.contains("\n2 a stage whose name is longer than every label\n"),
+            "{alone}"
+        );
     }
 
     #[test]

@@ -65,11 +65,12 @@ fn run_bench(args: &[&str], env: &[(&str, String)]) -> std::process::Output {
     command.output().expect("run event-processor-bench")
 }
 
-fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("aep-bench-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("out dir");
-    dir
+/// A fresh output folder, removed when dropped.
+fn out_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("aep-bench-{name}-"))
+        .tempdir()
+        .expect("out dir")
 }
 
 /// The one result file in `dir`.
@@ -99,7 +100,7 @@ fn figure(results: &Results, id: &str) -> f64 {
 #[test]
 fn bench_measures_every_stage_and_writes_its_results() {
     let dir = out_dir("full");
-    let out = dir.to_string_lossy().to_string();
+    let out = dir.path().to_string_lossy().to_string();
     let output = run_bench(
         &[
             "--events",
@@ -122,7 +123,7 @@ fn bench_measures_every_stage_and_writes_its_results() {
         "bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         output.status
     );
-    let path = result_file(&dir);
+    let path = result_file(dir.path());
     let results: Results = serde_json::from_slice(&std::fs::read(&path).expect("read results"))
         .expect("parse results");
     assert!(results.skipped.is_empty(), "skipped: {:?}", results.skipped);
@@ -264,7 +265,7 @@ fn bench_measures_every_stage_and_writes_its_results() {
             "--skip",
             "capture,polling,sink,end-to-end,latency,memory,kafka",
             "--out",
-            &again.to_string_lossy(),
+            &again.path().to_string_lossy(),
             "--compare",
             &path.to_string_lossy(),
         ],
@@ -280,20 +281,18 @@ fn bench_measures_every_stage_and_writes_its_results() {
         stdout.contains("earlier") && stdout.contains('%'),
         "{stdout}"
     );
-    let _ = std::fs::remove_dir_all(dir);
-    let _ = std::fs::remove_dir_all(again);
 }
 
 #[test]
 fn bench_refuses_bad_arguments_before_touching_anything() {
     let dir = out_dir("bad");
-    let out = dir.to_string_lossy().to_string();
+    let out = dir.path().to_string_lossy().to_string();
     let output = run_bench(&["--skip", "warp-drive", "--out", &out], &env());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("`warp-drive` is not a stage"), "{stderr}");
 
-    let missing = dir.join("nope.json");
+    let missing = dir.path().join("nope.json");
     let output = run_bench(
         &["--compare", &missing.to_string_lossy(), "--out", &out],
         &env(),
@@ -305,7 +304,6 @@ fn bench_refuses_bad_arguments_before_touching_anything() {
         "{stderr}"
     );
     // Nothing was written.
-    let written: Vec<_> = std::fs::read_dir(&dir).expect("dir").collect();
+    let written: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
     assert!(written.is_empty(), "{written:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }

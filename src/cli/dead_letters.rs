@@ -44,6 +44,7 @@ pub enum DeadLettersCommand {
     },
     /// One dead letter in full, payload included.
     Show {
+        #[arg(value_parser = letter_id)]
         id: Uuid,
         /// As one JSON object.
         #[arg(long)]
@@ -90,12 +91,20 @@ pub struct Filters {
 #[group(id = "which", required = true, multiple = false, args = ["ids", "all"])]
 pub struct Select {
     /// Dead letter ids (the dead-lettered events' ids).
+    #[arg(value_parser = letter_id)]
     pub ids: Vec<Uuid>,
     /// Every dead letter that passes the filters.
     #[arg(long)]
     pub all: bool,
     #[command(flatten)]
     pub filters: Filters,
+}
+
+/// A dead letter's id: the dead-lettered event's id, a UUID.
+fn letter_id(raw: &str) -> Result<Uuid, String> {
+    raw.trim().parse().map_err(|_| {
+        format!("`{raw}` is not a dead letter id: give an id from the first column of `event-processor dead-letters list` (a UUID)")
+    })
 }
 
 fn non_blank(raw: &str) -> Result<String, String> {

@@ -7,7 +7,10 @@
 //! {"error":"<message>"}                                                exit 3
 //! ```
 //!
-//! An empty file stands for a Kafka null (value or key).
+//! A file that is empty, or holds nothing but the JSON `null` (whitespace
+//! around it allowed), stands for a Kafka null (value or key): a value like
+//! that is a tombstone. A file that cannot be read is a usage error: one line
+//! on stderr naming the path, nothing on stdout, exit 2.
 
 use crate::decode::{self, DecodeOptions, Decoded, MessageFormat, OutboxEvent, RawMessage};
 use chrono::SecondsFormat;
@@ -17,15 +20,17 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// Exit status when the message does not decode (or cannot be read).
+/// Exit status when the message does not decode.
 pub const EXIT_UNDECODABLE: u8 = 3;
+/// Exit status when an input file cannot be read (a usage error).
+pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Args, Debug)]
 pub struct DecodeArgs {
-    /// File with the Kafka message value; `-` reads standard input. Empty = Kafka null.
+    /// File with the Kafka message value; `-` reads standard input. Empty or `null` = Kafka null (a tombstone).
     #[arg(value_name = "FILE", default_value = "-")]
     pub file: PathBuf,
-    /// File with the Kafka message key. Empty = Kafka null.
+    /// File with the Kafka message key. Empty or `null` = Kafka null.
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
     /// A record header (repeatable); later headers of the same name win.
@@ -70,9 +75,22 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
 /// Decodes the message the arguments name and prints exactly one JSON line.
 ///
 /// Returns exit 0 for an event or a skip and exit 3 for a message that does not
-/// decode or a file that cannot be read; `Err` only when `stdout` cannot be written.
-pub fn execute(args: &DecodeArgs, stdout: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    let (line, code) = match decode_files(args) {
+/// decode. An input file that cannot be read prints one line on `stderr` (and
+/// nothing on `stdout`) and returns exit 2. `Err` only when `stdout` cannot be
+/// written.
+pub fn execute(
+    args: &DecodeArgs,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let inputs = match read_inputs(args) {
+        Ok(inputs) => inputs,
+        Err(message) => {
+            writeln!(stderr, "error: {message}")?;
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let (line, code) = match decode_inputs(args, &inputs) {
         Ok(Decoded::Event(event)) => (json!({ "event": event_json(&event) }), ExitCode::SUCCESS),
         Ok(Decoded::Skip(reason)) => (json!({ "skip": reason.as_str() }), ExitCode::SUCCESS),
         Err(message) => (
@@ -85,9 +103,22 @@ pub fn execute(args: &DecodeArgs, stdout: &mut dyn Write) -> anyhow::Result<Exit
     Ok(code)
 }
 
-fn decode_files(args: &DecodeArgs) -> Result<Decoded, String> {
-    let value = read_input(&args.file)?;
-    let key = args.key.as_deref().map(read_input).transpose()?;
+/// The value and the key as read, `None` for a Kafka null.
+struct Inputs {
+    value: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+}
+
+fn read_inputs(args: &DecodeArgs) -> Result<Inputs, String> {
+    let value = kafka_null_as_none(read_input(&args.file, "")?);
+    let key = match args.key.as_deref() {
+        Some(path) => kafka_null_as_none(read_input(path, "--key ")?),
+        None => None,
+    };
+    Ok(Inputs { value, key })
+}
+
+fn decode_inputs(args: &DecodeArgs, inputs: &Inputs) -> Result<Decoded, String> {
     let headers: Vec<(String, Option<Vec<u8>>)> = args
         .headers
         .iter()
@@ -95,8 +126,8 @@ fn decode_files(args: &DecodeArgs) -> Result<Decoded, String> {
         .collect();
     let msg = RawMessage {
         topic: args.topic.as_deref(),
-        key: key.as_deref().filter(|k| !k.is_empty()),
-        value: Some(value.as_slice()).filter(|v| !v.is_empty()),
+        key: inputs.key.as_deref(),
+        value: inputs.value.as_deref(),
         headers: &headers,
     };
     let options = DecodeOptions {
@@ -106,7 +137,18 @@ fn decode_files(args: &DecodeArgs) -> Result<Decoded, String> {
     decode::decode_message(&msg, &options).map_err(|err| err.to_string())
 }
 
-fn read_input(path: &Path) -> Result<Vec<u8>, String> {
+/// An empty file, or one holding only the JSON `null`, is a Kafka null.
+fn kafka_null_as_none(bytes: Vec<u8>) -> Option<Vec<u8>> {
+    let trimmed = bytes.trim_ascii();
+    if trimmed.is_empty() || trimmed == b"null" {
+        None
+    } else {
+        Some(bytes)
+    }
+}
+
+/// Reads one input; `what` is the flag that named it (`""` or `"--key "`).
+fn read_input(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();
     let result = if path.as_os_str() == "-" {
         std::io::stdin().lock().read_to_end(&mut bytes).map(|_| ())
@@ -115,8 +157,31 @@ fn read_input(path: &Path) -> Result<Vec<u8>, String> {
     };
     match result {
         Ok(()) => Ok(bytes),
-        Err(err) if path.as_os_str() == "-" => Err(format!("cannot read standard input: {err}")),
-        Err(err) => Err(format!("cannot read `{}`: {err}", path.display())),
+        Err(err) if path.as_os_str() == "-" => Err(format!(
+            "cannot read standard input ({what}-): {}",
+            io_reason(&err)
+        )),
+        Err(err) => Err(format!(
+            "cannot read {what}`{}`: {}; give the path of a readable file (`-` reads standard input)",
+            path.display(),
+            io_reason(&err)
+        )),
+    }
+}
+
+/// An I/O error's reason without the `(os error N)` suffix.
+fn io_reason(err: &std::io::Error) -> String {
+    match err.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        std::io::ErrorKind::IsADirectory => "it is a directory".to_string(),
+        _ => {
+            let text = err.to_string();
+            match text.find(" (os error") {
+                Some(at) => text[..at].to_string(),
+                None => text,
+            }
+        }
     }
 }
 
@@ -151,7 +216,8 @@ mod tests {
 
     fn run(args: &DecodeArgs) -> (Value, ExitCode) {
         let mut out = Vec::new();
-        let code = match execute(args, &mut out) {
+        let mut err = Vec::new();
+        let code = match execute(args, &mut out, &mut err) {
             Ok(code) => code,
             Err(err) => panic!("execute failed: {err:#}"),
         };
@@ -166,37 +232,99 @@ mod tests {
         }
     }
 
-    fn temp_file(name: &str, content: &[u8]) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("decode-cli-{}", std::process::id()));
-        let created = std::fs::create_dir_all(&dir).and_then(|()| {
-            let path = dir.join(name);
-            std::fs::write(&path, content).map(|()| path)
-        });
-        match created {
-            Ok(path) => path,
-            Err(err) => panic!("cannot write a temp file: {err}"),
+    /// A folder of input files, removed when dropped.
+    struct Inputs(tempfile::TempDir);
+
+    impl Inputs {
+        fn new() -> Inputs {
+            match tempfile::Builder::new().prefix("decode-cli-").tempdir() {
+                Ok(dir) => Inputs(dir),
+                Err(err) => panic!("cannot create a temp folder: {err}"),
+            }
+        }
+
+        fn file(&self, name: &str, content: &[u8]) -> PathBuf {
+            let path = self.0.path().join(name);
+            match std::fs::write(&path, content) {
+                Ok(()) => path,
+                Err(err) => panic!("cannot write a temp file: {err}"),
+            }
         }
     }
 
+    /// Stdout and stderr of `execute`, and its exit code.
+    fn run_raw(args: &DecodeArgs) -> (String, String, ExitCode) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = match execute(args, &mut out, &mut err) {
+            Ok(code) => code,
+            Err(err) => panic!("execute failed: {err:#}"),
+        };
+        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+        (text(out), text(err), code)
+    }
+
     #[test]
-    fn an_unreadable_file_is_an_error_naming_the_path() {
-        let (line, code) = run(&args(PathBuf::from("/nonexistent/value.json")));
-        assert_eq!(code, ExitCode::from(EXIT_UNDECODABLE));
-        let message = line["error"].as_str().unwrap_or_default();
-        assert!(message.contains("/nonexistent/value.json"), "{message}");
+    fn a_missing_file_is_a_usage_error_naming_the_path() {
+        let (out, err, code) = run_raw(&args(PathBuf::from("/nonexistent/value.json")));
+        assert_eq!(code, ExitCode::from(EXIT_USAGE));
+        assert_eq!(out, "");
+        assert_eq!(
+            err,
+            "error: cannot read `/nonexistent/value.json`: no such file; give the path of a readable file (`-` reads standard input)\n"
+        );
+    }
+
+    #[test]
+    fn a_missing_key_file_is_a_usage_error_naming_the_flag() {
+        let inputs = Inputs::new();
+        let mut args = args(inputs.file("value.json", b"{}"));
+        args.key = Some(PathBuf::from("/nonexistent/key.json"));
+        let (out, err, code) = run_raw(&args);
+        assert_eq!(code, ExitCode::from(EXIT_USAGE));
+        assert_eq!(out, "");
+        assert!(
+            err.starts_with("error: cannot read --key `/nonexistent/key.json`: no such file;"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
     }
 
     #[test]
     fn an_empty_file_is_a_tombstone() {
-        let (line, code) = run(&args(temp_file("empty.json", b"")));
+        let inputs = Inputs::new();
+        let (line, code) = run(&args(inputs.file("empty.json", b"")));
         assert_eq!(code, ExitCode::SUCCESS);
         assert_eq!(line, json!({"skip": "tombstone"}));
     }
 
     #[test]
+    fn a_json_null_is_a_tombstone() {
+        let inputs = Inputs::new();
+        for content in [&b"null"[..], b"null\n", b"  null \r\n\t", b"\n"] {
+            let (line, code) = run(&args(inputs.file("null.json", content)));
+            assert_eq!(code, ExitCode::SUCCESS, "{content:?}");
+            assert_eq!(line, json!({"skip": "tombstone"}), "{content:?}");
+        }
+    }
+
+    #[test]
+    fn null_inside_a_value_is_not_a_tombstone() {
+        let inputs = Inputs::new();
+        for content in [&b"nullx"[..], b"[null]", b"\"null\""] {
+            let (line, code) = run(&args(inputs.file("value.json", content)));
+            assert_eq!(
+                code,
+                ExitCode::from(EXIT_UNDECODABLE),
+                "{content:?}: {line}"
+            );
+        }
+    }
+
+    #[test]
     fn an_event_prints_every_field() {
         let value = br#"{"before":null,"after":{"event_id":"0192f4b7-1c3d-7e4f-9a50-3b6c7d8e9f10","sequence_id":104,"aggregate_id":"7d3c9a52-1e4f-4b8a-9c61-2f5e8d7a4b10","aggregate_type":"User","event_type":"UserCreated","payload":"{\"email\": \"a@example.com\"}","created_at":"2026-09-15T09:41:07.509871Z"},"source":{},"op":"c"}"#;
-        let (line, code) = run(&args(temp_file("insert.json", value)));
+        let inputs = Inputs::new();
+        let (line, code) = run(&args(inputs.file("insert.json", value)));
         assert_eq!(code, ExitCode::SUCCESS);
         assert_eq!(
             line,
@@ -214,11 +342,9 @@ mod tests {
 
     #[test]
     fn an_event_router_message_from_key_headers_and_topic() {
-        let mut args = args(temp_file("routed.json", br#""{\"a\": 1}""#));
-        args.key = Some(temp_file(
-            "routed.key",
-            b"\"7d3c9a52-1e4f-4b8a-9c61-2f5e8d7a4b10\"",
-        ));
+        let inputs = Inputs::new();
+        let mut args = args(inputs.file("routed.json", br#""{\"a\": 1}""#));
+        args.key = Some(inputs.file("routed.key", b"\"7d3c9a52-1e4f-4b8a-9c61-2f5e8d7a4b10\""));
         args.topic = Some("outbox.event.User".into());
         args.headers = vec![
             ("id".into(), "0192f4b7-1c3d-7e4f-9a50-3b6c7d8e9f10".into()),

@@ -2,7 +2,10 @@
 
 pub mod dead_letters;
 pub mod decode;
+pub mod examples;
 pub mod flags;
+pub mod generate;
+pub mod hints;
 pub mod kafka;
 pub mod observing;
 pub mod prune;
@@ -95,6 +98,10 @@ pub enum Command {
     /// Exit status: 0 with no mismatch; 1 with any, or when PostgreSQL or MongoDB
     /// cannot be read; 2 for a usage or configuration error.
     Verify(verify::VerifyArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(generate::CompletionsArgs),
+    /// Print the manual page, or write one per command with `--out DIR`.
+    Man(generate::ManArgs),
 }
 
 /// `--stats-file`, on `run` and `relay`.
@@ -130,16 +137,29 @@ where
 pub fn main(cli: Cli) -> ExitCode {
     if let Command::Decode(args) = &cli.command {
         let mut stdout = std::io::stdout().lock();
-        return decode::execute(args, &mut stdout).unwrap_or_else(|err| {
+        let mut stderr = std::io::stderr().lock();
+        return decode::execute(args, &mut stdout, &mut stderr).unwrap_or_else(|err| {
             eprintln!("error: {err:#}");
             ExitCode::from(EXIT_FAILURE)
         });
+    }
+    if let Command::Completions(_) | Command::Man(_) = &cli.command {
+        return generate::execute(&cli.command);
     }
     let extra = match &cli.command {
         Command::Run(args) => args.flags.values.as_slice(),
         Command::Relay(args) => args.flags.values.as_slice(),
         _ => &[],
     };
+    // The settings the command line gave, to name them as the user typed them.
+    let given: Vec<(Flag, String)> = cli
+        .global
+        .flags
+        .values
+        .iter()
+        .chain(extra)
+        .cloned()
+        .collect();
     let config = match load_config(&cli.global, extra) {
         Ok(config) => config,
         Err(err) => {
@@ -153,7 +173,14 @@ pub fn main(cli: Cli) -> ExitCode {
                         eprintln!("  {line}");
                     }
                 }
-                ConfigError::EnvFileRead { .. } | ConfigError::EnvFileLine { .. } => {
+                ConfigError::EnvFileRead { .. } => {
+                    let what = match &cli.global.env_file {
+                        Some(_) => "give --env-file a readable file",
+                        None => "make ./.env readable, or name another file with --env-file",
+                    };
+                    eprintln!("invalid configuration: {}; {what}", Chain(&err));
+                }
+                ConfigError::EnvFileLine { .. } => {
                     eprintln!("invalid configuration: {}", Chain(&err));
                 }
             }
@@ -179,7 +206,17 @@ pub fn main(cli: Cli) -> ExitCode {
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", scrubber.scrub(&format!("{err:#}")));
+            // The drivers' own accounts, in full, for LOG_LEVEL=debug.
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                // The outermost by its message (its debug form adds a backtrace), each
+                // cause by its debug form (a driver error's, unsummarised).
+                let causes: Vec<String> = std::iter::once(err.to_string())
+                    .chain(err.chain().skip(1).map(|cause| format!("{cause:?}")))
+                    .collect();
+                tracing::debug!(causes = %scrubber.scrub(&causes.join(" <- ")), "failed");
+            }
+            let message = scrubber.scrub(&format!("{err:#}"));
+            eprintln!("error: {}", hints::with_hint(&message, &given));
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -292,7 +329,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             })?;
             print!("{}", show::render(&store, args.limit).await?);
         }
-        Command::Decode(_) => unreachable_decode(),
+        Command::Decode(_) | Command::Completions(_) | Command::Man(_) => unreachable_decode(),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -350,7 +387,8 @@ async fn read_model_status(
     })
 }
 
-/// `decode` needs no configuration and returns before the runtime starts.
+/// `decode`, `completions` and `man` need no configuration and return
+/// before the runtime starts.
 fn unreachable_decode() {
-    tracing::error!("decode is handled before configuration is loaded");
+    tracing::error!("decode, completions and man are handled before configuration is loaded");
 }

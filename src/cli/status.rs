@@ -276,6 +276,7 @@ mod tests {
                 counts: STATUSES.iter().map(|s| (s.to_string(), 0)).collect(),
                 total: 0,
                 oldest_pending_age_seconds: None,
+                oldest_pending_created_at: None,
                 max_sequence_id: None,
                 slot: None,
                 read_models: None,

@@ -16,11 +16,18 @@ const MONGO_WAIT: Duration = Duration::from_secs(5);
 /// Pause between two progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
+/// A user's or an activity's id, a UUID.
+fn aggregate_id(raw: &str) -> Result<Uuid, String> {
+    raw.trim().parse().map_err(|_| {
+        format!("`{raw}` is not an aggregate id: give a user's or an activity's id (a UUID, as `event-processor show` prints them)")
+    })
+}
+
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
     /// Only this aggregate (a user or an activity id): its document, the
     /// documents that copy it, and its dead letters.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = aggregate_id)]
     pub aggregate: Option<Uuid>,
     /// Print at most N mismatches (all are still counted).
     #[arg(long, value_name = "N")]

@@ -240,6 +240,9 @@ impl Config {
         };
         let heartbeat_interval = r.duration_or_off("HEARTBEAT_INTERVAL");
         let log_level = r.non_empty("LOG_LEVEL");
+        if let Some(problem) = log_filter_problem(&log_level) {
+            r.problem("LOG_LEVEL", problem);
+        }
         let log_format = match r.string("LOG_FORMAT").to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -268,5 +271,25 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(r.problems))
         }
+    }
+}
+
+/// Why a `LOG_LEVEL` value is not a filter, if it is not: a level
+/// (`error`, `warn`, `info`, `debug`, `trace`, `off`) or a directive list
+/// (`info,activity_event_processor=debug`). A bare word that is not a level
+/// would parse as a target's name and silence every other log line.
+fn log_filter_problem(value: &str) -> Option<String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let hint = "give error, warn, info, debug, trace or off, or a directive list such as info,activity_event_processor=debug";
+    if value.is_empty() {
+        return None; // said already: must not be empty
+    }
+    let bare_word = !value.contains(['=', ',', '[', ':']);
+    if bare_word && !LEVELS.contains(&value.to_ascii_lowercase().as_str()) {
+        return Some(format!("`{value}` is not a log level: {hint}"));
+    }
+    match tracing_subscriber::EnvFilter::try_new(value) {
+        Ok(_) => None,
+        Err(err) => Some(format!("`{value}` is not a log filter ({err}): {hint}")),
     }
 }

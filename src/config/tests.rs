@@ -94,9 +94,8 @@ fn durations_parse_with_units() {
 
 #[test]
 fn env_file_values_load_and_process_env_wins() {
-    let dir = std::env::temp_dir().join(format!("aep-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("test.env");
+    let dir = tempfile::tempdir().expect("temp folder");
+    let path = dir.path().join("test.env");
     std::fs::write(&path, "POSTGRES_CONNECT_TIMEOUT=7s\nUNRELATED=1\n").expect("write");
     let map = env_map(Some(&path)).expect("loads");
     assert_eq!(
@@ -104,9 +103,8 @@ fn env_file_values_load_and_process_env_wins() {
         Some("7s")
     );
     assert!(!map.contains_key("UNRELATED"));
-    let missing = env_map(Some(&dir.join("missing.env"))).expect_err("missing file");
+    let missing = env_map(Some(&dir.path().join("missing.env"))).expect_err("missing file");
     assert!(missing.to_string().contains("missing.env"), "{missing}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -16,6 +16,8 @@ pub struct OutboxStatus {
     pub counts: BTreeMap<String, i64>,
     pub total: i64,
     pub oldest_pending_age_seconds: Option<f64>,
+    /// `created_at` of the oldest pending (or retry) row.
+    pub oldest_pending_created_at: Option<chrono::DateTime<chrono::Utc>>,
     pub max_sequence_id: Option<i64>,
     /// The replication slot, when it exists.
     pub slot: Option<SlotStatus>,
@@ -81,7 +83,8 @@ pub async fn read(
         .query_one(
             "SELECT
                  EXTRACT(EPOCH FROM (now() - min(created_at) FILTER (WHERE status IN ('pending', 'retry'))))::float8,
-                 max(sequence_id)
+                 max(sequence_id),
+                 min(created_at) FILTER (WHERE status IN ('pending', 'retry'))
              FROM event_outbox",
             &[],
         )
@@ -113,6 +116,7 @@ pub async fn read(
         counts,
         oldest_pending_age_seconds: summary.get(0),
         max_sequence_id: summary.get(1),
+        oldest_pending_created_at: summary.get(2),
     })
 }
 
@@ -133,9 +137,17 @@ impl OutboxStatus {
         let _ = writeln!(
             out,
             "oldest pending: {}",
-            match self.oldest_pending_age_seconds {
-                Some(age) => format_age(age),
-                None => "none".to_string(),
+            match (
+                self.oldest_pending_age_seconds,
+                self.oldest_pending_created_at
+            ) {
+                (Some(age), Some(created)) => format!(
+                    "{} ago (created_at {})",
+                    format_age(age),
+                    created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                (Some(age), None) => format!("{} ago", format_age(age)),
+                (None, _) => "none".to_string(),
             }
         );
         let _ = writeln!(
@@ -148,11 +160,11 @@ impl OutboxStatus {
             Some(slot) => {
                 let _ = writeln!(
                     out,
-                    "slot {}: {}, lag {} bytes, {} events not yet applied",
+                    "slot {}: {}, lag {} bytes, {} not yet applied",
                     slot.name,
                     if slot.active { "active" } else { "inactive" },
                     slot.lag_bytes.map_or("?".into(), |b| b.to_string()),
-                    slot.lag_events
+                    counted(slot.lag_events, "event", "events")
                 );
             }
             None => {
@@ -163,10 +175,10 @@ impl OutboxStatus {
             (Some(m), _) => {
                 let _ = writeln!(
                     out,
-                    "read models: {} users, {} activities, {} dead letters; last applied sequence_id {}",
-                    m.users,
-                    m.activities,
-                    m.dead_letters,
+                    "read models: {}, {}, {}; last applied sequence_id {}",
+                    counted(m.users, "user", "users"),
+                    counted(m.activities, "activity", "activities"),
+                    counted(m.dead_letters, "dead letter", "dead letters"),
                     m.last_applied_sequence_id
                         .map_or("none".to_string(), |s| s.to_string())
                 );
@@ -189,6 +201,12 @@ impl OutboxStatus {
         }
         out
     }
+}
+
+/// `1 user`, `2 users`, `0 users`.
+fn counted<N: Into<i128>>(count: N, one: &str, many: &str) -> String {
+    let count = count.into();
+    format!("{count} {}", if count == 1 { one } else { many })
 }
 
 /// `3s`, `4m 10s`, `2h 5m`, `3d 4h`.
@@ -221,6 +239,7 @@ mod tests {
             counts: STATUSES.iter().map(|s| (s.to_string(), 0)).collect(),
             total: 0,
             oldest_pending_age_seconds: None,
+            oldest_pending_created_at: None,
             max_sequence_id: None,
             slot: None,
             read_models: None,
@@ -235,6 +254,67 @@ mod tests {
         assert!(
             text.contains("read models: unavailable (mongodb unavailable)"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn counts_of_one_are_singular_and_the_oldest_pending_row_is_dated() {
+        let created = chrono::DateTime::parse_from_rfc3339("2026-09-15T09:41:07.5Z")
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .ok();
+        let status = OutboxStatus {
+            database: "db:5432/activity".into(),
+            server_version: "15".into(),
+            wal_level: "logical".into(),
+            counts: STATUSES.iter().map(|s| (s.to_string(), 0)).collect(),
+            total: 0,
+            oldest_pending_age_seconds: Some(7_077_600.0),
+            oldest_pending_created_at: created,
+            max_sequence_id: Some(4),
+            slot: Some(SlotStatus {
+                name: "s".into(),
+                active: false,
+                lag_bytes: Some(10),
+                lag_events: 1,
+            }),
+            read_models: Some(ReadModelStatus {
+                users: 1,
+                activities: 1,
+                dead_letters: 1,
+                last_applied_sequence_id: Some(4),
+            }),
+            read_models_error: None,
+        };
+        let text = status.render();
+        assert!(
+            text.contains(
+                "\nread models: 1 user, 1 activity, 1 dead letter; last applied sequence_id 4\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nslot s: inactive, lag 10 bytes, 1 event not yet applied\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\noldest pending: 81d 22h ago (created_at 2026-09-15T09:41:07Z)\n"),
+            "{text}"
+        );
+        let status = OutboxStatus {
+            read_models: Some(ReadModelStatus {
+                users: 0,
+                activities: 2,
+                dead_letters: 0,
+                last_applied_sequence_id: None,
+            }),
+            ..status
+        };
+        assert!(
+            status
+                .render()
+                .contains("\nread models: 0 users, 2 activities, 0 dead letters; last applied sequence_id none\n"),
+            "{}",
+            status.render()
         );
     }
 

@@ -495,9 +495,8 @@ mod tests {
     /// rows dead-lettered) reaches the stats file through the runtime's count.
     #[test]
     fn the_stats_file_counts_published_batches() {
-        let dir = std::env::temp_dir().join(format!("relay-stats-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("stats.json");
+        let dir = tempfile::tempdir().expect("temp folder");
+        let path = dir.path().join("stats.json");
         let stats = Arc::new(Stats::default());
         let file = StatsFile::new(path.clone(), stats.clone());
         let event = |created_at| crate::decode::OutboxEvent {
@@ -536,6 +535,5 @@ mod tests {
         assert!(report.last_done_unix_ms.is_some());
         // Commit-to-durable latency of the events that have a `created_at`.
         assert_eq!(report.latency.count, 3);
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

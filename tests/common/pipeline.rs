@@ -13,6 +13,8 @@ pub struct Stage {
     pub pg: TestDb,
     pub mongo: TestMongo,
     pub slot: String,
+    /// The processes' log files (`log_path` and its siblings), removed with the stage.
+    logs: tempfile::TempDir,
 }
 
 impl Stage {
@@ -46,7 +48,16 @@ impl Stage {
 
     fn assemble(pg: TestDb, mongo: TestMongo) -> Stage {
         let slot = format!("aep_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        Stage { pg, mongo, slot }
+        let logs = tempfile::Builder::new()
+            .prefix(&format!("{}-", mongo.name))
+            .tempdir()
+            .expect("a folder for the logs");
+        Stage {
+            pg,
+            mongo,
+            slot,
+            logs,
+        }
     }
 
     pub async fn load(&self, events: &[OutboxEvent]) {
@@ -140,7 +151,7 @@ impl Stage {
     }
 
     pub fn log_path(&self) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("{}.log", self.mongo.name))
+        self.logs.path().join("run.log")
     }
 
     fn log_file(&self) -> Stdio {

@@ -35,6 +35,8 @@ impl OwnServices {
             .arg("up")
             .args(services)
             .env("SERVICES_DIR", &dir)
+            // `services.sh down` without SERVICES_DIR leaves them to this process.
+            .env("SERVICES_OWNER_PID", std::process::id().to_string())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run scripts/services.sh");

@@ -97,11 +97,12 @@ impl Case {
 
     /// Runs the case and checks it; returns what it printed.
     pub fn check(self) -> Outcome {
-        let dir = std::env::temp_dir().join(format!(
-            "aep-secrets-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        ));
-        std::fs::create_dir_all(&dir).expect("working folder");
+        // Removed when the case ends, whatever its outcome.
+        let folder = tempfile::Builder::new()
+            .prefix("aep-secrets-")
+            .tempdir()
+            .expect("working folder");
+        let dir = folder.path().to_path_buf();
         let mut args = self.args.clone();
         if let Some(text) = &self.dotenv {
             std::fs::write(dir.join(".env"), text).expect("write .env");
@@ -160,7 +161,7 @@ impl Case {
             stdout: read(&stdout_path),
             stderr: read(&stderr_path),
         };
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(folder);
         let context = format!(
             "{} (event-processor {})\n--- stdout\n{}\n--- stderr\n{}",
             self.name,
