@@ -155,12 +155,6 @@ async fn two_cached_writers_race(seed: u64, events: usize, max_batch: usize, cap
         "activities (seed {seed})"
     );
     assert_eq!(actual.users, expected.users, "users (seed {seed})");
-    let hits = a.cache_stats().map_or(0, |(_, hits, _)| hits)
-        + b.cache_stats().map_or(0, |(_, hits, _)| hits);
-    assert!(
-        events < 10 || hits > 0,
-        "the caches answered nothing (seed {seed})"
-    );
 }
 
 fn runtime() -> tokio::runtime::Runtime {

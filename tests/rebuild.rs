@@ -4,7 +4,8 @@
 //! repaired, and afterwards `verify` finds nothing; killed with kill -9
 //! mid-build, the live models are untouched and a rerun (which says it
 //! starts over) converges; a second rebuild is refused while one runs;
-//! `--dry-run` names a corrupted field and swaps nothing.
+//! Ctrl-C before the swap exits 130 and changes nothing; `--dry-run` names a
+//! corrupted field and swaps nothing.
 
 mod common;
 
@@ -331,4 +332,64 @@ async fn a_dry_run_names_what_would_change_and_swaps_nothing() {
         .filter(|c| c.ends_with("__rebuild"))
         .collect();
     assert!(left.is_empty(), "the dry run drops its shadow: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_before_the_swap_changes_nothing_and_drops_the_shadow() {
+    let stage = Stage::new().await;
+    let history = generate(31, &HistoryOptions::realistic(3_000));
+    stage.load(&history).await;
+    stage.run_until_caught_up(&[], &[], LIMIT);
+    let before = stage.mongo.read_models().await;
+
+    let log = stage.log_path().with_file_name("rebuild-interrupted.log");
+    let mut rebuild = Proc(spawn_rebuild(&stage, &["--batch-size", "20"], &log));
+    let deadline = Instant::now() + LIMIT;
+    while !control(&stage)
+        .await
+        .is_some_and(|c| c.get_str("phase") == Ok("building") && c.get_i64("done").unwrap_or(0) > 0)
+    {
+        assert!(
+            Instant::now() < deadline && rebuild.0.try_wait().expect("wait").is_none(),
+            "the rebuild never got to building: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &rebuild.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let stopped = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = rebuild.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < stopped,
+            "the rebuild did not stop on SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(130), "{said}");
+    assert!(said.contains("interrupted before the swap"), "{said}");
+    assert_eq!(
+        stage.mongo.read_models().await,
+        before,
+        "the live read models are as they were"
+    );
+    let left: Vec<String> = collections(&stage)
+        .await
+        .into_iter()
+        .filter(|c| c.ends_with("__rebuild"))
+        .collect();
+    assert!(left.is_empty(), "the shadow is dropped: {left:?}");
+    let state = control(&stage).await.expect("control");
+    assert_eq!(state.get_str("state"), Ok("interrupted"), "{state}");
+    assert!(
+        matches!(state.get("pause"), Some(mongodb::bson::Bson::Null)),
+        "{state}"
+    );
 }

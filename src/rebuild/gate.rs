@@ -72,6 +72,9 @@ struct Inner {
     /// Pauses seen: documents read before one may come from collections
     /// since swapped away.
     pauses: std::sync::atomic::AtomicU64,
+    /// Why the last beat failed (none since it last succeeded): a batch that
+    /// gives up waiting for a reading fails with it, as its own write would.
+    failure: std::sync::Mutex<Option<StoreError>>,
 }
 
 impl Clone for Gate {
@@ -113,6 +116,7 @@ impl Gate {
             store,
             id: format!("{INSTANCE_PREFIX}{}", uuid::Uuid::new_v4()),
             pauses: std::sync::atomic::AtomicU64::new(0),
+            failure: std::sync::Mutex::new(None),
         });
         let beat = Beat {
             tx,
@@ -188,10 +192,20 @@ impl Gate {
                 }
                 (None, false) => {
                     if started.elapsed() >= LEASE_WAIT {
-                        return Err(StoreError::transient(
-                            RetryClass::Unavailable,
-                            format!("cannot read `{CONTROL}` (the rebuild's control document)"),
-                        ));
+                        // The beat's own failure, classified as any write's
+                        // (a refusal or a missing privilege stops the process).
+                        let failure = self
+                            .inner
+                            .failure
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .take();
+                        return Err(failure.unwrap_or_else(|| {
+                            StoreError::transient(
+                                RetryClass::Unavailable,
+                                format!("cannot read `{CONTROL}` (the rebuild's control document)"),
+                            )
+                        }));
                     }
                     let wait = tokio::time::sleep(BEAT / 5);
                     tokio::select! {
@@ -234,8 +248,15 @@ impl Beat {
                 Some(inner) if inner.open.load(Ordering::SeqCst) > 0 => {}
                 _ => break,
             }
-            if let Err(err) = self.once().await {
-                tracing::debug!(error = %crate::policy::describe(&err), "rebuild gate: beat failed");
+            let beat = self.once().await;
+            if let Err(err) = &beat {
+                tracing::debug!(error = %crate::policy::describe(err), "rebuild gate: beat failed");
+            }
+            if let Some(inner) = self.inner.upgrade() {
+                *inner
+                    .failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = beat.err();
             }
         }
     }
