@@ -69,14 +69,19 @@ fn batches(delivery: &[OutboxEvent], rng: &mut StdRng, max_batch: usize) -> Vec<
     out
 }
 
-async fn project_and_compare(seed: u64, events: usize, max_batch: usize) {
+/// A history over a few aggregates, with poison, unknown types and chaos.
+fn small_history(seed: u64, events: usize) -> Vec<OutboxEvent> {
     let mut options = HistoryOptions::realistic(events);
     options.users = 2 + (seed % 4) as usize;
     options.activities = 1 + (seed % 3) as usize;
     options.poison_per_mille = 40;
     options.unknown_per_mille = 30;
     options.chaos_per_mille = 300;
-    let history = generate(seed, &options);
+    generate(seed, &options)
+}
+
+async fn project_and_compare(seed: u64, events: usize, max_batch: usize) {
+    let history = small_history(seed, events);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let delivery = interleave(&history, &mut rng);
     let mongo = TestMongo::create().await;
@@ -128,13 +133,7 @@ async fn apply_all(projector: &Projector, batches: &[Vec<OutboxEvent>]) {
 /// racing the live stream): their caches go stale under each other, and the
 /// fenced writes must still make the read models the fold.
 async fn two_cached_writers_race(seed: u64, events: usize, max_batch: usize, capacity: usize) {
-    let mut options = HistoryOptions::realistic(events);
-    options.users = 2 + (seed % 4) as usize;
-    options.activities = 1 + (seed % 3) as usize;
-    options.poison_per_mille = 40;
-    options.unknown_per_mille = 30;
-    options.chaos_per_mille = 300;
-    let history = generate(seed, &options);
+    let history = small_history(seed, events);
     let mut rng = StdRng::seed_from_u64(seed ^ 0xcac4e);
     let delivery = interleave(&history, &mut rng);
     let first = batches(&delivery, &mut rng, max_batch);

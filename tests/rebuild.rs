@@ -241,6 +241,23 @@ async fn control(stage: &Stage) -> Option<Document> {
         .expect("control")
 }
 
+/// Waits until the rebuild's control document shows it building with rows
+/// done (it must not exit first).
+async fn wait_until_building(stage: &Stage, rebuild: &mut Proc, log: &std::path::Path) {
+    let deadline = Instant::now() + LIMIT;
+    while !control(stage)
+        .await
+        .is_some_and(|c| c.get_str("phase") == Ok("building") && c.get_i64("done").unwrap_or(0) > 0)
+    {
+        assert!(
+            Instant::now() < deadline && rebuild.0.try_wait().expect("wait").is_none(),
+            "the rebuild never got to building: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rebuild_killed_mid_way_leaves_the_live_models_and_a_rerun_converges() {
     let stage = Stage::new().await;
@@ -251,21 +268,7 @@ async fn rebuild_killed_mid_way_leaves_the_live_models_and_a_rerun_converges() {
 
     let log = stage.log_path().with_file_name("rebuild-killed.log");
     let mut first = Proc(spawn_rebuild(&stage, &["--batch-size", "20"], &log));
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let building = control(&stage).await.is_some_and(|c| {
-            c.get_str("phase") == Ok("building") && c.get_i64("done").unwrap_or(0) > 0
-        });
-        if building {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline && first.0.try_wait().expect("wait").is_none(),
-            "the rebuild never got to building: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_building(&stage, &mut first, &log).await;
     // One at a time: a second rebuild is refused while the first runs.
     let second = stage.command(&["rebuild"], &[]);
     let (_, err) = text(&second);
@@ -344,18 +347,7 @@ async fn ctrl_c_before_the_swap_changes_nothing_and_drops_the_shadow() {
 
     let log = stage.log_path().with_file_name("rebuild-interrupted.log");
     let mut rebuild = Proc(spawn_rebuild(&stage, &["--batch-size", "20"], &log));
-    let deadline = Instant::now() + LIMIT;
-    while !control(&stage)
-        .await
-        .is_some_and(|c| c.get_str("phase") == Ok("building") && c.get_i64("done").unwrap_or(0) > 0)
-    {
-        assert!(
-            Instant::now() < deadline && rebuild.0.try_wait().expect("wait").is_none(),
-            "the rebuild never got to building: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_building(&stage, &mut rebuild, &log).await;
     let sent = Command::new("kill")
         .args(["-INT", &rebuild.0.id().to_string()])
         .status()

@@ -327,14 +327,7 @@ impl Projector {
             work.users.insert(*id, None);
         }
         for (id, user) in cached_users {
-            work.names.insert(
-                id,
-                NameCopy {
-                    name: Some(user.display_name.clone()),
-                    version: user.seq,
-                },
-            );
-            work.users.insert(id, Some(user));
+            work.take_user(id, user);
         }
         work.activities.extend(
             cached_activities
@@ -344,14 +337,7 @@ impl Projector {
         for doc in &user_docs {
             let id = doc_id(doc)?;
             let user = UserDoc::from_bson(doc).map_err(|e| corrupt(USERS, id, &e))?;
-            work.names.insert(
-                id,
-                NameCopy {
-                    name: Some(user.display_name.clone()),
-                    version: user.seq,
-                },
-            );
-            work.users.insert(id, Some(user));
+            work.take_user(id, user);
         }
         for id in &activity_ids {
             work.activities.insert(*id, None);
@@ -509,6 +495,18 @@ impl Projector {
 }
 
 impl Work {
+    /// A user as loaded (from the server or the cache), with its name copy.
+    fn take_user(&mut self, id: Uuid, user: UserDoc) {
+        self.names.insert(
+            id,
+            NameCopy {
+                name: Some(user.display_name.clone()),
+                version: user.seq,
+            },
+        );
+        self.users.insert(id, Some(user));
+    }
+
     /// Deferred events whose own aggregate a later event of this batch moved
     /// past them can never take effect in order: they are dead letters now,
     /// durable before that later event's write. (Deferred, a crash after the

@@ -67,8 +67,9 @@ struct Inner {
     /// Gates not yet closed or dropped; at 0 the beat stops.
     open: AtomicUsize,
     store: MongoStore,
-    /// This writer's registration's `_id`.
+    /// This writer's registration's `_id`, and the host it runs on.
     id: String,
+    host: String,
     /// Pauses seen: documents read before one may come from collections
     /// since swapped away.
     pauses: std::sync::atomic::AtomicU64,
@@ -115,6 +116,7 @@ impl Gate {
             open: AtomicUsize::new(1),
             store,
             id: format!("{INSTANCE_PREFIX}{}", uuid::Uuid::new_v4()),
+            host: host(),
             pauses: std::sync::atomic::AtomicU64::new(0),
             failure: std::sync::Mutex::new(None),
         });
@@ -282,7 +284,7 @@ impl Beat {
                 doc! { "$set": {
                     "beat": self.count,
                     "pid": i64::from(std::process::id()),
-                    "host": host(),
+                    "host": &inner.host,
                     "paused_for": paused_for,
                     "seen_at": mongodb::bson::DateTime::now(),
                 } },
