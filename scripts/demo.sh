@@ -16,10 +16,18 @@ bash scripts/setup.sh
 
 # cargo's own progress: the first build compiles every dependency (librdkafka
 # from C sources among them) and takes minutes; later runs take seconds.
-banner "building event-processor (release; the first build takes 10-20 minutes)"
-cargo build --release --locked --bin event-processor
+# DEMO_PROFILE=dev builds the debug binary instead (scripts/quickstart.sh uses it to
+# reuse the test build's dependencies).
+profile=${DEMO_PROFILE:-release}
+case $profile in
+  release) profile_dir=release ;;
+  dev) profile_dir=debug ;;
+  *) die "DEMO_PROFILE $profile is not a profile: give release (the default) or dev" ;;
+esac
+banner "building event-processor ($profile; the first release build takes 10-20 minutes)"
+cargo build --profile "$profile" --locked --bin event-processor
 mkdir -p bin
-install -m 0755 "${CARGO_TARGET_DIR:-target}/release/event-processor" bin/event-processor
+install -m 0755 "${CARGO_TARGET_DIR:-target}/$profile_dir/event-processor" bin/event-processor
 bin=$PWD/bin/event-processor
 
 export SERVICES_DIR=${SERVICES_DIR:-$PWD/.services/demo}

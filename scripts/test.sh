@@ -3,8 +3,9 @@
 # services (PostgreSQL, MongoDB-wire SecantusDB, Kafka-API tansu) in a private state dir,
 # runs rustfmt, clippy, every test target of the workspace (the product, the benchmark
 # in bench/ and the histories in history/; built with the crash points of the
-# `failpoints` feature, which tests/fault_matrix.rs needs) and the fuzz targets
-# (scripts/fuzz.sh, 20 s each), and always stops the services at the end.
+# `failpoints` feature, which tests/fault_matrix.rs needs), the README's quick start in a
+# fresh clone (scripts/quickstart.sh) and the fuzz targets (scripts/fuzz.sh, 20 s each),
+# and always stops the services at the end.
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -73,6 +74,12 @@ fi
 banner "cargo test --workspace --all-targets --no-fail-fast --features failpoints ${locked[*]} $*"
 log=$(mktemp)
 cargo test --workspace --all-targets --no-fail-fast --features failpoints "${locked[@]}" "$@" 2>&1 | tee "$log"
+
+# The README's quick start, as written, in a fresh clone (QUICKSTART=0 skips it).
+if [[ ${QUICKSTART:-1} != 0 ]]; then
+  banner "the README's quick start in a fresh clone (scripts/quickstart.sh)"
+  bash scripts/quickstart.sh
+fi
 
 # The fuzz targets, a bounded time each (FUZZ_SECONDS, default 20; 0 skips them).
 if [[ $fuzz_seconds != 0 ]]; then
