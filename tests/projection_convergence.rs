@@ -327,3 +327,66 @@ async fn rename_reaches_every_activity_and_entry() {
     assert_eq!(models, ReferenceFold::of(&all).read_models());
     mongo.drop().await;
 }
+
+/// Writer B holds activity X (member U's name copy "Old") in its cache;
+/// writer A renames U and its refresh moves X's copy to "New" without moving
+/// X's `_seq`; then B applies a join of another user to X from its cached
+/// copy. B's write is fenced on X's `_rev` as well as its `_seq`, so it must
+/// lose the race and redo from a fresh read instead of putting "Old" back
+/// (B's refresh reads only the joining user, not U).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_activity_never_puts_back_a_copy_another_writer_refreshed() {
+    let mongo = TestMongo::create().await;
+    let a = Projector::new(mongo.store.clone());
+    let b = Projector::new(mongo.store.clone()).cached(100);
+    let (u, w, x) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let t = "2026-10-01T18:00:00Z";
+    let created = |seq, id, name: &str| {
+        event(
+            seq,
+            id,
+            "User",
+            "UserCreated",
+            json!({"email": format!("{name}@x"), "displayName": name}),
+        )
+    };
+    let history = vec![
+        created(1, u, "Old"),
+        created(2, w, "W"),
+        event(
+            3,
+            x,
+            "Activity",
+            "ActivityCreated",
+            json!({"organizerId": Uuid::new_v4(), "title": "X", "startsAt": t, "maxParticipants": 5}),
+        ),
+        event(
+            4,
+            x,
+            "Activity",
+            "ParticipantJoined",
+            json!({"userId": u, "joinedAt": t}),
+        ),
+        event(5, u, "User", "UserUpdated", json!({"displayName": "New"})),
+        event(
+            6,
+            x,
+            "Activity",
+            "ParticipantJoined",
+            json!({"userId": w, "joinedAt": t}),
+        ),
+    ];
+    b.apply(&history[..4])
+        .await
+        .expect("B: the users, X and U's join");
+    a.apply(&history[4..5]).await.expect("A: U's rename");
+    b.apply(&history[5..])
+        .await
+        .expect("B: W's join, from its cache");
+    let models = mongo.read_models().await;
+    let participants = &models.activities[&x.to_string()]["participants"];
+    assert_eq!(participants[0]["display_name"], "New", "{participants}");
+    assert_eq!(models, ReferenceFold::of(&history).read_models());
+    assert_eq!(b.conflicts(), 1, "B's cached write must have lost the race");
+    mongo.drop().await;
+}

@@ -260,6 +260,32 @@ impl Bench {
             "docs",
             Better::Lower,
         );
+        let batch = (n as usize).div_ceil(report.batches.max(1) as usize);
+        let minimum = fold_minimum(&history, batch);
+        r.push(
+            "e2e.fold_docs_per_event",
+            stage,
+            &format!("documents the fold changes per event (batches of {batch})"),
+            minimum as f64 / n as f64,
+            "docs",
+            Better::Neither,
+        );
+        if minimum > 0 {
+            let ratio = report.documents_written as f64 / minimum as f64;
+            r.push(
+                "e2e.docs_vs_fold",
+                stage,
+                "documents written vs the fold's minimum",
+                ratio,
+                "x",
+                Better::Lower,
+            );
+            r.target(
+                "documents written <= 1.1x the fold's minimum",
+                format!("{ratio:.2}x"),
+                ratio <= 1.1,
+            );
+        }
         if let (Some(same), Some(per_event)) = (
             r.get("sink.same_documents.docs_per_s"),
             r.get("e2e.docs_per_event"),
@@ -454,4 +480,32 @@ impl Bench {
             Better::Lower,
         );
     }
+}
+
+/// The fewest documents (users and activities) a processor must write for
+/// `history` applied in batches of `batch` events: per batch, those whose
+/// content the batch changes, by the reference fold.
+fn fold_minimum(history: &[OutboxEvent], batch: usize) -> u64 {
+    use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
+    use std::collections::BTreeMap;
+    let changed = |before: &BTreeMap<String, serde_json::Value>,
+                   after: &BTreeMap<String, serde_json::Value>| {
+        after
+            .iter()
+            .filter(|(id, doc)| before.get(*id) != Some(*doc))
+            .count() as u64
+    };
+    let mut fold = ReferenceFold::default();
+    let mut before = ReadModels::default();
+    let mut total = 0;
+    for chunk in history.chunks(batch.max(1)) {
+        for event in chunk {
+            fold.apply(event);
+        }
+        let after = fold.read_models();
+        total +=
+            changed(&before.users, &after.users) + changed(&before.activities, &after.activities);
+        before = after;
+    }
+    total
 }

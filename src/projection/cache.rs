@@ -3,11 +3,11 @@
 //! "The document cache").
 //!
 //! A cached document is only a guess: the write it leads to is still
-//! conditioned on the `_seq` it holds, so a document another writer moved
-//! makes the write match nothing, and the batch reloads from the server and
-//! redoes (the cache is cleared first). Users are cached as their own
-//! fields; activities with their copies, which the refresh step reads fresh
-//! anyway, and an activity whose copies the refresh rewrote is dropped.
+//! conditioned on the `_seq` it holds (and, for an activity, on its `_rev`),
+//! so a document another writer moved makes the write match nothing, and the
+//! batch reloads from the server and redoes (the cache is cleared first).
+//! Users are cached as their own fields; activities with their copies and
+//! revision, and an activity whose copies the refresh rewrote is dropped.
 
 use super::state::{ActivityDoc, UserDoc};
 use std::collections::{HashMap, VecDeque};
@@ -18,7 +18,8 @@ use uuid::Uuid;
 pub struct DocCache {
     capacity: usize,
     users: HashMap<Uuid, UserDoc>,
-    activities: HashMap<Uuid, ActivityDoc>,
+    /// Activities with the revision token (`_rev`) they hold.
+    activities: HashMap<Uuid, (ActivityDoc, Option<String>)>,
     /// Insertion order (an id may appear more than once).
     order: VecDeque<Uuid>,
     pub hits: u64,
@@ -39,7 +40,7 @@ impl DocCache {
         found
     }
 
-    pub fn activity(&mut self, id: &Uuid) -> Option<ActivityDoc> {
+    pub fn activity(&mut self, id: &Uuid) -> Option<(ActivityDoc, Option<String>)> {
         let found = self.activities.get(id).cloned();
         self.count(found.is_some());
         found
@@ -60,8 +61,8 @@ impl DocCache {
         self.bound();
     }
 
-    pub fn put_activity(&mut self, id: Uuid, doc: ActivityDoc) {
-        if self.activities.insert(id, doc).is_none() {
+    pub fn put_activity(&mut self, id: Uuid, doc: ActivityDoc, rev: Option<String>) {
+        if self.activities.insert(id, (doc, rev)).is_none() {
             self.order.push_back(id);
         }
         self.bound();

@@ -7,7 +7,8 @@
 //!    aggregate fenced by `_seq`: an event at or below the fence already took
 //!    effect and changes nothing;
 //! 2. **write** each changed document once, conditioned on the fence it was
-//!    loaded with (a concurrent writer makes the batch reload and redo);
+//!    loaded with (`_seq`, and an activity's `_rev`, which a copy refresh
+//!    moves too): a concurrent writer makes the batch reload and redo;
 //! 3. **refresh** the denormalized copies (user names inside activities, the
 //!    activity entries inside users). Copies carry the version of their
 //!    source and only move forward; the refresh reads its sources *after*
@@ -66,6 +67,9 @@ pub struct BatchReport {
     pub stages: StageTimes,
 }
 
+/// An activity with the revision token (`_rev`) it holds.
+type Revised = (ActivityDoc, Option<String>);
+
 /// How many times a batch reloads after losing a race with another writer.
 const MAX_CONFLICT_RETRIES: u32 = 8;
 
@@ -98,6 +102,10 @@ struct Work {
     loaded_user_seq: BTreeMap<Uuid, Option<i64>>,
     activities: BTreeMap<Uuid, Option<ActivityDoc>>,
     loaded_activity_seq: BTreeMap<Uuid, Option<i64>>,
+    /// The revision token (`_rev`) of each activity as loaded, and the new
+    /// one of each activity this batch writes.
+    loaded_activity_rev: BTreeMap<Uuid, Option<String>>,
+    new_activity_rev: BTreeMap<Uuid, String>,
     names: Names,
     changed_users: BTreeSet<Uuid>,
     changed_activities: BTreeSet<Uuid>,
@@ -223,6 +231,11 @@ impl Projector {
 
         work.dead_letter_overtaken(&mut report);
         work.bring_names_forward();
+        work.new_activity_rev = work
+            .changed_activities
+            .iter()
+            .map(|id| (*id, state::new_revision()))
+            .collect();
         let started = report.stages.lap(Stage::Fold, started);
         // Dead letters before the own writes: a later event of the batch may
         // move a dead-lettered event's fence past it, and its redelivered
@@ -329,11 +342,10 @@ impl Projector {
         for (id, user) in cached_users {
             work.take_user(id, user);
         }
-        work.activities.extend(
-            cached_activities
-                .into_iter()
-                .map(|(id, activity)| (id, Some(activity))),
-        );
+        for (id, (activity, rev)) in cached_activities {
+            work.activities.insert(id, Some(activity));
+            work.loaded_activity_rev.insert(id, rev);
+        }
         for doc in &user_docs {
             let id = doc_id(doc)?;
             let user = UserDoc::from_bson(doc).map_err(|e| corrupt(USERS, id, &e))?;
@@ -346,6 +358,8 @@ impl Projector {
             let id = doc_id(doc)?;
             let activity = ActivityDoc::from_bson(doc).map_err(|e| corrupt(ACTIVITIES, id, &e))?;
             work.activities.insert(id, Some(activity));
+            let rev = doc.get_str("_rev").ok().map(str::to_string);
+            work.loaded_activity_rev.insert(id, rev);
         }
         work.loaded_user_seq = work
             .users
@@ -365,7 +379,7 @@ impl Projector {
         &self,
         users: &BTreeSet<Uuid>,
         activities: &BTreeSet<Uuid>,
-    ) -> (BTreeMap<Uuid, UserDoc>, BTreeMap<Uuid, ActivityDoc>) {
+    ) -> (BTreeMap<Uuid, UserDoc>, BTreeMap<Uuid, Revised>) {
         let Some(cache) = &self.cache else {
             return Default::default();
         };
@@ -418,7 +432,11 @@ impl Projector {
                             activity.seq,
                         ) =>
                 {
-                    cache.put_activity(*id, activity.clone());
+                    let rev = match work.new_activity_rev.get(id) {
+                        Some(rev) => Some(rev.clone()),
+                        None => work.loaded_activity_rev.get(id).cloned().flatten(),
+                    };
+                    cache.put_activity(*id, activity.clone(), rev);
                 }
                 _ => cache.forget_activity(id),
             }
@@ -445,7 +463,8 @@ impl Projector {
             };
             let loaded = work.loaded_user_seq.get(id).copied().flatten();
             let on_insert = doc! { "activities": [] };
-            users.push((*id, fenced_set(id, loaded, user.own_fields(), on_insert)));
+            let fence = Fence::seq(loaded);
+            users.push((*id, fenced_set(id, fence, user.own_fields(), on_insert)));
         }
         let mut activities = Vec::new();
         for id in &work.changed_activities {
@@ -453,7 +472,15 @@ impl Projector {
                 continue;
             };
             let loaded = work.loaded_activity_seq.get(id).copied().flatten();
-            activities.push((*id, fenced_set(id, loaded, activity.fields(), doc! {})));
+            let fence = Fence {
+                seq: loaded,
+                rev: work.loaded_activity_rev.get(id).cloned().flatten(),
+                has_rev: true,
+            };
+            let Some(rev) = work.new_activity_rev.get(id) else {
+                continue;
+            };
+            activities.push((*id, fenced_set(id, fence, activity.fields(rev), doc! {})));
         }
         for (collection, statements) in [(USERS, users), (ACTIVITIES, activities)] {
             let mut rest = statements.into_iter().peekable();
@@ -645,22 +672,52 @@ impl Work {
     }
 }
 
+/// What a document must still hold for a write based on what was loaded.
+struct Fence {
+    /// `_seq` as loaded (`None`: the document must not exist yet).
+    seq: Option<i64>,
+    /// `_rev` as loaded, checked when `has_rev` (activities): copies that
+    /// another writer's refresh moved without moving `_seq` make the write
+    /// match nothing too, so it never puts an older copy back.
+    rev: Option<String>,
+    has_rev: bool,
+}
+
+impl Fence {
+    fn seq(seq: Option<i64>) -> Fence {
+        Fence {
+            seq,
+            rev: None,
+            has_rev: false,
+        }
+    }
+}
+
 /// `$set` on a document whose fence must still be what it was when loaded
 /// (or which must not exist yet): a concurrent writer makes it match nothing
 /// or fail with a duplicate key.
-fn fenced_set(id: &Uuid, loaded: Option<i64>, fields: Document, on_insert: Document) -> Document {
-    let fence = match loaded {
-        Some(seq) => Bson::Int64(seq),
-        None => Bson::Document(doc! { "$exists": false }),
-    };
+fn fenced_set(id: &Uuid, fence: Fence, fields: Document, on_insert: Document) -> Document {
+    let absent = || Bson::Document(doc! { "$exists": false });
+    let mut filter = doc! { "_id": id.to_string() };
+    match fence.seq {
+        Some(seq) => {
+            filter.insert("_seq", Bson::Int64(seq));
+            if fence.has_rev {
+                filter.insert("_rev", fence.rev.map_or_else(absent, Bson::String));
+            }
+        }
+        None => {
+            filter.insert("_seq", absent());
+        }
+    }
     let mut update = doc! { "$set": fields };
     if !on_insert.is_empty() {
         update.insert("$setOnInsert", on_insert);
     }
     doc! {
-        "q": { "_id": id.to_string(), "_seq": fence },
+        "q": filter,
         "u": update,
-        "upsert": loaded.is_none(),
+        "upsert": fence.seq.is_none(),
     }
 }
 

@@ -66,11 +66,27 @@ async fn round(
     for field in ["organizer.user_id", "participants.user_id"] {
         activities.extend(read_activities(store, &work.renamed, field, report).await?);
     }
+    // The users whose entries this round may change, and so whose names it
+    // reads after the batch's own writes: the members of an activity whose
+    // summary moved (or that was replayed), the members it gained, those it
+    // lost and the users created here. The names of other members need no
+    // read: the own write was fenced on the activity's `_rev`, so it put back
+    // no copy older than the one it loaded, and a rename after that load
+    // refreshes our write itself (its refresh reads after its own write).
     let mut wanted: BTreeSet<Uuid> = work.created.clone();
     for (id, stored) in &activities {
-        if work.touched.contains(id) {
-            wanted.extend(stored.doc.members().into_iter().map(|(u, _)| u));
+        if !work.touched.contains(id) {
+            continue;
         }
+        let everyone = work.resummarize.contains(id);
+        wanted.extend(
+            stored
+                .doc
+                .members()
+                .into_iter()
+                .map(|(u, _)| u)
+                .filter(|u| everyone || work.joined.contains(&(*id, *u))),
+        );
     }
     wanted.extend(work.departed.iter().map(|(_, u)| *u));
     let mut users = read_users(store, &wanted, report).await?;

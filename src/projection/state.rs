@@ -329,8 +329,9 @@ impl UserDoc {
 }
 
 impl ActivityDoc {
-    /// Every field but `_id`, for `$set` (copies' versions included).
-    pub fn fields(&self) -> Document {
+    /// Every field but `_id`, for `$set` (copies' versions included), with
+    /// `rev` as the new revision token.
+    pub fn fields(&self, rev: &str) -> Document {
         let participants: Vec<Bson> = self
             .participants
             .iter()
@@ -364,7 +365,7 @@ impl ActivityDoc {
             "_seq": self.seq,
             "_ov": self.organizer_name_version,
             "_uv": versions,
-            "_rev": new_revision(),
+            "_rev": rev,
         }
     }
 
@@ -464,7 +465,7 @@ mod tests {
             created_at: Some(t("2025-12-01T00:00:00Z")),
             updated_at: None,
         };
-        let back = ActivityDoc::from_bson(&activity.fields()).expect("parses");
+        let back = ActivityDoc::from_bson(&activity.fields("r")).expect("parses");
         assert_eq!(back, activity);
     }
 
