@@ -272,7 +272,12 @@ impl Bench {
             ("REPLICATION_SLOT", slot.to_string()),
             ("PUBLICATION", pg::PUBLICATION.to_string()),
             ("SOURCE", source.to_string()),
-            ("LOG_LEVEL", "warn".to_string()),
+            // The processes' logs go to the results' `-logs` folder;
+            // BENCH_LOG_LEVEL (a LOG_LEVEL filter) makes them say more.
+            (
+                "LOG_LEVEL",
+                std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".to_string()),
+            ),
         ]
     }
 

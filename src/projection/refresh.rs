@@ -62,6 +62,7 @@ async fn round(
     report: &mut BatchReport,
     rewritten: &mut BTreeSet<Uuid>,
 ) -> Result<bool, StoreError> {
+    let started = std::time::Instant::now();
     let mut activities = read_activities(store, &work.touched, "_id", report).await?;
     for field in ["organizer.user_id", "participants.user_id"] {
         activities.extend(read_activities(store, &work.renamed, field, report).await?);
@@ -90,6 +91,7 @@ async fn round(
     }
     wanted.extend(work.departed.iter().map(|(_, u)| *u));
     let mut users = read_users(store, &wanted, report).await?;
+    let read = started.elapsed();
 
     let name_of = |user: &Uuid| -> Option<NameCopy> {
         if work.renamed.contains(user) {
@@ -139,8 +141,23 @@ async fn round(
         .filter_map(|u| users.get(u).map(|view| user_write(u, view)))
         .collect();
 
+    let (read_activities, read_users) = (activities.len(), users.len());
+    let (name_count, entry_count) = (name_writes.len(), entry_writes.len());
+    let computed = started.elapsed();
     let names_ok = write(store, ACTIVITIES, name_writes, report).await?;
+    let wrote_names = started.elapsed();
     let entries_ok = write(store, USERS, entry_writes, report).await?;
+    tracing::debug!(
+        read_activities,
+        read_users,
+        name_writes = name_count,
+        entry_writes = entry_count,
+        read_ms = read.as_secs_f64() * 1e3,
+        compute_ms = (computed - read).as_secs_f64() * 1e3,
+        names_ms = (wrote_names - computed).as_secs_f64() * 1e3,
+        entries_ms = (started.elapsed() - wrote_names).as_secs_f64() * 1e3,
+        "copy refresh round"
+    );
     Ok(names_ok && entries_ok)
 }
 
