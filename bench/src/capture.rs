@@ -226,13 +226,40 @@ impl Bench {
         self.results.push(
             "polling.claim.events_per_s",
             stage,
-            &format!("bare claim + mark query, batch {batch}"),
+            &format!("plain SKIP LOCKED claim + mark, batch {batch}"),
             claim,
             "events/s",
             Better::Higher,
         );
         drop(client);
-        for workers in [1usize, 4] {
+        self.say("[4/9] polling: the processor's claim query, bare");
+        let (_, client) = pg::fresh_database(&self.admin, &self.config.postgres, db).await?;
+        pg::copy(&client, &self.history).await?;
+        let ordered = pg::ordered_claim_rate(&client, batch, n).await?;
+        self.results.push(
+            "polling.ordered_claim.events_per_s",
+            stage,
+            &format!("claim with per-aggregate order + mark, batch {batch}"),
+            ordered,
+            "events/s",
+            Better::Higher,
+        );
+        self.results.ratio(
+            "polling.ordered_vs_plain",
+            stage,
+            "ordered claim vs the plain claim",
+            "polling.ordered_claim.events_per_s",
+            "polling.claim.events_per_s",
+        );
+        if let Some(ratio) = self.results.get("polling.ordered_vs_plain") {
+            self.results.target(
+                "polling claim with per-aggregate order >= 0.5x the plain claim",
+                format!("{ratio:.2}x"),
+                ratio >= 0.5,
+            );
+        }
+        drop(client);
+        for workers in [1usize, 2, 4] {
             self.say(&format!(
                 "[4/9] polling source, {workers} worker(s), no-op sink"
             ));
@@ -269,9 +296,23 @@ impl Bench {
             self.results.ratio(
                 &format!("polling.w{workers}_vs_claim"),
                 stage,
-                &format!("{workers} worker(s) vs the bare claim query"),
+                &format!("{workers} worker(s) vs the plain claim"),
                 &format!("polling.w{workers}.events_per_s"),
                 "polling.claim.events_per_s",
+            );
+        }
+        self.results.ratio(
+            "polling.w2_vs_w1",
+            stage,
+            "2 workers vs 1 worker",
+            "polling.w2.events_per_s",
+            "polling.w1.events_per_s",
+        );
+        if let Some(ratio) = self.results.get("polling.w2_vs_w1") {
+            self.results.target(
+                "polling: 2 workers >= 1.3x one worker",
+                format!("{ratio:.2}x"),
+                ratio >= 1.3,
             );
         }
         let _ = pg;

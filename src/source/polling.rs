@@ -23,7 +23,10 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-const CLAIM: &str = "
+/// The claim: up to `$1` claimable rows in `sequence_id` order, marked
+/// `processing` with lock id `$2`; `$3` is now (unix ms), for leases and
+/// retry backoffs. Public for the benchmark, which runs it bare.
+pub const CLAIM: &str = "
 WITH candidates AS (
     SELECT o.event_id
     FROM event_outbox o
