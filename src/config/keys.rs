@@ -160,6 +160,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "where run and relay serve /metrics, /healthz and /readyz: ip:port (loopback by default; port 0 picks a free one) or off",
     ),
     (
+        "CONSOLE_TOKEN",
+        "",
+        "the console's token (a secret): required, as Authorization: Bearer TOKEN or /?token=TOKEN once, when METRICS_ADDR is not loopback; empty: the console is served on loopback only",
+    ),
+    (
         "HEARTBEAT_INTERVAL",
         "10s",
         "replication: how often run and relay write a heartbeat through the slot (its round trip is measured; it moves an idle slot); off or 0 disables",
