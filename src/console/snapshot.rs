@@ -60,7 +60,8 @@ pub struct RateSample {
 #[derive(Debug, Clone, Serialize)]
 pub struct Latency {
     pub events: u64,
-    /// `null` when no event was applied in the window.
+    /// `null` when no event was applied in the window; past the
+    /// histogram's last bound (60 s), that bound (the value is at least it).
     pub p50_seconds: Option<f64>,
     pub p99_seconds: Option<f64>,
 }
