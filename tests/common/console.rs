@@ -30,14 +30,33 @@ pub async fn http(
         .write_all(request.as_bytes())
         .await
         .expect("send the request");
-    let mut response = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        stream.read_to_end(&mut response),
-    )
-    .await
-    .expect("the console answers in time")
-    .expect("read the response");
+    let read = async {
+        // Read the head, then as much body as it announces (a server may
+        // keep the connection open after it, as chromedriver does).
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 8192];
+        loop {
+            let n = stream.read(&mut buffer).await.expect("read the response");
+            response.extend_from_slice(&buffer[..n]);
+            let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+                assert!(n > 0, "the connection closed before the head ended");
+                continue;
+            };
+            let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+            let length = head.lines().find_map(|line| {
+                line.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            match length {
+                Some(length) if response.len() >= end + 4 + length => return response,
+                _ if n == 0 => return response,
+                _ => {}
+            }
+        }
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(60), read)
+        .await
+        .expect("the server answers in time");
     let response = String::from_utf8(response).expect("an UTF-8 response");
     let (head, body) = response
         .split_once("\r\n\r\n")

@@ -181,3 +181,4 @@ pub mod pipeline;
 pub mod proxy;
 pub mod replication;
 pub mod services;
+pub mod webdriver;
