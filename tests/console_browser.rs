@@ -62,6 +62,8 @@ fn number(text: &str) -> u64 {
 async fn screenshot(browser: &Browser, name: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("target/console-screenshots").join(name);
+    // The top of the page, whatever a click scrolled to.
+    browser.script("window.scrollTo(0, 0); return null;").await;
     browser.screenshot(&path).await;
     if let Ok(dir) = std::env::var("CONSOLE_SCREENSHOTS_DIR") {
         let dir = root.join(dir);

@@ -157,7 +157,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "METRICS_ADDR",
         "127.0.0.1:9464",
-        "where run and relay serve /metrics, /healthz and /readyz: ip:port (loopback by default; port 0 picks a free one) or off",
+        "where run and relay serve /metrics, /healthz, /readyz and the console: ip:port (loopback by default; port 0 picks a free one) or off",
     ),
     (
         "CONSOLE_TOKEN",
