@@ -263,3 +263,86 @@ fn sample(rate: &Rate) -> RateSample {
 fn time(at: SystemTime) -> String {
     rfc3339(&chrono::DateTime::<chrono::Utc>::from(at))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::Health;
+
+    fn state(health: &Health, rebuild: Option<Rebuild>) -> (&'static str, Vec<String>) {
+        let history = History::default();
+        let snapshot = build(Parts {
+            process: "run",
+            source: "replication",
+            lag: LagKind::Slot,
+            readiness: health.readiness(),
+            history: &history,
+            now: Reading::parse("", SystemTime::now()),
+            dead_letters: DeadLetters {
+                available: true,
+                error: None,
+                latest: Vec::new(),
+            },
+            rebuild,
+        });
+        let failing = snapshot.failing.iter().map(|c| c.name.clone()).collect();
+        (snapshot.state, failing)
+    }
+
+    #[test]
+    fn the_state_follows_the_checks_and_the_rebuild() {
+        let health = Health::unlogged();
+        health.set_ok("postgres");
+        health.set_ok(CHECK_PROGRESS);
+        assert_eq!(state(&health, None), ("running", vec![]));
+        health.set_failing("mongodb", "ping timed out");
+        assert_eq!(state(&health, None), ("degraded", vec!["mongodb".into()]));
+        health.set_failing(CHECK_PROGRESS, "no progress for 31 s while work waits");
+        assert_eq!(
+            state(&health, None).0,
+            "stalled",
+            "a stall says more than a failing dependency"
+        );
+        let rebuild = Rebuild {
+            state: "building".into(),
+            phase: "users".into(),
+            done: 1,
+            total: 2,
+        };
+        assert_eq!(state(&health, Some(rebuild)).0, "rebuilding");
+    }
+
+    #[test]
+    fn only_the_lag_of_the_source_in_use_is_given() {
+        let text = "event_processor_replication_slot_lag_bytes 10\n\
+                    event_processor_polling_backlog_rows 3\n";
+        let history = History::default();
+        let lag = |kind| {
+            build(Parts {
+                process: "relay",
+                source: "polling",
+                lag: kind,
+                readiness: Health::unlogged().readiness(),
+                history: &history,
+                now: Reading::parse(text, SystemTime::now()),
+                dead_letters: DeadLetters {
+                    available: false,
+                    error: None,
+                    latest: Vec::new(),
+                },
+                rebuild: None,
+            })
+        };
+        let slot = lag(LagKind::Slot);
+        assert_eq!(
+            (slot.lag.slot_bytes, slot.lag.backlog_rows),
+            (Some(10), None)
+        );
+        let backlog = lag(LagKind::Backlog);
+        assert_eq!(
+            (backlog.lag.slot_bytes, backlog.lag.backlog_rows),
+            (None, Some(3))
+        );
+        assert_eq!(backlog.counts.dead_letters, None, "the relay keeps none");
+    }
+}
