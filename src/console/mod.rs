@@ -114,7 +114,9 @@ impl Console {
 
     /// Keeps the history and the view of MongoDB until `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut sample = tokio::time::interval(history::INTERVAL);
+        // The first reading was taken by `new`: the next one an interval later.
+        let first = tokio::time::Instant::now() + history::INTERVAL;
+        let mut sample = tokio::time::interval_at(first, history::INTERVAL);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut look = tokio::time::interval(LOOK);
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
