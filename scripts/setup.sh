@@ -9,9 +9,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # libpq-dev: system libpq; cmake, libcurl4-openssl-dev, libsasl2-dev, libssl-dev:
-# librdkafka built from source by the rdkafka crate; python3-venv: the services' venv.
+# librdkafka built from source by the rdkafka crate; python3-venv: the services' venv;
+# chromium, chromium-driver: the console's browser test (tests/console_browser.rs).
 APT_PACKAGES=(build-essential pkg-config libpq-dev libssl-dev cmake libcurl4-openssl-dev
-  libsasl2-dev python3-venv)
+  libsasl2-dev python3-venv chromium chromium-driver)
 
 setup() {
   apt_ensure "${APT_PACKAGES[@]}"

@@ -17,7 +17,9 @@
 //!    durably holds every effect before it.
 //!
 //! The [`runtime`] runs stages 1, 4 and 5 for every command, with one retry
-//! helper and one error policy ([`policy`]).
+//! helper and one error policy ([`policy`]). What an operator sees of a
+//! running process is [`observe`]'s (metrics, health) and [`console`]'s (the
+//! live page on the same address).
 //!
 //! Delivery guarantee: the transport is at-least-once; the projections are
 //! idempotent and fenced per aggregate, so the effects are exactly-once.
@@ -25,6 +27,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod counters;
 pub mod dead_letter;
 pub mod decode;

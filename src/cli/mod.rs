@@ -267,7 +267,10 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             }
         }
         Command::Run(args) => {
-            let Some(mut observing) = observed(&config).await else {
+            let process = observing::Process::Run {
+                project: args.sink != "discard",
+            };
+            let Some(mut observing) = observed(&config, process).await else {
                 return Ok(ExitCode::from(EXIT_CONFIG));
             };
             observing.sample(
@@ -291,7 +294,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             return Ok(code);
         }
         Command::Relay(args) => {
-            let Some(mut observing) = observed(&config).await else {
+            let Some(mut observing) = observed(&config, observing::Process::Relay).await else {
                 return Ok(ExitCode::from(EXIT_CONFIG));
             };
             let capture = match config.kafka.relay.source {
@@ -336,8 +339,8 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
 
 /// The metrics server of `run` and `relay`; `None` (said on stderr) when it
 /// cannot listen where `METRICS_ADDR` says, a problem of configuration.
-async fn observed(config: &Config) -> Option<observing::Observing> {
-    match observing::Observing::start(config).await {
+async fn observed(config: &Config, process: observing::Process) -> Option<observing::Observing> {
+    match observing::Observing::start(config, process).await {
         Ok(observing) => Some(observing),
         Err(err) => {
             eprintln!("invalid configuration: {}", Chain(&err));

@@ -4,6 +4,9 @@
 //! replication source (docs/operating.md).
 
 use crate::config::{Config, SourceKind};
+use crate::console::access::Access;
+use crate::console::snapshot::LagKind;
+use crate::console::{Console, Settings};
 use crate::counters::Stats;
 use crate::observe::samplers::{
     BacklogSampler, KafkaSampler, MongoSampler, Sampling, SlotLagSampler,
@@ -45,9 +48,9 @@ pub struct Observing {
 }
 
 impl Observing {
-    /// Serves on `config.metrics_addr`; with `off` nothing is served and
-    /// nothing recorded.
-    pub async fn start(config: &Config) -> Result<Observing, ListenError> {
+    /// Serves on `config.metrics_addr`, with the console of `process`;
+    /// with `off` nothing is served and nothing recorded.
+    pub async fn start(config: &Config, process: Process) -> Result<Observing, ListenError> {
         let health = Health::new();
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -59,6 +62,11 @@ impl Observing {
                 metrics: observe::install(),
                 health: health.clone(),
                 live_within: live_within(config),
+                console: Some(Console::new(
+                    console_settings(config, addr, process),
+                    observe::install(),
+                    health.clone(),
+                )),
             };
             let Server { task, .. } = observe::serve(addr, observed, stop.clone())
                 .await
@@ -188,6 +196,39 @@ impl Observing {
         for task in self.tasks {
             let _ = task.await;
         }
+    }
+}
+
+/// Which process is observed, for its console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    /// `run`; `project`: its sink is the read models (it has dead letters).
+    Run {
+        project: bool,
+    },
+    Relay,
+}
+
+fn console_settings(config: &Config, addr: SocketAddr, process: Process) -> Settings {
+    let (name, source) = match process {
+        Process::Run { .. } => ("run", config.source),
+        Process::Relay => ("relay", SourceKind::from(config.kafka.relay.source)),
+    };
+    let (source, lag) = match source {
+        SourceKind::Replication => ("replication", LagKind::Slot),
+        SourceKind::Polling => ("polling", LagKind::Backlog),
+        SourceKind::Kafka => ("kafka", LagKind::Consumer),
+    };
+    let mongodb = (process == Process::Run { project: true })
+        .then(|| (config.mongodb.uri.clone(), config.mongodb.database.clone()));
+    Settings {
+        process: name,
+        source,
+        lag,
+        mongodb,
+        postgres: config.postgres.clone(),
+        pipeline: config.pipeline.clone(),
+        access: Access::new(addr, config.console_token.as_ref()),
     }
 }
 

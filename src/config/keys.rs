@@ -157,7 +157,12 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "METRICS_ADDR",
         "127.0.0.1:9464",
-        "where run and relay serve /metrics, /healthz and /readyz: ip:port (loopback by default; port 0 picks a free one) or off",
+        "where run and relay serve /metrics, /healthz, /readyz and the console: ip:port (loopback by default; port 0 picks a free one) or off",
+    ),
+    (
+        "CONSOLE_TOKEN",
+        "",
+        "the console's token (a secret): required, as Authorization: Bearer TOKEN or /?token=TOKEN once, when METRICS_ADDR is not loopback; empty: the console is served on loopback only",
     ),
     (
         "HEARTBEAT_INTERVAL",

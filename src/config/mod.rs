@@ -157,6 +157,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: off).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// What the console asks for (required when `metrics_addr` is not loopback).
+    pub console_token: Option<Secret>,
     /// How often the replication source's heartbeat is written (`None`: off).
     pub heartbeat_interval: Option<Duration>,
     pub log_level: String,

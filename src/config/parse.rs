@@ -238,6 +238,10 @@ impl Config {
                 None
             }
         };
+        let console_token = Some(r.raw("CONSOLE_TOKEN"))
+            .map(|token| token.trim().to_string())
+            .filter(|token| !token.is_empty())
+            .map(Secret::new);
         let heartbeat_interval = r.duration_or_off("HEARTBEAT_INTERVAL");
         let log_level = r.non_empty("LOG_LEVEL");
         if let Some(problem) = log_filter_problem(&log_level) {
@@ -264,6 +268,7 @@ impl Config {
                 pipeline,
                 kafka,
                 metrics_addr,
+                console_token,
                 heartbeat_interval,
                 log_level,
                 log_format,

@@ -1,5 +1,6 @@
-//! The HTTP server of `/metrics`, `/healthz` and `/readyz`. It listens only
-//! where it is told ([`parse_metrics_addr`]: loopback unless configured).
+//! The HTTP server of `/metrics`, `/healthz` and `/readyz`, and of the
+//! console when there is one (src/console/mod.rs). It listens only where it
+//! is told ([`parse_metrics_addr`]: loopback unless configured).
 
 use super::health::Health;
 use super::metrics::{Metrics, CONTENT_TYPE};
@@ -45,6 +46,8 @@ pub struct Observed {
     pub health: Health,
     /// `/healthz` fails when the runtime loop has not turned for this long.
     pub live_within: Duration,
+    /// The console's page and JSON at `/` and `/api/...` (`None`: not served).
+    pub console: Option<Arc<crate::console::Console>>,
 }
 
 /// A running server.
@@ -64,11 +67,16 @@ pub async fn serve(
 ) -> std::io::Result<Server> {
     let listener = TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
-    let app = Router::new()
+    let console = observed.console.clone();
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Arc::new(observed));
+    if let Some(console) = console {
+        tokio::spawn(console.clone().run(shutdown.clone()));
+        app = app.merge(crate::console::routes(console));
+    }
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -170,6 +170,7 @@ pub fn run_binary(args: &[&str], env: &[(&str, String)]) -> std::process::Output
     command.output().expect("run event-processor")
 }
 
+pub mod console;
 pub mod crash;
 pub mod faults;
 pub mod kafka;
@@ -180,3 +181,4 @@ pub mod pipeline;
 pub mod proxy;
 pub mod replication;
 pub mod services;
+pub mod webdriver;

@@ -39,6 +39,7 @@ pub async fn start_server(
             metrics,
             health,
             live_within: Duration::from_millis(500),
+            console: None,
         },
         shutdown.clone(),
     )

@@ -13,6 +13,7 @@ pub const MARKERS: &[&str] = &["S3CR3T", "xyzzy"];
 pub const PG_SECRET: &str = "S3CR3T-PG-xyzzy";
 pub const MONGO_SECRET: &str = "S3CR3T-MONGO-xyzzy";
 pub const KAFKA_SECRET: &str = "S3CR3T-KAFKA-xyzzy";
+pub const CONSOLE_SECRET: &str = "S3CR3T-CONSOLE-xyzzy";
 
 /// How the run must end.
 #[derive(Debug, Clone, Copy)]

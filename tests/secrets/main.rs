@@ -13,7 +13,7 @@ mod harness;
 
 use common::mongo::{mongodb_uri, TestMongo};
 use common::TestDb;
-use harness::{Case, End, KAFKA_SECRET, MONGO_SECRET, PG_SECRET};
+use harness::{Case, End, CONSOLE_SECRET, KAFKA_SECRET, MONGO_SECRET, PG_SECRET};
 use mongodb::bson::doc;
 use std::time::Duration;
 
@@ -217,6 +217,7 @@ fn services_env(db: &TestDb, mongo_uri: &str, mongo_db: &str, slot: &str) -> Var
             "KAFKA_PRODUCER_CONFIG",
             format!("batch.num.messages=1,sasl.password={KAFKA_SECRET}"),
         ),
+        ("CONSOLE_TOKEN", CONSOLE_SECRET.to_string()),
         ("RETRY_BACKOFF_MAX", "500ms".to_string()),
         ("SHUTDOWN_TIMEOUT", "5s".to_string()),
         ("LOG_LEVEL", "debug".to_string()),
