@@ -9,10 +9,16 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # libpq-dev: system libpq; cmake, libcurl4-openssl-dev, libsasl2-dev, libssl-dev:
-# librdkafka built from source by the rdkafka crate; python3-venv: the services' venv;
-# chromium, chromium-driver: the console's browser test (tests/console_browser.rs).
+# librdkafka built from source by the rdkafka crate; python3-venv: the services' venv.
 APT_PACKAGES=(build-essential pkg-config libpq-dev libssl-dev cmake libcurl4-openssl-dev
-  libsasl2-dev python3-venv chromium chromium-driver)
+  libsasl2-dev python3-venv)
+# `setup.sh --tests` (test.sh) adds what only the tests need: chromium and
+# chromium-driver for the console's browser test (tests/console_browser.rs).
+if [[ ${1:-} == --tests ]]; then
+  APT_PACKAGES+=(chromium chromium-driver)
+elif [[ -n ${1:-} ]]; then
+  die "usage: scripts/setup.sh [--tests]"
+fi
 
 setup() {
   apt_ensure "${APT_PACKAGES[@]}"

@@ -13,8 +13,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 cargo_on_path
 
-banner "setup (scripts/setup.sh)"
-bash scripts/setup.sh
+banner "setup (scripts/setup.sh --tests)"
+bash scripts/setup.sh --tests
 
 # Always a private set of services, so a developer's own (SERVICES_DIR) are left alone.
 export SERVICES_DIR=${TEST_SERVICES_DIR:-$PWD/.services/test-$$}

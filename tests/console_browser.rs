@@ -53,6 +53,21 @@ fn one_missing_creation(seed: u64, events: usize) -> (Vec<OutboxEvent>, Vec<Outb
     (kept, withheld)
 }
 
+/// The events as if committed now (the generated histories' `created_at`
+/// lie in the past), so that the page's commit-to-read-model latency is
+/// the processor's own.
+fn committed_now(events: &[OutboxEvent]) -> Vec<OutboxEvent> {
+    let now = chrono::Utc::now();
+    events
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.created_at = Some(now);
+            e
+        })
+        .collect()
+}
+
 fn number(text: &str) -> u64 {
     text.replace(',', "").trim().parse().unwrap_or(0)
 }
@@ -115,7 +130,7 @@ async fn the_console_follows_a_running_processor() {
     // One aggregate's creation is withheld: its events dead-letter.
     let (kept, withheld) = one_missing_creation(1801, 3_000);
     let (first, rest) = kept.split_at(200);
-    stage.load(first).await;
+    stage.load(&committed_now(first)).await;
     let env = [
         ("LOG_LEVEL", "info".to_string()),
         ("BATCH_SIZE", "50".to_string()),
@@ -132,7 +147,7 @@ async fn the_console_follows_a_running_processor() {
     // The applied count rises while the history drains.
     let mut seen = vec![number(&browser.text("#applied").await)];
     for chunk in rest.chunks(400) {
-        stage.load(chunk).await;
+        stage.load(&committed_now(chunk)).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
         seen.push(number(&browser.text("#applied").await));
     }
@@ -178,7 +193,7 @@ async fn the_console_follows_a_running_processor() {
     assert_no_errors(&browser, "with a dead letter").await;
 
     // Its cause fixed (the creation comes), Retry applies it.
-    stage.load(&withheld).await;
+    stage.load(&committed_now(&withheld)).await;
     let creation = withheld[0].event_id.to_string();
     wait_until("the creation applied", &stage, || async {
         row_status(&stage, &creation).await.as_deref() == Some("processed")

@@ -33,7 +33,7 @@ impl Browser {
             assert!(
                 Path::new(binary).exists(),
                 "{binary} is missing: this test drives headless Chromium. Install it with\n    \
-                 sudo apt-get install chromium chromium-driver\n(or run scripts/setup.sh)"
+                 sudo apt-get install chromium chromium-driver\n(or run scripts/setup.sh --tests)"
             );
         }
         let port = free_port();
