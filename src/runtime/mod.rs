@@ -214,10 +214,16 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                         batch.malformed.len(),
                     );
                     let span = tracing::debug_span!("batch", events = batch.events.len());
+                    let processing = Instant::now();
                     let processed = self.process(batch, &committed, stages);
                     if !processed.instrument(span).await? {
                         return Ok(());
                     }
+                    tracing::debug!(
+                        source_ms = (processing - asked).as_secs_f64() * 1e3,
+                        process_ms = processing.elapsed().as_secs_f64() * 1e3,
+                        "batch done"
+                    );
                 }
                 Ok(None) => {
                     backoff.reset();

@@ -329,7 +329,16 @@ impl Source for KafkaSource {
             (false, None) => max_wait,
         };
         if room > 0 && self.retries.waiting.held() < WAITING_LIMIT {
+            let polled = Instant::now();
             let records = self.poll(room, wait).await?;
+            let (count, polled) = (records.len(), polled.elapsed());
+            if count > 0 {
+                tracing::debug!(
+                    records = count,
+                    poll_ms = polled.as_secs_f64() * 1e3,
+                    "kafka poll"
+                );
+            }
             self.forget_revoked();
             self.decode_into(
                 records,
