@@ -10,7 +10,6 @@
 
 mod common;
 
-use activity_event_history::{generate, HistoryOptions};
 use activity_event_processor::decode::OutboxEvent;
 use common::kafka::Proc;
 use common::observe::served_at;
@@ -27,13 +26,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// few later events (they dead-letter until it comes, and the page lists
 /// them all); the creation has no `sequence_id`, to get a new one.
 fn one_missing_creation(seed: u64, events: usize) -> (Vec<OutboxEvent>, Vec<OutboxEvent>) {
-    let options = HistoryOptions {
-        poison_per_mille: 0,
-        unknown_per_mille: 0,
-        chaos_per_mille: 0,
-        ..HistoryOptions::realistic(events)
-    };
-    let history = generate(seed, &options);
+    let history = common::letters::clean_history(seed, events);
     let later = |aggregate: uuid::Uuid| {
         history
             .iter()

@@ -25,13 +25,7 @@ pub fn missing_creations(
     events: usize,
     withhold: usize,
 ) -> (Vec<OutboxEvent>, Vec<OutboxEvent>) {
-    let options = HistoryOptions {
-        poison_per_mille: 0,
-        unknown_per_mille: 0,
-        chaos_per_mille: 0,
-        ..HistoryOptions::realistic(events)
-    };
-    let history = generate(seed, &options);
+    let history = clean_history(seed, events);
     let mut later: HashMap<Uuid, usize> = HashMap::new();
     for e in &history {
         if !e.event_type.ends_with("Created") {
@@ -160,4 +154,15 @@ pub async fn wait_final_letters(stage: &Stage, log: &std::path::Path) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A realistic history without poison, unknown types or chaos.
+pub fn clean_history(seed: u64, events: usize) -> Vec<OutboxEvent> {
+    let options = HistoryOptions {
+        poison_per_mille: 0,
+        unknown_per_mille: 0,
+        chaos_per_mille: 0,
+        ..HistoryOptions::realistic(events)
+    };
+    generate(seed, &options)
 }
