@@ -137,12 +137,16 @@ fn bench_measures_every_stage_and_writes_its_results() {
         "capture.no_metrics.events_per_s",
         "capture.no_metrics.cpu_us_per_event",
         "polling.claim.events_per_s",
+        "polling.ordered_claim.events_per_s",
         "polling.w1.events_per_s",
+        "polling.w2.events_per_s",
         "polling.w4.events_per_s",
         "sink.raw_upserts.docs_per_s",
         "e2e.events_per_s",
         "e2e.round_trips_per_event",
         "e2e.docs_per_event",
+        "e2e.fold_docs_per_event",
+        "e2e.docs_vs_fold",
         "latency.p50_ms",
         "memory.backlog.peak_rss_mb",
         "memory.e2e.peak_rss_mb",
@@ -170,7 +174,22 @@ fn bench_measures_every_stage_and_writes_its_results() {
             "polling.w4.events_per_s",
             "polling.claim.events_per_s",
         ),
+        (
+            "polling.ordered_vs_plain",
+            "polling.ordered_claim.events_per_s",
+            "polling.claim.events_per_s",
+        ),
+        (
+            "polling.w2_vs_w1",
+            "polling.w2.events_per_s",
+            "polling.w1.events_per_s",
+        ),
         ("e2e.vs_limit", "e2e.events_per_s", "e2e.limit"),
+        (
+            "e2e.docs_vs_fold",
+            "e2e.docs_per_event",
+            "e2e.fold_docs_per_event",
+        ),
         (
             "kafka.relay_vs_produce",
             "kafka.relay.events_per_s",
@@ -244,7 +263,9 @@ fn bench_measures_every_stage_and_writes_its_results() {
         "{machine:?}"
     );
     assert!(!machine.git_commit.is_empty());
-    assert_eq!(results.targets.len(), 6, "{:?}", results.targets);
+    // capture, metrics cost, polling order, polling workers, end to end,
+    // documents vs the fold, latency, /metrics buckets, backlog RSS.
+    assert_eq!(results.targets.len(), 9, "{:?}", results.targets);
     assert!(stdout.contains("targets"), "{stdout}");
     assert!(stdout.contains("3 our capture"), "{stdout}");
 
