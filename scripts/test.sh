@@ -22,7 +22,9 @@ export SERVICES_OWNER_PID=$$ # `services.sh down` without SERVICES_DIR leaves th
 fuzz_seconds=${FUZZ_SECONDS:-20}
 fuzz_build_pid=
 fuzz_build_log=$PWD/fuzz/target/build.log
+log= # the tests' output, for the closing count
 cleanup() {
+  if [[ -n $log ]]; then rm -f "$log"; fi
   # The background build is a process group of its own (setsid): stop all of it.
   if [[ -n $fuzz_build_pid ]]; then kill -- "-$fuzz_build_pid" 2>/dev/null || true; fi
   banner "stopping services ($SERVICES_DIR)"
@@ -97,4 +99,3 @@ fi
 # One closing line for the whole run (benches print their own figures last).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i == "passed;") p += $(i - 1); if ($i == "failed;") f += $(i - 1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
-rm -f "$log"
