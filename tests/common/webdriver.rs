@@ -23,6 +23,9 @@ pub struct Browser {
     addr: SocketAddr,
     session: String,
     _driver: Proc,
+    /// The driver's and the browser's `TMPDIR` (their profile and socket
+    /// folders), removed after the driver is killed.
+    _tmp: tempfile::TempDir,
 }
 
 impl Browser {
@@ -38,8 +41,10 @@ impl Browser {
         }
         let port = free_port();
         let log_file = std::fs::File::create(log).expect("the driver's log");
+        let tmp = tempfile::tempdir().expect("a TMPDIR for the browser");
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
+            .env("TMPDIR", tmp.path())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file))
             .spawn()
@@ -71,6 +76,7 @@ impl Browser {
             addr,
             session,
             _driver: driver,
+            _tmp: tmp,
         }
     }
 
