@@ -7,15 +7,13 @@
 //!   position rather than the slot's (which can go backwards after a crash).
 //!   A checkpoint never moves backwards: a save below the stored position
 //!   is refused with [`CheckpointError::Backwards`].
-//! - [`mark_outbox`]: the outbox rows' own status (`processed` / `failed`), for
-//!   sources that do not claim rows themselves.
+//!
+//! The outbox rows' own status (`processed` / `failed`) is set by the
+//! runtime's outbox marker, for sources that do not claim rows themselves.
 
-use crate::dead_letter::DeadLetter;
 use crate::policy::{Classify, ErrorClass};
 use crate::store::mongo::{MongoStore, StoreError, DUPLICATE_KEY};
 use mongodb::bson::doc;
-use tokio_postgres::Client;
-use uuid::Uuid;
 
 pub const CHECKPOINTS: &str = "processor_checkpoints";
 
@@ -124,41 +122,4 @@ impl MongoCheckpoint {
             .await?;
         Ok(())
     }
-}
-
-/// Sets applied rows `processed` and dead-lettered rows `failed` (with their
-/// error and attempts). Rows already `failed` stay so.
-pub async fn mark_outbox(
-    client: &Client,
-    applied: &[Uuid],
-    dead: &[DeadLetter],
-) -> Result<(), tokio_postgres::Error> {
-    if !applied.is_empty() {
-        client
-            .execute(
-                "UPDATE event_outbox SET status = 'processed', published_at = coalesce(published_at, now()), lock_id = NULL
-                 WHERE event_id = ANY($1) AND status NOT IN ('processed', 'failed')",
-                &[&applied],
-            )
-            .await?;
-    }
-    if !dead.is_empty() {
-        let ids: Vec<Uuid> = dead.iter().map(|d| d.event.event_id).collect();
-        let errors: Vec<String> = dead.iter().map(|d| d.error.clone()).collect();
-        let attempts: Vec<i32> = dead
-            .iter()
-            .map(|d| i32::try_from(d.attempts).unwrap_or(i32::MAX))
-            .collect();
-        client
-            .execute(
-                "UPDATE event_outbox AS t
-                 SET status = 'failed', retry_count = greatest(t.retry_count, f.attempts),
-                     last_error = f.error, lock_id = NULL
-                 FROM unnest($1::uuid[], $2::text[], $3::int[]) AS f(event_id, error, attempts)
-                 WHERE t.event_id = f.event_id AND t.status <> 'failed'",
-                &[&ids, &errors, &attempts],
-            )
-            .await?;
-    }
-    Ok(())
 }

@@ -1,16 +1,32 @@
 //! Outbox marking: the rows of a batch whose effects are durable become
 //! `processed` (or `failed`, for its dead letters), for sources that do not
 //! claim rows themselves (replication, with `MARK_PROCESSED`).
+//!
+//! A row can reach us before its commit is visible: the walsender sends a
+//! transaction once its commit record is flushed, and the committing session
+//! makes it visible a moment later (or, with a synchronous standby, only once
+//! the standby confirms). An `UPDATE` then does not see the row and changes
+//! nothing. Each statement therefore also returns the ids it could not see;
+//! those are tried again for up to [`SETTLE`] within the batch (before its
+//! acknowledgement) and after that before every later batch, until they are
+//! visible or [`GIVE_UP`] has passed (docs/design.md, section 9).
 
-use crate::checkpoint::mark_outbox;
 use crate::config::PostgresConfig;
+use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
 use crate::outbox::{self, OutboxError};
 use crate::policy::{Classify, ErrorClass};
 use crate::source::BatchOutcome;
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use uuid::Uuid;
+
+/// How long a batch waits for its rows to become visible before it is
+/// acknowledged with some of them still to mark.
+const SETTLE: Duration = Duration::from_secs(1);
+/// How long rows that are still not visible are kept to mark.
+const GIVE_UP: Duration = Duration::from_secs(600);
 
 /// Why rows could not be marked.
 #[derive(Debug, thiserror::Error)]
@@ -64,39 +80,188 @@ impl MarkError {
 pub struct OutboxMarker {
     pg: PostgresConfig,
     client: Option<Client>,
+    /// Rows the marking statements could not see yet.
+    late: Marks,
+    /// When the oldest of `late` was first tried.
+    late_since: Option<Instant>,
+}
+
+/// What a set of rows becomes.
+#[derive(Default)]
+struct Marks {
+    applied: Vec<Uuid>,
+    dead: Vec<DeadLetter>,
+}
+
+impl Marks {
+    fn is_empty(&self) -> bool {
+        self.applied.is_empty() && self.dead.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.applied.len() + self.dead.len()
+    }
 }
 
 impl OutboxMarker {
     pub fn new(pg: PostgresConfig) -> OutboxMarker {
-        OutboxMarker { pg, client: None }
+        OutboxMarker {
+            pg,
+            client: None,
+            late: Marks::default(),
+            late_since: None,
+        }
     }
 
-    /// Applied events become `processed`, dead-lettered ones `failed`.
+    /// Applied events become `processed`, dead-lettered ones `failed`; rows
+    /// not yet visible are waited for briefly, then kept for later calls.
     pub async fn mark(
         &mut self,
         events: &[OutboxEvent],
         outcome: &BatchOutcome,
     ) -> Result<(), MarkError> {
+        let dead: BTreeSet<Uuid> = outcome
+            .dead_letters
+            .iter()
+            .map(|d| d.event.event_id)
+            .collect();
+        let mut marks = Marks {
+            applied: events
+                .iter()
+                .map(|e| e.event_id)
+                .filter(|id| !dead.contains(id))
+                .collect(),
+            dead: outcome.dead_letters.clone(),
+        };
+        self.mark_late().await?;
+        let deadline = Instant::now() + SETTLE;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            marks = self.statements(&marks).await?;
+            if marks.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+        self.keep_late(marks);
+        Ok(())
+    }
+
+    /// Rows kept from earlier batches are still to mark.
+    pub fn has_late(&self) -> bool {
+        !self.late.is_empty()
+    }
+
+    /// Tries the rows kept from earlier batches once more (they stay kept
+    /// when the statement fails).
+    pub async fn mark_late(&mut self) -> Result<(), MarkError> {
+        if self.late.is_empty() {
+            return Ok(());
+        }
+        let marks = std::mem::take(&mut self.late);
+        match self.statements(&marks).await {
+            Ok(left) => {
+                self.keep_late(left);
+                Ok(())
+            }
+            Err(err) => {
+                self.late = marks;
+                Err(err)
+            }
+        }
+    }
+
+    fn keep_late(&mut self, marks: Marks) {
+        if marks.is_empty() {
+            self.late_since = None;
+            self.late = marks;
+            return;
+        }
+        let since = *self.late_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= GIVE_UP {
+            tracing::warn!(
+                rows = marks.len(),
+                first = ?marks.applied.first().or(marks.dead.first().map(|d| &d.event.event_id)),
+                "outbox rows applied 10 minutes ago are still not visible to this session \
+                 (pruned since, or their commit still waits for a synchronous standby): \
+                 their status is left as it is"
+            );
+            self.late_since = None;
+            return;
+        }
+        tracing::debug!(
+            rows = marks.len(),
+            "outbox rows not visible yet: marking them later"
+        );
+        self.late = marks;
+    }
+
+    /// Runs the marking statements; returns the rows they could not see.
+    async fn statements(&mut self, marks: &Marks) -> Result<Marks, MarkError> {
         let client = match self.client.take() {
             Some(client) if !client.is_closed() => client,
             _ => outbox::connect(&self.pg)
                 .await
                 .map_err(MarkError::Connect)?,
         };
-        let dead: BTreeSet<Uuid> = outcome
-            .dead_letters
-            .iter()
-            .map(|d| d.event.event_id)
-            .collect();
-        let applied: Vec<Uuid> = events
-            .iter()
-            .map(|e| e.event_id)
-            .filter(|id| !dead.contains(id))
-            .collect();
-        let marked = mark_outbox(&client, &applied, &outcome.dead_letters).await;
-        if marked.is_ok() {
-            self.client = Some(client);
-        }
-        marked.map_err(MarkError::Statement)
+        let left = mark_outbox(&client, marks)
+            .await
+            .map_err(MarkError::Statement)?;
+        self.client = Some(client);
+        Ok(left)
     }
+}
+
+/// Sets applied rows `processed` and dead-lettered rows `failed` (with their
+/// error and attempts; rows already `failed` stay so). Returns the rows the
+/// statements could not see, in one snapshot with the update.
+async fn mark_outbox(client: &Client, marks: &Marks) -> Result<Marks, tokio_postgres::Error> {
+    let mut left = Marks::default();
+    if !marks.applied.is_empty() {
+        let rows = client
+            .query(
+                "WITH marked AS (
+                     UPDATE event_outbox
+                     SET status = 'processed', published_at = coalesce(published_at, now()), lock_id = NULL
+                     WHERE event_id = ANY($1) AND status NOT IN ('processed', 'failed')
+                     RETURNING 1)
+                 SELECT w.id FROM unnest($1::uuid[]) AS w(id)
+                 WHERE NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = w.id)",
+                &[&marks.applied],
+            )
+            .await?;
+        left.applied = rows.iter().map(|row| row.get(0)).collect();
+    }
+    if !marks.dead.is_empty() {
+        let ids: Vec<Uuid> = marks.dead.iter().map(|d| d.event.event_id).collect();
+        let errors: Vec<String> = marks.dead.iter().map(|d| d.error.clone()).collect();
+        let attempts: Vec<i32> = marks
+            .dead
+            .iter()
+            .map(|d| i32::try_from(d.attempts).unwrap_or(i32::MAX))
+            .collect();
+        let rows = client
+            .query(
+                "WITH marked AS (
+                     UPDATE event_outbox AS t
+                     SET status = 'failed', retry_count = greatest(t.retry_count, f.attempts),
+                         last_error = f.error, lock_id = NULL
+                     FROM unnest($1::uuid[], $2::text[], $3::int[]) AS f(event_id, error, attempts)
+                     WHERE t.event_id = f.event_id AND t.status <> 'failed'
+                     RETURNING 1)
+                 SELECT w.id FROM unnest($1::uuid[]) AS w(id)
+                 WHERE NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = w.id)",
+                &[&ids, &errors, &attempts],
+            )
+            .await?;
+        let unseen: BTreeSet<Uuid> = rows.iter().map(|row| row.get(0)).collect();
+        left.dead = marks
+            .dead
+            .iter()
+            .filter(|d| unseen.contains(&d.event.event_id))
+            .cloned()
+            .collect();
+    }
+    Ok(left)
 }

@@ -177,6 +177,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         let mut progress = Progress::new(self.shared.stats.clone());
         let result = self.intake(&mut progress).await;
         if result.is_ok() {
+            self.mark_late().await;
             self.source.close().await;
         }
         self.sink.close().await;
@@ -198,6 +199,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                 tracing::info!("intake stopped");
                 return Ok(());
             }
+            self.mark_late().await;
             let asked = Instant::now();
             match self.source.next_batch(size, wait).await {
                 Ok(Some(batch)) => {
@@ -406,6 +408,17 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         }
         crash_point(K::CRASH_POINTS.after_checkpoint);
         Ok(true)
+    }
+
+    /// Outbox rows of earlier batches that were not visible yet when they
+    /// were marked (see the marker); a failure here only delays them.
+    async fn mark_late(&mut self) {
+        let Some(marker) = self.marker.as_mut().filter(|m| m.has_late()) else {
+            return;
+        };
+        if let Err(err) = marker.mark_late().await {
+            tracing::warn!(error = %describe(&err), "marking outbox rows failed; trying again later");
+        }
     }
 
     async fn mark(

@@ -1,0 +1,205 @@
+//! Rows that reach the capture before their commit is visible. The walsender
+//! sends a transaction once its commit record is flushed; the committing
+//! session makes it visible only afterwards, and with a synchronous standby
+//! only once the standby confirms. Here a private PostgreSQL names a standby
+//! that never comes, so a writer's commit stays invisible for as long as the
+//! test wants while the relay already publishes its rows. The marking
+//! statement cannot see them then; they must still end `processed`.
+
+mod common;
+use common::faults::statuses;
+use common::kafka;
+use common::pipeline::Stage;
+use common::services::OwnServices;
+
+use activity_event_history::{generate, HistoryOptions};
+use activity_event_processor::outbox::load::copy_events;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// The `event_id` in a change event's key (`{"event_id": ...}`, bare or in
+/// a `payload`).
+fn event_id(key: &[u8]) -> Option<String> {
+    let key: serde_json::Value = serde_json::from_slice(key).ok()?;
+    let id = key
+        .get("event_id")
+        .or_else(|| key.get("payload").and_then(|p| p.get("event_id")))?;
+    id.as_str().map(str::to_string)
+}
+
+/// Waits until the outbox has `rows` rows, every one `processed` or
+/// `failed` (the processor dead-letters the history's poison events).
+async fn wait_finished(stage: &Stage, rows: i64, log: &std::path::Path) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let now = statuses(stage).await;
+        let finished: i64 = now
+            .iter()
+            .filter(|(status, _)| status == "processed" || status == "failed")
+            .map(|(_, n)| n)
+            .sum();
+        let total: i64 = now.iter().map(|(_, n)| n).sum();
+        if finished == rows && total == rows {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbox {now:?}, wanted {rows} rows finished\n{}",
+            kafka::tail(log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How many outbox rows this session sees.
+async fn visible(stage: &Stage) -> i64 {
+    statuses(stage).await.iter().map(|(_, n)| n).sum()
+}
+
+/// `ALTER SYSTEM` (alone: it refuses a transaction block), then a reload.
+async fn reconfigure(admin: &tokio_postgres::Client, statement: &str) {
+    admin.batch_execute(statement).await.expect(statement);
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload the configuration");
+}
+
+/// A stage on a private PostgreSQL whose sessions commit without waiting
+/// for a standby (only [`hold_commit`]'s writer asks to wait).
+async fn stage() -> (OwnServices, Stage, tokio_postgres::Client) {
+    let services = OwnServices::up(&["pg"]);
+    let stage = Stage::on_postgres(&services).await;
+    let admin = stage.pg.client().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET synchronous_commit = local",
+            stage.pg.config.database
+        ))
+        .await
+        .expect("synchronous_commit for the database");
+    (services, stage, admin)
+}
+
+/// Names a synchronous standby that never comes and commits `rows` in a
+/// session that waits for it: the commit is in the WAL (and decoded) but
+/// invisible until [`release`].
+async fn hold_commit(
+    stage: &Stage,
+    admin: &tokio_postgres::Client,
+    rows: &[activity_event_processor::decode::OutboxEvent],
+) -> tokio::task::JoinHandle<Result<u64, activity_event_processor::outbox::OutboxError>> {
+    reconfigure(
+        admin,
+        "ALTER SYSTEM SET synchronous_standby_names = 'a_standby_that_never_comes'",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writer = stage.pg.client().await;
+    writer
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .expect("synchronous_commit for the writer");
+    let rows = rows.to_vec();
+    tokio::spawn(async move { copy_events(&writer, &rows).await })
+}
+
+/// Forgets the standby: the held commit ends and becomes visible.
+async fn release(
+    admin: &tokio_postgres::Client,
+    commit: tokio::task::JoinHandle<Result<u64, activity_event_processor::outbox::OutboxError>>,
+    rows: usize,
+) {
+    assert!(!commit.is_finished(), "the writer's commit did not wait");
+    reconfigure(admin, "ALTER SYSTEM RESET synchronous_standby_names").await;
+    let copied = tokio::time::timeout(LIMIT, commit)
+        .await
+        .expect("the writer's commit ends once no standby is named")
+        .expect("writer task")
+        .expect("copy the held rows");
+    assert_eq!(copied, rows as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_published_before_their_commit_is_visible_end_processed() {
+    let (_services, stage, admin) = stage().await;
+    let _slots = kafka::Slots(stage.pg.config.clone());
+    let topic = kafka::fresh("late");
+    kafka::create_topic(&topic, 1).await;
+    let mut env = stage.env();
+    env.extend(kafka::kafka_env(&topic, &kafka::fresh("group")));
+    env.push(("LOG_LEVEL", "info".into()));
+    env.push(("BATCH_WAIT", "50ms".into()));
+    let log = stage.log_path();
+    let history = generate(77, &HistoryOptions::realistic(120));
+    let (first, late) = history.split_at(100);
+    stage.load(first).await;
+    let relay = kafka::spawn(&["relay"], &env, &log);
+    wait_finished(&stage, first.len() as i64, &log).await;
+
+    let commit = hold_commit(&stage, &admin, late).await;
+    // The relay publishes the rows while their commit still waits.
+    let wanted: BTreeSet<String> = late.iter().map(|e| e.event_id.to_string()).collect();
+    let mut seen = BTreeSet::new();
+    let mut read = 0;
+    kafka::consume_until(&topic, LIMIT, |records| {
+        for record in &records[read..] {
+            if let Some(id) = record.key.as_deref().and_then(event_id) {
+                seen.insert(id);
+            }
+        }
+        read = records.len();
+        wanted.is_subset(&seen)
+    });
+    assert!(
+        wanted.is_subset(&seen),
+        "the relay did not publish the rows whose commit waits\n{}",
+        kafka::tail(&log)
+    );
+    assert_eq!(
+        visible(&stage).await,
+        first.len() as i64,
+        "the waiting commit's rows are visible already"
+    );
+    // Long enough for the marking statement to have missed them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    release(&admin, commit, late.len()).await;
+    wait_finished(&stage, history.len() as i64, &log).await;
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_processor_marks_them_without_a_sweep() {
+    let (_services, stage, admin) = stage().await;
+    let _slots = kafka::Slots(stage.pg.config.clone());
+    let history = generate(78, &HistoryOptions::realistic(120));
+    let (first, late) = history.split_at(100);
+    stage.load(first).await;
+    let extra = [
+        ("LOG_LEVEL", "info".to_string()),
+        ("BATCH_WAIT", "50ms".to_string()),
+    ];
+    let _run = kafka::Proc(stage.spawn(&[], &extra));
+    let log = stage.log_path();
+    wait_finished(&stage, first.len() as i64, &log).await;
+
+    let commit = hold_commit(&stage, &admin, late).await;
+    // Applied while their commit still waits.
+    stage.wait_converged(&history, LIMIT).await;
+    assert_eq!(
+        visible(&stage).await,
+        first.len() as i64,
+        "the waiting commit's rows are visible already"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    release(&admin, commit, late.len()).await;
+    wait_finished(&stage, history.len() as i64, &log).await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !text.contains("were never applied"),
+        "the rows were left to the sweep:\n{}",
+        kafka::tail(&log)
+    );
+}
