@@ -153,8 +153,12 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         .await?;
     let report = child.stop().await?;
     let source_rate = rate_since(&report, started_ms, relayed)?;
+    let source_steady = steady_rate(&report, relayed);
     let source_context = ChildCost::of(&report, started_ms, relayed);
-    bench.say(&format!("  {source_rate:.0} events/s"));
+    bench.say(&format!(
+        "  {source_rate:.0} events/s ({} once the group was joined)",
+        source_steady.map_or("-".to_string(), |r| format!("{r:.0}"))
+    ));
 
     // Raw consume of the same topic.
     bench.say(&format!("[9/9] raw consume: {relayed} messages"));
@@ -204,6 +208,16 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         Better::Higher,
     );
     source_context.push(r, "source", "kafka source");
+    if let Some(steady) = source_steady {
+        r.push(
+            "kafka.source.steady_events_per_s",
+            STAGE,
+            "kafka source after its first batch (group joined)",
+            steady,
+            "events/s",
+            Better::Higher,
+        );
+    }
     r.push(
         "kafka.consume.msgs_per_s",
         STAGE,
@@ -219,8 +233,30 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         "kafka.source.events_per_s",
         "kafka.consume.msgs_per_s",
     );
+    r.ratio(
+        "kafka.source_steady_vs_consume",
+        STAGE,
+        "kafka source once joined vs raw consume (which assigns, no group join)",
+        "kafka.source.steady_events_per_s",
+        "kafka.consume.msgs_per_s",
+    );
     let _ = pg;
     Ok(())
+}
+
+/// Events/s from the first timeline point with events done to the last
+/// batch: the rate without the start-up (for the kafka source, the group
+/// join, which waits for the broker's `group.initial.rebalance.delay.ms`).
+fn steady_rate(report: &StatsReport, events: u64) -> Option<f64> {
+    let (t0, done0) = report
+        .timeline
+        .iter()
+        .copied()
+        .find(|(_, done)| *done > 0)?;
+    let last = report.last_done_unix_ms?;
+    let since = report.started_unix_ms as f64 + t0 * 1000.0;
+    let seconds = (last as f64 - since) / 1000.0;
+    (seconds > 0.0 && events > done0).then(|| (events - done0) as f64 / seconds)
 }
 
 /// What explains a child's rate: its start-up and its CPU.
@@ -480,5 +516,22 @@ mod tests {
         assert!(String::from_utf8_lossy(&last_pool.value).contains(r#""op":"r""#));
         let small = message_pool(&history[..10], &config.kafka, "t", "db");
         assert_eq!(small.len(), 10);
+    }
+
+    #[test]
+    fn the_steady_rate_starts_at_the_first_point_with_work_done() {
+        let report = StatsReport {
+            started_unix_ms: 10_000,
+            last_done_unix_ms: Some(12_000),
+            timeline: vec![(0.25, 0), (0.5, 1_000), (1.0, 5_000)],
+            ..StatsReport::default()
+        };
+        // From 10.5 s to 12 s: the 9,000 events after the first 1,000.
+        assert_eq!(steady_rate(&report, 10_000), Some(6_000.0));
+        let idle = StatsReport {
+            timeline: vec![(0.25, 0)],
+            ..report
+        };
+        assert_eq!(steady_rate(&idle, 10_000), None);
     }
 }

@@ -180,12 +180,17 @@ impl KafkaSource {
         }
     }
 
-    /// Polls up to `max` records, waiting at most `wait` in all.
-    async fn poll(&self, max: usize, wait: Duration) -> Result<Vec<Record>, SourceError> {
+    /// Polls up to `max` records, waiting at most `wait` in all, and decodes
+    /// them on the same blocking thread (a large poll on more than one).
+    async fn poll(&self, max: usize, wait: Duration) -> Result<Vec<Polled>, SourceError> {
         let consumer = self.consumer()?;
         let partitions = self.partitions.clone();
-        let (records, error) =
-            blocking(move || poll_records(&consumer, &partitions, max, wait)).await?;
+        let options = self.decode.clone();
+        let (records, error) = blocking(move || {
+            let (records, error) = poll_records(&consumer, &partitions, max, wait);
+            (decode_all(records, &options), error)
+        })
+        .await?;
         if let Some(err) = error {
             if records.is_empty() {
                 tracing::debug!(error = %err, "kafka poll");
@@ -196,19 +201,19 @@ impl KafkaSource {
 
     fn decode_into(
         &mut self,
-        records: Vec<Record>,
+        records: Vec<Polled>,
         events: &mut Vec<Timed>,
         malformed: &mut Vec<DeadLetter>,
         flight: &mut InFlight,
         highest: &mut BTreeMap<Tp, i64>,
     ) {
         let mut skipped = 0;
-        for record in records {
+        for (record, decoded) in records {
             self.stats.records.fetch_add(1, Ordering::Relaxed);
             let tp = (record.topic.clone(), record.partition);
             let top = highest.entry(tp.clone()).or_insert(record.offset);
             *top = (*top).max(record.offset);
-            match record.decode(&self.decode) {
+            match decoded {
                 Ok((Decoded::Event(event), committed)) => {
                     flight.fresh.push(Fresh {
                         id: event.event_id,
@@ -281,6 +286,55 @@ impl KafkaSource {
             ))),
         }
     }
+}
+
+/// A polled record with what it decoded to.
+type Polled = (
+    Record,
+    Result<crate::decode::TimedDecoded, crate::decode::DecodeError>,
+);
+
+/// Records per decoding thread below which one thread decodes them all.
+const DECODE_SPLIT: usize = 128;
+
+/// Decodes `records` in order, splitting a large poll over the available
+/// cores: decoding (JSON parsing of whole change events) is most of the
+/// source's own work, and the pipeline waits for it.
+fn decode_all(records: Vec<Record>, options: &DecodeOptions) -> Vec<Polled> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(records.len() / DECODE_SPLIT)
+        .min(4);
+    if threads <= 1 {
+        return records
+            .into_iter()
+            .map(|record| {
+                let decoded = record.decode(options);
+                (record, decoded)
+            })
+            .collect();
+    }
+    let per_thread = records.len().div_ceil(threads);
+    let decoded: Vec<_> = std::thread::scope(|scope| {
+        let parts: Vec<_> = records
+            .chunks(per_thread)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|record| record.decode(options))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|part| {
+                part.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    records.into_iter().zip(decoded).collect()
 }
 
 impl Drop for KafkaSource {
@@ -451,6 +505,43 @@ impl Source for KafkaSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_poll_decodes_in_order_as_one_thread_would() {
+        let options = DecodeOptions::default();
+        let records: Vec<Record> = (0..1_000)
+            .map(|i| Record {
+                topic: "t".into(),
+                partition: i % 3,
+                offset: i64::from(i),
+                key: None,
+                value: (i % 7 != 0).then(|| {
+                    if i % 5 == 0 {
+                        b"not json".to_vec()
+                    } else {
+                        format!(
+                            r#"{{"op":"c","source":{{"ts_ms":{i}}},"after":{{"event_id":"00000000-0000-0000-0000-{i:012}","sequence_id":{i},"aggregate_id":"00000000-0000-0000-0001-{i:012}","aggregate_type":"User","event_type":"UserRegistered","payload":"{{}}","created_at":1700000000000000}}}}"#
+                        )
+                        .into_bytes()
+                    }
+                }),
+                headers: Vec::new(),
+                timestamp: None,
+            })
+            .collect();
+        let one: Vec<String> = records
+            .iter()
+            .map(|r| format!("{:?}", r.decode(&options)))
+            .collect();
+        let polled = decode_all(records, &options);
+        assert_eq!(polled.len(), 1_000);
+        for (i, (record, decoded)) in polled.iter().enumerate() {
+            assert_eq!(record.offset, i as i64);
+            assert_eq!(format!("{decoded:?}"), one[i]);
+        }
+        assert!(one.iter().any(|d| d.starts_with("Ok((Event")), "{}", one[1]);
+        assert!(one.iter().any(|d| d.starts_with("Err")));
+    }
 
     #[test]
     fn the_source_can_move_between_threads() {
