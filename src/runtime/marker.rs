@@ -25,6 +25,10 @@ use uuid::Uuid;
 /// How long a batch waits for its rows to become visible before it is
 /// acknowledged with some of them still to mark.
 const SETTLE: Duration = Duration::from_secs(1);
+/// How long a marking begun beside a write may wait for it: a longer write
+/// (MongoDB away, say) ends the transaction, and the rows are marked the
+/// plain way once the write is durable.
+const OPEN_LIMIT: Duration = Duration::from_secs(10);
 /// How long rows that are still not visible are kept to mark.
 const GIVE_UP: Duration = Duration::from_secs(600);
 
@@ -84,6 +88,9 @@ pub struct OutboxMarker {
     late: Marks,
     /// When the oldest of `late` was first tried.
     late_since: Option<Instant>,
+    /// A batch's `processed` update made while the batch is written, in a
+    /// transaction still open: the ids it could not see.
+    open: Option<Vec<Uuid>>,
 }
 
 /// What a set of rows becomes.
@@ -110,6 +117,7 @@ impl OutboxMarker {
             client: None,
             late: Marks::default(),
             late_since: None,
+            open: None,
         }
     }
 
@@ -125,7 +133,7 @@ impl OutboxMarker {
             .iter()
             .map(|d| d.event.event_id)
             .collect();
-        let mut marks = Marks {
+        let marks = Marks {
             applied: events
                 .iter()
                 .map(|e| e.event_id)
@@ -134,18 +142,126 @@ impl OutboxMarker {
             dead: outcome.dead_letters.clone(),
         };
         self.mark_late().await?;
+        let left = self.statements(&marks).await?;
+        self.settle(left).await
+    }
+
+    /// Marks `marks`, waiting up to [`SETTLE`] for rows not visible yet and
+    /// keeping what is still invisible after that.
+    async fn settle(&mut self, mut marks: Marks) -> Result<(), MarkError> {
         let deadline = Instant::now() + SETTLE;
         let mut pause = Duration::from_millis(2);
-        loop {
-            marks = self.statements(&marks).await?;
-            if marks.is_empty() || Instant::now() >= deadline {
+        while !marks.is_empty() {
+            if Instant::now() >= deadline {
                 break;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
+            marks = self.statements(&marks).await?;
         }
         self.keep_late(marks);
         Ok(())
+    }
+
+    /// Starts marking a batch while it is being written: its rows become
+    /// `processed` in a transaction that [`OutboxMarker::finish`] commits
+    /// once the batch's effects are durable (and [`OutboxMarker::abort`]
+    /// rolls back otherwise), so that the update's work overlaps the write
+    /// and "processed" still means durable. On any error nothing is open and
+    /// `finish` marks the plain way.
+    pub async fn begin(&mut self, events: &[OutboxEvent]) {
+        self.open = None;
+        if events.is_empty() {
+            return;
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let client = match self.client.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => match outbox::connect(&self.pg).await {
+                Ok(client) => client,
+                Err(err) => {
+                    tracing::debug!(error = %crate::policy::describe(&err), "cannot start marking early");
+                    return;
+                }
+            },
+        };
+        let begun = async {
+            // A process stopped mid-write (frozen, say) must not hold
+            // these rows' locks for long: whoever takes over marks them too.
+            client
+                .batch_execute(&format!(
+                    "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '{}s'",
+                    OPEN_LIMIT.as_secs()
+                ))
+                .await?;
+            client.query(MARK_PROCESSED, &[&ids]).await
+        };
+        match begun.await {
+            Ok(rows) => {
+                self.open = Some(rows.iter().map(|row| row.get(0)).collect());
+                self.client = Some(client);
+            }
+            Err(err) => {
+                // The connection is dropped with whatever it had begun.
+                tracing::debug!(error = %crate::outbox::describe(&err), "cannot start marking early");
+            }
+        }
+    }
+
+    /// Finishes a batch's marking: commits what [`OutboxMarker::begin`]
+    /// opened (with the dead letters set `failed` in the same transaction),
+    /// or marks the plain way when nothing is open or the commit failed.
+    pub async fn finish(
+        &mut self,
+        events: &[OutboxEvent],
+        outcome: &BatchOutcome,
+    ) -> Result<(), MarkError> {
+        let Some(unseen) = self.open.take() else {
+            return self.mark(events, outcome).await;
+        };
+        let Some(client) = self.client.take() else {
+            return self.mark(events, outcome).await;
+        };
+        let dead = Marks {
+            applied: Vec::new(),
+            dead: outcome.dead_letters.clone(),
+        };
+        let committed = async {
+            let left = mark_outbox(&client, &dead).await?;
+            client.batch_execute("COMMIT").await?;
+            Ok::<_, tokio_postgres::Error>(left)
+        };
+        match committed.await {
+            Ok(mut left) => {
+                self.client = Some(client);
+                let failed: BTreeSet<Uuid> = dead.dead.iter().map(|d| d.event.event_id).collect();
+                left.applied = unseen
+                    .into_iter()
+                    .filter(|id| !failed.contains(id))
+                    .collect();
+                self.mark_late().await?;
+                self.settle(left).await
+            }
+            Err(err) => {
+                // Committed or not, the plain statements below are idempotent.
+                tracing::debug!(error = %crate::outbox::describe(&err), "marking in the open transaction failed; marking again");
+                drop(client);
+                self.mark(events, outcome).await
+            }
+        }
+    }
+
+    /// Rolls back what [`OutboxMarker::begin`] opened (the batch was not
+    /// written).
+    pub async fn abort(&mut self) {
+        if self.open.take().is_none() {
+            return;
+        }
+        if let Some(client) = self.client.take() {
+            if client.batch_execute("ROLLBACK").await.is_ok() {
+                self.client = Some(client);
+            }
+        }
     }
 
     /// Rows kept from earlier batches are still to mark.
@@ -213,24 +329,23 @@ impl OutboxMarker {
     }
 }
 
+/// Sets the rows `$1` `processed` (unless finished already) and returns,
+/// from the same snapshot, the ids it could not see.
+const MARK_PROCESSED: &str = "WITH marked AS (
+         UPDATE event_outbox
+         SET status = 'processed', published_at = coalesce(published_at, now()), lock_id = NULL
+         WHERE event_id = ANY($1) AND status NOT IN ('processed', 'failed')
+         RETURNING 1)
+     SELECT w.id FROM unnest($1::uuid[]) AS w(id)
+     WHERE NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = w.id)";
+
 /// Sets applied rows `processed` and dead-lettered rows `failed` (with their
 /// error and attempts; rows already `failed` stay so). Returns the rows the
 /// statements could not see, in one snapshot with the update.
 async fn mark_outbox(client: &Client, marks: &Marks) -> Result<Marks, tokio_postgres::Error> {
     let mut left = Marks::default();
     if !marks.applied.is_empty() {
-        let rows = client
-            .query(
-                "WITH marked AS (
-                     UPDATE event_outbox
-                     SET status = 'processed', published_at = coalesce(published_at, now()), lock_id = NULL
-                     WHERE event_id = ANY($1) AND status NOT IN ('processed', 'failed')
-                     RETURNING 1)
-                 SELECT w.id FROM unnest($1::uuid[]) AS w(id)
-                 WHERE NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = w.id)",
-                &[&marks.applied],
-            )
-            .await?;
+        let rows = client.query(MARK_PROCESSED, &[&marks.applied]).await?;
         left.applied = rows.iter().map(|row| row.get(0)).collect();
     }
     if !marks.dead.is_empty() {

@@ -288,8 +288,25 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
     ) -> Result<bool, PipelineError> {
         let points = K::CRASH_POINTS;
         crash_point(points.before_write);
-        let Some(report) = self.write(&batch).await? else {
-            return Ok(false);
+        // The outbox rows' update starts beside the write, uncommitted
+        // until the write is durable (see the marker).
+        let mut marker = self.marker.take();
+        let (written, ()) = tokio::join!(self.write(&batch), async {
+            if let Some(marker) = marker.as_mut() {
+                marker.begin(&batch.events).await;
+            }
+        });
+        self.marker = marker;
+        let report = match written {
+            Ok(Some(report)) => report,
+            Ok(None) => {
+                self.abort_mark().await;
+                return Ok(false);
+            }
+            Err(err) => {
+                self.abort_mark().await;
+                return Err(err);
+            }
         };
         crash_point(points.after_write);
         let outcomes = observed::outcomes(&batch.events, &report);
@@ -304,6 +321,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         stages.absorb(&report.stages);
         let started = Instant::now();
         if !self.save_checkpoint(&batch.ack).await? {
+            self.abort_mark().await;
             return Ok(false);
         }
         let started = stages.lap(Stage::Checkpoint, started);
@@ -410,6 +428,13 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         Ok(true)
     }
 
+    /// Rolls back a marking begun beside a write that did not complete.
+    async fn abort_mark(&mut self) {
+        if let Some(marker) = self.marker.as_mut() {
+            marker.abort().await;
+        }
+    }
+
     /// Outbox rows of earlier batches that were not visible yet when they
     /// were marked (see the marker); a failure here only delays them.
     async fn mark_late(&mut self) {
@@ -436,7 +461,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             .attempts(Component::Postgres, "marking outbox rows failed");
         let marked = loop {
             if let Some(done) = attempts
-                .settle(marker.mark(&batch.events, outcome).await)
+                .settle(marker.finish(&batch.events, outcome).await)
                 .await
             {
                 break done;

@@ -1,4 +1,8 @@
-//! Rows that reach the capture before their commit is visible. The walsender
+//! Outbox marking: a batch's rows become `processed` only once its effects
+//! are durable, and also when they reach the capture before their commit is
+//! visible.
+//!
+//! Rows that reach the capture before their commit is visible: the walsender
 //! sends a transaction once its commit record is flushed; the committing
 //! session makes it visible only afterwards, and with a synchronous standby
 //! only once the standby confirms. Here a private PostgreSQL names a standby
@@ -201,5 +205,74 @@ async fn the_processor_marks_them_without_a_sweep() {
         !text.contains("were never applied"),
         "the rows were left to the sweep:\n{}",
         kafka::tail(&log)
+    );
+}
+
+/// The batch's update is begun beside its write and committed by `finish`:
+/// before that no other session sees it, and `abort` undoes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_is_marked_only_when_finished_and_abort_undoes_it() {
+    use activity_event_processor::runtime::OutboxMarker;
+    use activity_event_processor::source::BatchOutcome;
+    let stage = Stage::new().await;
+    let history = generate(79, &HistoryOptions::realistic(40));
+    stage.load(&history).await;
+    let (first, second) = history.split_at(20);
+    let pending = |n: usize| [("pending".to_string(), n as i64)];
+    let mut marker = OutboxMarker::new(stage.pg.config.clone());
+
+    marker.begin(first).await;
+    assert_eq!(
+        statuses(&stage).await,
+        pending(history.len()),
+        "visible before finish"
+    );
+    marker.abort().await;
+    assert_eq!(
+        statuses(&stage).await,
+        pending(history.len()),
+        "abort kept it"
+    );
+    // A finish after an abort marks the plain way.
+    marker
+        .finish(first, &BatchOutcome::default())
+        .await
+        .expect("mark the first half");
+    assert_eq!(
+        statuses(&stage).await,
+        [
+            ("pending".to_string(), second.len() as i64),
+            ("processed".to_string(), first.len() as i64)
+        ]
+    );
+
+    let letter = activity_event_processor::dead_letter::DeadLetter {
+        event: second[0].clone(),
+        error: "refused".into(),
+        attempts: 3,
+    };
+    let outcome = BatchOutcome {
+        dead_letters: vec![letter],
+        ..BatchOutcome::default()
+    };
+    marker.begin(second).await;
+    assert_eq!(
+        statuses(&stage).await,
+        [
+            ("pending".to_string(), second.len() as i64),
+            ("processed".to_string(), first.len() as i64)
+        ],
+        "visible before finish"
+    );
+    marker
+        .finish(second, &outcome)
+        .await
+        .expect("mark the second half");
+    assert_eq!(
+        statuses(&stage).await,
+        [
+            ("failed".to_string(), 1),
+            ("processed".to_string(), (history.len() - 1) as i64)
+        ]
     );
 }
