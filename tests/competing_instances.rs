@@ -144,9 +144,7 @@ async fn two_relays_on_one_slot_publish_every_row() {
     let _slots = kafka::Slots(stage.pg.config.clone());
     let topic = kafka::fresh("competing");
     kafka::create_topic(&topic, 2).await;
-    let mut env = stage.env();
-    env.extend(kafka::kafka_env(&topic, &kafka::fresh("group")));
-    env.push(("LOG_LEVEL", "info".into()));
+    let env = stage.kafka_env(&topic);
     let log = stage.log_path();
     let history = generate(901, &HistoryOptions::realistic(1_200));
     let (first, rest) = history.split_at(200);
@@ -176,17 +174,7 @@ async fn two_relays_on_one_slot_publish_every_row() {
     drop((a, b));
     let wanted: std::collections::BTreeSet<String> =
         history.iter().map(|e| e.event_id.to_string()).collect();
-    let mut seen = std::collections::BTreeSet::new();
-    let mut read = 0;
-    let records = kafka::consume_until(&topic, LIMIT, |records| {
-        for record in &records[read..] {
-            if let Some(id) = record.key.as_deref().and_then(event_id) {
-                seen.insert(id);
-            }
-        }
-        read = records.len();
-        wanted.is_subset(&seen)
-    });
+    let (seen, records) = kafka::published_ids(&topic, &wanted, LIMIT);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         text.contains("standing by to take over"),
@@ -200,7 +188,7 @@ async fn two_relays_on_one_slot_publish_every_row() {
         "{} of {} rows never published ({} records): {:?}",
         missing.len(),
         wanted.len(),
-        records.len(),
+        records,
         &missing[..missing.len().min(5)]
     );
     let _ = std::fs::remove_file(&log);
@@ -241,14 +229,4 @@ async fn polling_processes_joining_and_leaving_lose_nothing() {
     stage.run_until_caught_up(&["--source", "polling"], &[], LIMIT);
     stage.assert_converged(&history, true).await;
     let _ = std::fs::remove_file(stage.log_path());
-}
-
-/// The `event_id` in a change event's key (`{"event_id": ...}`, bare or
-/// inside a JsonConverter envelope's `payload`).
-fn event_id(key: &[u8]) -> Option<String> {
-    let key: serde_json::Value = serde_json::from_slice(key).ok()?;
-    let id = key
-        .get("event_id")
-        .or_else(|| key.get("payload").and_then(|p| p.get("event_id")))?;
-    id.as_str().map(str::to_string)
 }

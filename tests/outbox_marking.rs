@@ -23,16 +23,6 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-/// The `event_id` in a change event's key (`{"event_id": ...}`, bare or in
-/// a `payload`).
-fn event_id(key: &[u8]) -> Option<String> {
-    let key: serde_json::Value = serde_json::from_slice(key).ok()?;
-    let id = key
-        .get("event_id")
-        .or_else(|| key.get("payload").and_then(|p| p.get("event_id")))?;
-    id.as_str().map(str::to_string)
-}
-
 /// Waits until the outbox has `rows` rows, every one `processed` or
 /// `failed` (the processor dead-letters the history's poison events).
 async fn wait_finished(stage: &Stage, rows: i64, log: &std::path::Path) {
@@ -110,12 +100,23 @@ async fn hold_commit(
     tokio::spawn(async move { copy_events(&writer, &rows).await })
 }
 
-/// Forgets the standby: the held commit ends and becomes visible.
-async fn release(
+/// The held rows are still invisible; after long enough for a marking
+/// statement to have missed them, the standby is forgotten, the commit ends
+/// and every row must end finished.
+async fn release_when_missed(
+    stage: &Stage,
     admin: &tokio_postgres::Client,
     commit: tokio::task::JoinHandle<Result<u64, activity_event_processor::outbox::OutboxError>>,
+    visible_before: usize,
     rows: usize,
+    log: &std::path::Path,
 ) {
+    assert_eq!(
+        visible(stage).await,
+        visible_before as i64,
+        "the waiting commit's rows are visible already"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!commit.is_finished(), "the writer's commit did not wait");
     reconfigure(admin, "ALTER SYSTEM RESET synchronous_standby_names").await;
     let copied = tokio::time::timeout(LIMIT, commit)
@@ -123,7 +124,8 @@ async fn release(
         .expect("the writer's commit ends once no standby is named")
         .expect("writer task")
         .expect("copy the held rows");
-    assert_eq!(copied, rows as u64);
+    assert_eq!(copied, (rows - visible_before) as u64);
+    wait_finished(stage, rows as i64, log).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -132,9 +134,7 @@ async fn rows_published_before_their_commit_is_visible_end_processed() {
     let _slots = kafka::Slots(stage.pg.config.clone());
     let topic = kafka::fresh("late");
     kafka::create_topic(&topic, 1).await;
-    let mut env = stage.env();
-    env.extend(kafka::kafka_env(&topic, &kafka::fresh("group")));
-    env.push(("LOG_LEVEL", "info".into()));
+    let mut env = stage.kafka_env(&topic);
     env.push(("BATCH_WAIT", "50ms".into()));
     let log = stage.log_path();
     let history = generate(77, &HistoryOptions::realistic(120));
@@ -146,31 +146,13 @@ async fn rows_published_before_their_commit_is_visible_end_processed() {
     let commit = hold_commit(&stage, &admin, late).await;
     // The relay publishes the rows while their commit still waits.
     let wanted: BTreeSet<String> = late.iter().map(|e| e.event_id.to_string()).collect();
-    let mut seen = BTreeSet::new();
-    let mut read = 0;
-    kafka::consume_until(&topic, LIMIT, |records| {
-        for record in &records[read..] {
-            if let Some(id) = record.key.as_deref().and_then(event_id) {
-                seen.insert(id);
-            }
-        }
-        read = records.len();
-        wanted.is_subset(&seen)
-    });
+    let (seen, _) = kafka::published_ids(&topic, &wanted, LIMIT);
     assert!(
         wanted.is_subset(&seen),
         "the relay did not publish the rows whose commit waits\n{}",
         kafka::tail(&log)
     );
-    assert_eq!(
-        visible(&stage).await,
-        first.len() as i64,
-        "the waiting commit's rows are visible already"
-    );
-    // Long enough for the marking statement to have missed them.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    release(&admin, commit, late.len()).await;
-    wait_finished(&stage, history.len() as i64, &log).await;
+    release_when_missed(&stage, &admin, commit, first.len(), history.len(), &log).await;
     drop(relay);
 }
 
@@ -192,14 +174,7 @@ async fn the_processor_marks_them_without_a_sweep() {
     let commit = hold_commit(&stage, &admin, late).await;
     // Applied while their commit still waits.
     stage.wait_converged(&history, LIMIT).await;
-    assert_eq!(
-        visible(&stage).await,
-        first.len() as i64,
-        "the waiting commit's rows are visible already"
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    release(&admin, commit, late.len()).await;
-    wait_finished(&stage, history.len() as i64, &log).await;
+    release_when_missed(&stage, &admin, commit, first.len(), history.len(), &log).await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         !text.contains("were never applied"),

@@ -168,6 +168,37 @@ pub fn consume_until_at(
     out
 }
 
+/// The `event_id` in a change event's key (`{"event_id": ...}`, bare or
+/// inside a JsonConverter envelope's `payload`).
+pub fn event_id(key: &[u8]) -> Option<String> {
+    let key: serde_json::Value = serde_json::from_slice(key).ok()?;
+    let id = key
+        .get("event_id")
+        .or_else(|| key.get("payload").and_then(|p| p.get("event_id")))?;
+    id.as_str().map(str::to_string)
+}
+
+/// Reads `topic` from the start until every id of `wanted` is among the
+/// change events' keys (or `limit` passes); the ids seen and the records read.
+pub fn published_ids(
+    topic: &str,
+    wanted: &std::collections::BTreeSet<String>,
+    limit: Duration,
+) -> (std::collections::BTreeSet<String>, usize) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut read = 0;
+    let records = consume_until(topic, limit, |records| {
+        for record in &records[read..] {
+            if let Some(id) = record.key.as_deref().and_then(event_id) {
+                seen.insert(id);
+            }
+        }
+        read = records.len();
+        wanted.is_subset(&seen)
+    });
+    (seen, records.len())
+}
+
 /// A child process that is killed (SIGKILL) when dropped, so that a failing
 /// test leaves nothing running.
 pub struct Proc(pub Child);

@@ -79,6 +79,18 @@ impl Stage {
         env
     }
 
+    /// [`Stage::env`] with the Kafka settings for `topic` (a fresh group)
+    /// and the log at `info`.
+    pub fn kafka_env(&self, topic: &str) -> Vec<(&'static str, String)> {
+        let mut env = self.env();
+        env.extend(super::kafka::kafka_env(
+            topic,
+            &super::kafka::fresh("group"),
+        ));
+        env.push(("LOG_LEVEL", "info".into()));
+        env
+    }
+
     /// The outbox as it now stands, every row whatever its status, in
     /// `sequence_id` order (what the reference fold takes).
     pub async fn outbox_events(&self) -> Vec<OutboxEvent> {
