@@ -2,8 +2,9 @@
 //! batch's own writes are durable.
 //!
 //! Read, compute, compare-and-set: it reads the documents holding copies (the
-//! activities touched here or naming a user renamed here; the users those
-//! name), computes each document's copies in memory, and writes each changed
+//! activities touched here or naming a user renamed here, except, in the
+//! first round, those the batch has just written, which it holds; the users
+//! those name), computes each document's copies in memory, and writes each changed
 //! document once, conditioned on the revision it read. A document someone
 //! else changed in between matches nothing, and the round is redone from fresh
 //! reads. Every copy carries its source's version and only moves forward, and
@@ -43,8 +44,8 @@ pub(super) async fn run(
     report: &mut BatchReport,
 ) -> Result<BTreeSet<Uuid>, StoreError> {
     let mut rewritten = BTreeSet::new();
-    for _ in 0..MAX_ROUNDS {
-        if round(store, work, report, &mut rewritten).await? {
+    for round_number in 0..MAX_ROUNDS {
+        if round(store, work, report, &mut rewritten, round_number == 0).await? {
             return Ok(rewritten);
         }
         tracing::debug!("copy refresh lost a race; redoing it from fresh reads");
@@ -61,9 +62,30 @@ async fn round(
     work: &Work,
     report: &mut BatchReport,
     rewritten: &mut BTreeSet<Uuid>,
+    first: bool,
 ) -> Result<bool, StoreError> {
     let started = std::time::Instant::now();
-    let mut activities = read_activities(store, &work.touched, "_id", report).await?;
+    // The first round takes the activities this batch has just written as
+    // it wrote them, with the revision token it gave them, rather than
+    // reading them back: a writer that moved one since makes its
+    // compare-and-set below match nothing, and the next round reads afresh.
+    let mut activities = BTreeMap::new();
+    let mut unread = work.touched.clone();
+    if first {
+        for id in &work.changed_activities {
+            if let (Some(Some(doc)), Some(rev)) =
+                (work.activities.get(id), work.new_activity_rev.get(id))
+            {
+                let stored = StoredActivity {
+                    doc: doc.clone(),
+                    rev: Some(rev.clone()),
+                };
+                activities.insert(*id, stored);
+                unread.remove(id);
+            }
+        }
+    }
+    activities.extend(read_activities(store, &unread, "_id", report).await?);
     for field in ["organizer.user_id", "participants.user_id"] {
         activities.extend(read_activities(store, &work.renamed, field, report).await?);
     }
