@@ -88,9 +88,9 @@ pub struct OutboxMarker {
     late: Marks,
     /// When the oldest of `late` was first tried.
     late_since: Option<Instant>,
-    /// A batch's `processed` update made while the batch is written, in a
-    /// transaction still open: the ids it could not see.
-    open: Option<Vec<Uuid>>,
+    /// A batch's `processed` update made while the batch is written: the
+    /// connection whose transaction is still open, and the ids it could not see.
+    open: Option<(Client, Vec<Uuid>)>,
 }
 
 /// What a set of rows becomes.
@@ -128,17 +128,8 @@ impl OutboxMarker {
         events: &[OutboxEvent],
         outcome: &BatchOutcome,
     ) -> Result<(), MarkError> {
-        let dead: BTreeSet<Uuid> = outcome
-            .dead_letters
-            .iter()
-            .map(|d| d.event.event_id)
-            .collect();
         let marks = Marks {
-            applied: events
-                .iter()
-                .map(|e| e.event_id)
-                .filter(|id| !dead.contains(id))
-                .collect(),
+            applied: applied(events.iter().map(|e| e.event_id), &outcome.dead_letters),
             dead: outcome.dead_letters.clone(),
         };
         self.mark_late().await?;
@@ -197,10 +188,7 @@ impl OutboxMarker {
             client.query(MARK_PROCESSED, &[&ids]).await
         };
         match begun.await {
-            Ok(rows) => {
-                self.open = Some(rows.iter().map(|row| row.get(0)).collect());
-                self.client = Some(client);
-            }
+            Ok(rows) => self.open = Some((client, rows.iter().map(|row| row.get(0)).collect())),
             Err(err) => {
                 // The connection is dropped with whatever it had begun.
                 tracing::debug!(error = %crate::outbox::describe(&err), "cannot start marking early");
@@ -216,10 +204,7 @@ impl OutboxMarker {
         events: &[OutboxEvent],
         outcome: &BatchOutcome,
     ) -> Result<(), MarkError> {
-        let Some(unseen) = self.open.take() else {
-            return self.mark(events, outcome).await;
-        };
-        let Some(client) = self.client.take() else {
+        let Some((client, unseen)) = self.open.take() else {
             return self.mark(events, outcome).await;
         };
         let dead = Marks {
@@ -234,11 +219,7 @@ impl OutboxMarker {
         match committed.await {
             Ok(mut left) => {
                 self.client = Some(client);
-                let failed: BTreeSet<Uuid> = dead.dead.iter().map(|d| d.event.event_id).collect();
-                left.applied = unseen
-                    .into_iter()
-                    .filter(|id| !failed.contains(id))
-                    .collect();
+                left.applied = applied(unseen.into_iter(), &dead.dead);
                 self.mark_late().await?;
                 self.settle(left).await
             }
@@ -254,10 +235,7 @@ impl OutboxMarker {
     /// Rolls back what [`OutboxMarker::begin`] opened (the batch was not
     /// written).
     pub async fn abort(&mut self) {
-        if self.open.take().is_none() {
-            return;
-        }
-        if let Some(client) = self.client.take() {
+        if let Some((client, _)) = self.open.take() {
             if client.batch_execute("ROLLBACK").await.is_ok() {
                 self.client = Some(client);
             }
@@ -327,6 +305,12 @@ impl OutboxMarker {
         self.client = Some(client);
         Ok(left)
     }
+}
+
+/// Of `ids`, those not dead-lettered.
+fn applied(ids: impl Iterator<Item = Uuid>, dead: &[DeadLetter]) -> Vec<Uuid> {
+    let dead: BTreeSet<Uuid> = dead.iter().map(|d| d.event.event_id).collect();
+    ids.filter(|id| !dead.contains(id)).collect()
 }
 
 /// Sets the rows `$1` `processed` (unless finished already) and returns,

@@ -1,4 +1,5 @@
 //! Store: where the read models live (MongoDB `activity_read`).
 
 pub mod codes;
+mod error;
 pub mod mongo;
