@@ -40,6 +40,9 @@ pub fn base_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// How long the fetcher waits before looking again at a full local queue.
+pub const FETCH_QUEUE_BACKOFF_MS: u64 = 50;
+
 /// The consumer of `run --source kafka`: a group member that never commits by
 /// itself and starts a new group at the earliest offsets.
 pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
@@ -51,6 +54,10 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        // librdkafka's default (1 s) idles the fetcher whenever its queue is
+        // full; a consumer slower than the broker then drains the queue and
+        // waits out the rest of the second (docs/design.md section 7).
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())
         .set("session.timeout.ms", session.to_string())
         .set(
             "heartbeat.interval.ms",
@@ -525,6 +532,27 @@ mod tests {
             "cannot reach the Kafka brokers at 127.0.0.1:1 within 2s"
         );
         assert!(!err.to_string().contains(&source.to_string()));
+    }
+
+    #[test]
+    fn the_fetcher_looks_again_soon_at_a_full_queue_unless_the_user_says_otherwise() {
+        let env = |pairs: &[(&str, &str)]| {
+            let map: crate::config::EnvMap = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            crate::config::Config::from_env(&map).expect("config").kafka
+        };
+        let ours = consumer_config(&env(&[]));
+        assert_eq!(
+            ours.get("fetch.queue.backoff.ms"),
+            Some(FETCH_QUEUE_BACKOFF_MS.to_string().as_str())
+        );
+        let theirs = consumer_config(&env(&[(
+            "KAFKA_CONSUMER_CONFIG",
+            "fetch.queue.backoff.ms=500",
+        )]));
+        assert_eq!(theirs.get("fetch.queue.backoff.ms"), Some("500"));
     }
 
     #[test]
