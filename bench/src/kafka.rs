@@ -6,7 +6,9 @@
 //!   the same sizes (encoded by the relay's own encoder) to a second topic;
 //! - the kafka source (`run --source kafka --sink discard`, a child process in
 //!   a fresh group) reading the relayed topic, beside raw consume: an
-//!   in-process consumer counting the same topic's messages.
+//!   in-process consumer counting the same topic's messages, once with all
+//!   partitions assigned and once as a fresh group's member (which waits
+//!   for the broker's first rebalance as the source does).
 //!
 //! The topics have 4 partitions and a name unique to the run; they and the
 //! database are deleted at the end (best effort). End offsets are not used to
@@ -163,8 +165,33 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
     // Raw consume of the same topic.
     bench.say(&format!("[9/9] raw consume: {relayed} messages"));
     let progress = bench.progress_fn("raw consume", relayed);
-    let consume_rate = raw_consume(kafka, &names.relayed, &names.group, relayed, progress).await?;
+    let consume_rate = raw_consume(
+        kafka,
+        &names.relayed,
+        &format!("{}_raw", names.group),
+        relayed,
+        Join::Assign,
+        progress,
+    )
+    .await?;
     bench.say(&format!("  {consume_rate:.0} msgs/s"));
+    // The same as a member of a fresh group, as the source starts: the
+    // broker holds a group's first join (tansu about half the session
+    // timeout; Kafka `group.initial.rebalance.delay.ms`).
+    bench.say(&format!(
+        "[9/9] raw consume as a fresh group's member: {relayed} messages"
+    ));
+    let progress = bench.progress_fn("raw consume, group", relayed);
+    let group_rate = raw_consume(
+        kafka,
+        &names.relayed,
+        &format!("{}_raw_group", names.group),
+        relayed,
+        Join::Subscribe(Duration::from_secs(6)),
+        progress,
+    )
+    .await?;
+    bench.say(&format!("  {group_rate:.0} msgs/s"));
 
     let r = &mut bench.results;
     r.push(
@@ -225,6 +252,21 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         consume_rate,
         "msgs/s",
         Better::Higher,
+    );
+    r.push(
+        "kafka.consume_group.msgs_per_s",
+        STAGE,
+        "raw consume as a fresh group's member (subscribe, 6 s session)",
+        group_rate,
+        "msgs/s",
+        Better::Higher,
+    );
+    r.ratio(
+        "kafka.source_vs_group_consume",
+        STAGE,
+        "kafka source vs raw consume as a fresh group's member",
+        "kafka.source.events_per_s",
+        "kafka.consume_group.msgs_per_s",
     );
     r.ratio(
         "kafka.source_vs_consume",
@@ -444,28 +486,45 @@ async fn settle(future: DeliveryFuture) -> Result<()> {
     }
 }
 
-/// Reads `count` messages of `topic` from the start of its partitions
-/// (assigned, no group membership): msgs/s.
+/// How the raw consumer gets its partitions.
+enum Join {
+    /// All of them from the start, no group membership.
+    Assign,
+    /// Subscribes as a fresh group's member with this session timeout.
+    Subscribe(Duration),
+}
+
+/// Reads `count` messages of `topic` from the start of its partitions:
+/// msgs/s from the assignment or subscription on.
 async fn raw_consume(
     kafka: &KafkaConfig,
     topic: &str,
     group: &str,
     count: u64,
+    join: Join,
     progress: impl FnMut(u64) + Send + 'static,
 ) -> Result<f64> {
     let mut config = kafka.clone();
-    config.group_id = format!("{group}_raw");
+    config.group_id = group.to_string();
+    if let Join::Subscribe(session) = join {
+        config.session_timeout = session;
+    }
     let consumer: BaseConsumer = consumer_config(&config).create().map_err(|e| {
         anyhow!(
             "invalid Kafka consumer configuration: {}",
             config.describe_refusal(&e)
         )
     })?;
-    let mut partitions = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        partitions.add_partition_offset(topic, partition, Offset::Beginning)?;
+    match join {
+        Join::Assign => {
+            let mut partitions = TopicPartitionList::new();
+            for partition in 0..PARTITIONS {
+                partitions.add_partition_offset(topic, partition, Offset::Beginning)?;
+            }
+            consumer.assign(&partitions)?;
+        }
+        Join::Subscribe(_) => consumer.subscribe(&[topic])?,
     }
-    consumer.assign(&partitions)?;
     let timeout = Duration::from_secs(120 + count / 200);
     tokio::task::spawn_blocking(move || {
         let mut progress = progress;

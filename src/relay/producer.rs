@@ -165,37 +165,45 @@ impl Producer {
         Ok(count)
     }
 
-    /// Produces `messages` in order and waits until the broker acknowledged
-    /// every one of them (`acks=all`).
-    pub async fn deliver(&mut self, messages: &[Message]) -> Result<(), DeliveryError> {
-        let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(messages.len());
-        let mut first_error: Option<KafkaError> = None;
-        for message in messages {
-            let count = self.partitions.get(&message.topic).copied().unwrap_or(1);
-            let mut record = record(message, partition_for(&message.partition_key, count));
-            loop {
-                match self.inner.send_result(record) {
-                    Ok(future) => {
-                        pending.push_back(future);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        // The local queue is full: wait for the oldest delivery.
-                        match pending.pop_front() {
-                            Some(future) => {
-                                if let Err(err) = settle(future).await {
-                                    first_error.get_or_insert(err);
-                                }
-                            }
-                            None => tokio::time::sleep(Duration::from_millis(50)).await,
-                        }
-                    }
-                    Err((err, _)) => return Err(self.classify(err)),
+    /// Hands `message` to the client (after the messages sent before it
+    /// into `sending`); the broker may be sending it while the caller
+    /// encodes the next. A full local queue waits for the oldest delivery.
+    pub async fn send(
+        &mut self,
+        sending: &mut Sending,
+        message: &Message,
+    ) -> Result<(), DeliveryError> {
+        let count = self.partitions.get(&message.topic).copied().unwrap_or(1);
+        let mut record = record(message, partition_for(&message.partition_key, count));
+        loop {
+            match self.inner.send_result(record) {
+                Ok(future) => {
+                    sending.pending.push_back(future);
+                    return Ok(());
                 }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    match sending.pending.pop_front() {
+                        Some(future) => {
+                            if let Err(err) = settle(future).await {
+                                sending.first_error.get_or_insert(err);
+                            }
+                        }
+                        None => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                Err((err, _)) => return Err(self.classify(err)),
             }
         }
-        let total = messages.len();
+    }
+
+    /// Waits until the broker acknowledged every message of `sending`.
+    pub async fn settle(&mut self, sending: Sending) -> Result<(), DeliveryError> {
+        let Sending {
+            mut pending,
+            mut first_error,
+        } = sending;
+        let total = pending.len();
         let mut since = std::time::Instant::now();
         while let Some(mut future) = pending.pop_front() {
             // Messages never time out locally: while the broker is away this
@@ -271,6 +279,14 @@ impl Producer {
     pub fn flush(&self, timeout: Duration) {
         let _ = self.inner.flush(timeout);
     }
+}
+
+/// The deliveries of a batch being sent ([`Producer::send`]), in order.
+#[derive(Default)]
+pub struct Sending {
+    pending: VecDeque<DeliveryFuture>,
+    /// The first delivery found failed while the queue was full.
+    first_error: Option<KafkaError>,
 }
 
 /// How long a delivery may be outstanding before the relay says it waits.

@@ -4,7 +4,7 @@
 //! published: it comes back as a dead letter (its row is marked `failed`).
 
 use super::{Sink, SinkReport};
-use crate::relay::producer::Producer;
+use crate::relay::producer::{Producer, Sending};
 use crate::relay::{Encoder, Op, RelayError};
 use crate::runtime::CrashPoints;
 use crate::source::SourceBatch;
@@ -35,21 +35,25 @@ impl Sink for KafkaSink {
 
     async fn apply<A: Sync>(&mut self, batch: &SourceBatch<A>) -> Result<SinkReport, RelayError> {
         let now = chrono::Utc::now();
-        let mut messages = Vec::with_capacity(batch.events.len());
+        // Each message goes to the client as soon as it is encoded, so the
+        // broker is sending the batch's first messages while the rest are
+        // encoded.
+        let mut sending = Sending::default();
         for (index, event) in batch.events.iter().enumerate() {
             let topic = self.encoder.topic_of(event);
             self.producer.prepare(&topic).await?;
             let op = Op::from(batch.origin(index));
             let committed = batch.commit_time(index);
-            messages.push(self.encoder.encode_committed(event, op, committed, now));
+            let message = self.encoder.encode_committed(event, op, committed, now);
+            self.producer.send(&mut sending, &message).await?;
         }
-        self.producer.deliver(&messages).await?;
-        crate::observe::kafka_produced(messages.len() as u64);
+        self.producer.settle(sending).await?;
+        crate::observe::kafka_produced(batch.events.len() as u64);
         for letter in &batch.malformed {
             tracing::error!(event_id = %letter.event.event_id, error = %letter.error, "outbox row cannot be relayed; it is marked failed");
         }
         Ok(SinkReport {
-            applied: messages.len(),
+            applied: batch.events.len(),
             dead_letters: batch.malformed.clone(),
             ..SinkReport::default()
         })
