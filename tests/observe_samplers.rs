@@ -31,12 +31,14 @@ async fn the_slot_lag_sampler_sees_lag_a_stall_and_a_dropped_slot() {
     let metrics = fresh_metrics();
     let health = Health::new();
     let durable = Arc::new(AtomicU64::new(current_lsn(&client).await));
+    let acknowledged = Arc::new(AtomicU64::new(0));
     let shutdown = CancellationToken::new();
     let sampler = tokio::spawn(
         SlotLagSampler {
             pg: db.config.clone(),
             slot: slot.clone(),
             durable_lsn: durable.clone(),
+            acknowledged: acknowledged.clone(),
             sampling: quick(),
             health: health.clone(),
             metrics,
@@ -86,6 +88,12 @@ async fn the_slot_lag_sampler_sees_lag_a_stall_and_a_dropped_slot() {
     let (status, body) = get(&server, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no progress"), "{body}");
+    // An initial snapshot's batches are acknowledged while the checkpoint
+    // stays at the slot's start: that is progress...
+    acknowledged.fetch_add(1000, Ordering::Release);
+    wait_check(&health, CHECK_PROGRESS, "ok").await;
+    // ...until they stop as well.
+    wait_check(&health, CHECK_PROGRESS, "failing").await;
     // The checkpoint catches up: progress is ok again.
     durable.store(current_lsn(&client).await, Ordering::Release);
     wait_check(&health, CHECK_PROGRESS, "ok").await;
@@ -136,6 +144,7 @@ async fn the_postgres_check_fails_while_the_server_is_down_and_recovers() {
             pg,
             slot: slot_name(),
             durable_lsn: Arc::new(AtomicU64::new(0)),
+            acknowledged: Arc::new(AtomicU64::new(0)),
             sampling: quick(),
             health: health.clone(),
             metrics: fresh_metrics(),
@@ -336,6 +345,7 @@ async fn one_look_of_each_sampler_fills_the_checks_a_status_shows() {
         pg: db.config.clone(),
         slot: slot.clone(),
         durable_lsn: Arc::new(AtomicU64::new(0)),
+        acknowledged: Arc::new(AtomicU64::new(0)),
         sampling,
         health: health.clone(),
         metrics,

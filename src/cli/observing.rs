@@ -123,6 +123,7 @@ impl Observing {
                     pg: config.postgres.clone(),
                     slot: slot.to_string(),
                     durable_lsn: self.durable_lsn.clone(),
+                    acknowledged: self.acknowledged.clone(),
                     sampling,
                     health: health.clone(),
                     metrics,

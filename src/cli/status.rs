@@ -117,6 +117,7 @@ async fn checks(config: &Config) -> Vec<observe::health::CheckReport> {
                     pg: config.postgres.clone(),
                     slot: config.replication.slot.clone(),
                     durable_lsn: Arc::default(),
+                    acknowledged: Arc::default(),
                     sampling,
                     health: health.clone(),
                     metrics,

@@ -182,15 +182,15 @@ impl Health {
 /// still for longer than `threshold`. A position that does not move while
 /// there is nothing to do is no stall.
 #[derive(Debug)]
-pub struct StallWatch {
+pub struct StallWatch<P = u64> {
     threshold: Duration,
-    position: Option<u64>,
+    position: Option<P>,
     /// When the position last moved, or the backlog was last empty.
     moving_at: Instant,
 }
 
-impl StallWatch {
-    pub fn new(threshold: Duration) -> StallWatch {
+impl<P: PartialEq> StallWatch<P> {
+    pub fn new(threshold: Duration) -> StallWatch<P> {
         StallWatch {
             threshold,
             position: None,
@@ -199,8 +199,8 @@ impl StallWatch {
     }
 
     /// Takes one sample; `Some(reason)` while stalled.
-    pub fn observe(&mut self, backlog: u64, position: u64, now: Instant) -> Option<String> {
-        if backlog == 0 || self.position != Some(position) {
+    pub fn observe(&mut self, backlog: u64, position: P, now: Instant) -> Option<String> {
+        if backlog == 0 || self.position.as_ref() != Some(&position) {
             self.position = Some(position);
             self.moving_at = now;
             return None;

@@ -181,6 +181,9 @@ pub struct SlotLagSampler {
     pub pg: PostgresConfig,
     pub slot: String,
     pub durable_lsn: Arc<AtomicU64>,
+    /// Events acknowledged so far: an initial snapshot's batches move it
+    /// while the durable position stays at the slot's start.
+    pub acknowledged: Arc<AtomicU64>,
     pub sampling: Sampling,
     pub health: Health,
     pub metrics: &'static Metrics,
@@ -207,7 +210,7 @@ impl SlotLagSampler {
         }
     }
 
-    async fn sample(&self, connection: &mut Connection, stall: &mut StallWatch) {
+    async fn sample(&self, connection: &mut Connection, stall: &mut StallWatch<(u64, u64)>) {
         let read = connection
             .read(
                 &self.health,
@@ -250,7 +253,8 @@ impl SlotLagSampler {
         let lag = current.saturating_sub(durable);
         self.metrics.slot_lag(lag);
         self.metrics.checkpoint_lsn(durable);
-        match stall.observe(lag, durable, Instant::now()) {
+        let acknowledged = self.acknowledged.load(Ordering::Acquire);
+        match stall.observe(lag, (durable, acknowledged), Instant::now()) {
             Some(reason) => self.health.set_failing(
                 CHECK_PROGRESS,
                 format!(
