@@ -198,6 +198,10 @@ impl crate::policy::Classify for crate::relay::RelayError {
     fn retry_class(&self) -> crate::policy::RetryClass {
         match self {
             crate::relay::RelayError::Capture(err) => err.retry_class(),
+            crate::relay::RelayError::Delivery(producer::DeliveryError::Retry {
+                source: Some(err),
+                ..
+            }) => producer::retry_class(err),
             _ => crate::policy::RetryClass::Other,
         }
     }

@@ -7,7 +7,7 @@
 use super::debezium::Message;
 use super::RelayError;
 use crate::config::KafkaConfig;
-use crate::policy::{Classify, ErrorClass};
+use crate::policy::{Classify, ErrorClass, RetryClass};
 use crate::source::kafka::{base_config, topic_partitions, QuietContext};
 use crate::telemetry::Chain;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -281,6 +281,34 @@ impl Producer {
     }
 }
 
+/// The kind of a delivery failure that is retried, for
+/// `event_processor_retries_total{class}`.
+pub fn retry_class(err: &KafkaError) -> RetryClass {
+    match err.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::NetworkException,
+        ) => RetryClass::Connection,
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::RequestTimedOut,
+        ) => RetryClass::Timeout,
+        Some(
+            RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::NotLeaderForPartition
+            | RDKafkaErrorCode::BrokerNotAvailable
+            | RDKafkaErrorCode::NotEnoughReplicas
+            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+            | RDKafkaErrorCode::KafkaStorageError
+            | RDKafkaErrorCode::NotController,
+        ) => RetryClass::Unavailable,
+        _ => RetryClass::Other,
+    }
+}
+
 /// The deliveries of a batch being sent ([`Producer::send`]), in order.
 #[derive(Default)]
 pub struct Sending {
@@ -312,6 +340,31 @@ fn settle_result(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retried_delivery_failures_are_sorted_for_the_retries_metric() {
+        let class = |code| retry_class(&KafkaError::MessageProduction(code));
+        assert_eq!(
+            class(RDKafkaErrorCode::BrokerTransportFailure),
+            RetryClass::Connection
+        );
+        assert_eq!(
+            class(RDKafkaErrorCode::MessageTimedOut),
+            RetryClass::Timeout
+        );
+        assert_eq!(
+            class(RDKafkaErrorCode::NotEnoughReplicas),
+            RetryClass::Unavailable
+        );
+        assert_eq!(class(RDKafkaErrorCode::InvalidRecord), RetryClass::Other);
+        let relayed = RelayError::Delivery(DeliveryError::Retry {
+            what: "kafka delivery failed".into(),
+            source: Some(KafkaError::MessageProduction(
+                RDKafkaErrorCode::AllBrokersDown,
+            )),
+        });
+        assert_eq!(relayed.retry_class(), RetryClass::Connection);
+    }
 
     #[test]
     fn murmur2_matches_the_java_client() {
