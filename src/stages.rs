@@ -84,11 +84,6 @@ impl StageTimes {
         }
     }
 
-    /// No time in any stage.
-    pub fn is_empty(&self) -> bool {
-        self.0.iter().all(|&micros| micros == 0)
-    }
-
     /// Microseconds spent in `stage`.
     pub fn micros(&self, stage: Stage) -> u64 {
         self.0[stage as usize]

@@ -162,36 +162,27 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         source_steady.map_or("-".to_string(), |r| format!("{r:.0}"))
     ));
 
-    // Raw consume of the same topic.
-    bench.say(&format!("[9/9] raw consume: {relayed} messages"));
-    let progress = bench.progress_fn("raw consume", relayed);
-    let consume_rate = raw_consume(
-        kafka,
-        &names.relayed,
-        &format!("{}_raw", names.group),
-        relayed,
-        Join::Assign,
-        progress,
-    )
-    .await?;
-    bench.say(&format!("  {consume_rate:.0} msgs/s"));
-    // The same as a member of a fresh group, as the source starts: the
-    // broker holds a group's first join (tansu about half the session
-    // timeout; Kafka `group.initial.rebalance.delay.ms`).
-    bench.say(&format!(
-        "[9/9] raw consume as a fresh group's member: {relayed} messages"
-    ));
-    let progress = bench.progress_fn("raw consume, group", relayed);
-    let group_rate = raw_consume(
-        kafka,
-        &names.relayed,
-        &format!("{}_raw_group", names.group),
-        relayed,
-        Join::Subscribe(Duration::from_secs(6)),
-        progress,
-    )
-    .await?;
-    bench.say(&format!("  {group_rate:.0} msgs/s"));
+    // Raw consume of the same topic: assigned its partitions, then as a
+    // member of a fresh group, as the source starts (the broker holds a
+    // group's first join: tansu about half the session timeout, Kafka
+    // `group.initial.rebalance.delay.ms`).
+    let mut rates = Vec::new();
+    for (what, suffix, join) in [
+        ("raw consume", "raw", Join::Assign),
+        (
+            "raw consume as a fresh group's member",
+            "raw_group",
+            Join::Subscribe(Duration::from_secs(6)),
+        ),
+    ] {
+        bench.say(&format!("[9/9] {what}: {relayed} messages"));
+        let progress = bench.progress_fn(what, relayed);
+        let group = format!("{}_{suffix}", names.group);
+        let rate = raw_consume(kafka, &names.relayed, &group, relayed, join, progress).await?;
+        bench.say(&format!("  {rate:.0} msgs/s"));
+        rates.push(rate);
+    }
+    let (consume_rate, group_rate) = (rates[0], rates[1]);
 
     let r = &mut bench.results;
     r.push(

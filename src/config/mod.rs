@@ -172,7 +172,7 @@ mod keys;
 mod parse;
 mod redact;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use env_file::env_map;
 pub use kafka::{

@@ -2,7 +2,7 @@
 use super::keys::edit_distance;
 use super::*;
 
-fn env(pairs: &[(&str, &str)]) -> EnvMap {
+pub(crate) fn env(pairs: &[(&str, &str)]) -> EnvMap {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -34,9 +34,7 @@ struct StoredActivity {
 /// A user as the refresh reads it: its name, and its `activities` entries.
 struct StoredUser {
     name: NameCopy,
-    entries: Vec<Document>,
-    versions: BTreeMap<String, i64>,
-    rev: Option<String>,
+    held: UserEntries,
 }
 
 /// What a refresh leaves: the activities whose copies it rewrote, and the
@@ -138,15 +136,7 @@ async fn round(
         let cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
         for id in &wanted {
             if let (Some(name), Some(held)) = (current_name(work, &cache, id), cache.entries(id)) {
-                users.insert(
-                    *id,
-                    StoredUser {
-                        name,
-                        entries: held.entries,
-                        versions: held.versions,
-                        rev: held.rev,
-                    },
-                );
+                users.insert(*id, StoredUser { name, held });
             }
         }
     }
@@ -183,7 +173,7 @@ async fn round(
                 continue;
             }
             if let Some(view) = users.get_mut(&user) {
-                if set_entry(view, id, a, Some(role)) {
+                if set_entry(&mut view.held, id, a, Some(role)) {
                     changed_users.insert(user);
                 }
             }
@@ -191,7 +181,7 @@ async fn round(
         for (activity_id, user) in &work.departed {
             if activity_id == id && !a.members().iter().any(|(u, _)| u == user) {
                 if let Some(view) = users.get_mut(user) {
-                    if set_entry(view, id, a, None) {
+                    if set_entry(&mut view.held, id, a, None) {
                         changed_users.insert(*user);
                     }
                 }
@@ -202,9 +192,9 @@ async fn round(
     for user in &changed_users {
         if let Some(view) = users.get_mut(user) {
             let rev = new_revision();
-            entry_writes.push(user_write(user, view, &rev));
+            entry_writes.push(user_write(user, &view.held, &rev));
             // What the server holds once the write matched.
-            view.rev = Some(rev);
+            view.held.rev = Some(rev);
         }
     }
 
@@ -236,18 +226,12 @@ async fn round(
         }
         return Ok(None);
     }
-    let entries = users
-        .into_iter()
-        .map(|(id, view)| {
-            let held = UserEntries {
-                entries: view.entries,
-                versions: view.versions,
-                rev: view.rev,
-            };
-            (id, held)
-        })
-        .collect();
-    Ok(Some(entries))
+    Ok(Some(
+        users
+            .into_iter()
+            .map(|(id, view)| (id, view.held))
+            .collect(),
+    ))
 }
 
 /// A user's name and version as the server holds them after this batch's
@@ -292,7 +276,12 @@ pub(super) fn refresh_names(
 
 /// Sets (role `Some`) or removes (`None`) `activity`'s entry in a user's
 /// `activities`, unless the user already holds a newer one; `true` if it changed.
-fn set_entry(view: &mut StoredUser, id: &Uuid, activity: &ActivityDoc, role: Option<&str>) -> bool {
+fn set_entry(
+    view: &mut UserEntries,
+    id: &Uuid,
+    activity: &ActivityDoc,
+    role: Option<&str>,
+) -> bool {
     let key = id.to_string();
     if view.versions.get(&key).is_some_and(|v| *v >= activity.seq) {
         return false;
@@ -363,7 +352,7 @@ fn activity_write(id: &Uuid, doc: &ActivityDoc, rev: Option<&str>) -> Document {
     }
 }
 
-fn user_write(id: &Uuid, view: &StoredUser, rev: &str) -> Document {
+fn user_write(id: &Uuid, view: &UserEntries, rev: &str) -> Document {
     let versions: Document = view
         .versions
         .iter()
@@ -454,9 +443,11 @@ async fn read_users(
                     name: doc.get_str("display_name").ok().map(str::to_string),
                     version,
                 },
-                entries,
-                versions,
-                rev: doc.get_str("_erev").ok().map(str::to_string),
+                held: UserEntries {
+                    entries,
+                    versions,
+                    rev: doc.get_str("_erev").ok().map(str::to_string),
+                },
             },
         );
     }

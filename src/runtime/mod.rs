@@ -291,7 +291,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         // The outbox rows' update starts beside the write, uncommitted
         // until the write is durable (see the marker).
         let mut marker = self.marker.take();
-        let writing = Instant::now();
         let (written, ()) = tokio::join!(self.write(&batch), async {
             if let Some(marker) = marker.as_mut() {
                 marker.begin(&batch.events).await;
@@ -320,10 +319,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             retry: report.deferred.clone(),
         };
         stages.absorb(&report.stages);
-        if report.stages.is_empty() {
-            // A sink with no stages of its own (Kafka, discard): its write.
-            stages.add(Stage::Write, writing.elapsed());
-        }
         let started = Instant::now();
         if !self.save_checkpoint(&batch.ack).await? {
             self.abort_mark().await;

@@ -8,6 +8,7 @@ use crate::relay::producer::{Producer, Sending};
 use crate::relay::{Encoder, Op, RelayError};
 use crate::runtime::CrashPoints;
 use crate::source::SourceBatch;
+use crate::stages::Stage;
 
 /// Publishes batches to Kafka.
 pub struct KafkaSink {
@@ -34,6 +35,7 @@ impl Sink for KafkaSink {
     const COMPONENT: crate::observe::Component = crate::observe::Component::Kafka;
 
     async fn apply<A: Sync>(&mut self, batch: &SourceBatch<A>) -> Result<SinkReport, RelayError> {
+        let started = std::time::Instant::now();
         let now = chrono::Utc::now();
         // Each message goes to the client as soon as it is encoded, so the
         // broker is sending the batch's first messages while the rest are
@@ -52,11 +54,13 @@ impl Sink for KafkaSink {
         for letter in &batch.malformed {
             tracing::error!(event_id = %letter.event.event_id, error = %letter.error, "outbox row cannot be relayed; it is marked failed");
         }
-        Ok(SinkReport {
+        let mut report = SinkReport {
             applied: batch.events.len(),
             dead_letters: batch.malformed.clone(),
             ..SinkReport::default()
-        })
+        };
+        report.stages.add(Stage::Write, started.elapsed());
+        Ok(report)
     }
 
     fn interruptible(&self) -> bool {

@@ -537,10 +537,7 @@ mod tests {
     #[test]
     fn the_fetcher_looks_again_soon_at_a_full_queue_unless_the_user_says_otherwise() {
         let env = |pairs: &[(&str, &str)]| {
-            let map: crate::config::EnvMap = pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+            let map = crate::config::tests::env(pairs);
             crate::config::Config::from_env(&map).expect("config").kafka
         };
         let ours = consumer_config(&env(&[]));
