@@ -7,23 +7,11 @@
 //! so a document another writer moved makes the write match nothing, and the
 //! batch reloads from the server and redoes (the cache is cleared first).
 //! Users are cached as their own fields; activities with their copies and
-//! revision, and an activity whose copies the refresh rewrote is dropped;
-//! and, for the copy refresh, users' activity entries with their revision
-//! (`_erev`), whose writes are conditioned on it the same way.
+//! revision, and an activity whose copies the refresh rewrote is dropped.
 
 use super::state::{ActivityDoc, UserDoc};
-use mongodb::bson::Document;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use uuid::Uuid;
-
-/// A user's `activities` entries, with their versions (`_av`) and revision
-/// token (`_erev`), as the copy refresh last read or wrote them.
-#[derive(Debug, Clone, Default)]
-pub struct UserEntries {
-    pub entries: Vec<Document>,
-    pub versions: BTreeMap<String, i64>,
-    pub rev: Option<String>,
-}
 
 /// A bounded map of documents, the oldest inserted leaving first.
 #[derive(Debug, Default)]
@@ -32,9 +20,6 @@ pub struct DocCache {
     users: HashMap<Uuid, UserDoc>,
     /// Activities with the revision token (`_rev`) they hold.
     activities: HashMap<Uuid, (ActivityDoc, Option<String>)>,
-    /// Users' entries, for the copy refresh (kept apart from their own
-    /// fields, which the batch's load reads).
-    entries: HashMap<Uuid, UserEntries>,
     /// Insertion order (an id may appear more than once).
     order: VecDeque<Uuid>,
     pub hits: u64,
@@ -61,17 +46,6 @@ impl DocCache {
         found
     }
 
-    /// A user's entries, if held (not counted in `hits`/`misses`, which
-    /// are the batch load's).
-    pub fn entries(&self, id: &Uuid) -> Option<UserEntries> {
-        self.entries.get(id).cloned()
-    }
-
-    /// A user's own fields, if held, without counting a hit or miss.
-    pub fn peek_user(&self, id: &Uuid) -> Option<&UserDoc> {
-        self.users.get(id)
-    }
-
     fn count(&mut self, hit: bool) {
         if hit {
             self.hits += 1;
@@ -94,19 +68,8 @@ impl DocCache {
         self.bound();
     }
 
-    pub fn put_entries(&mut self, id: Uuid, entries: UserEntries) {
-        if self.entries.insert(id, entries).is_none() {
-            self.order.push_back(id);
-        }
-        self.bound();
-    }
-
     pub fn forget_user(&mut self, id: &Uuid) {
         self.users.remove(id);
-    }
-
-    pub fn forget_entries(&mut self, id: &Uuid) {
-        self.entries.remove(id);
     }
 
     pub fn forget_activity(&mut self, id: &Uuid) {
@@ -116,12 +79,11 @@ impl DocCache {
     pub fn clear(&mut self) {
         self.users.clear();
         self.activities.clear();
-        self.entries.clear();
         self.order.clear();
     }
 
     pub fn len(&self) -> usize {
-        self.users.len() + self.activities.len() + self.entries.len()
+        self.users.len() + self.activities.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -136,14 +98,12 @@ impl DocCache {
             };
             self.users.remove(&id);
             self.activities.remove(&id);
-            self.entries.remove(&id);
         }
         // Ids forgotten elsewhere leave stale entries in `order`.
         if self.order.len() > 2 * self.capacity.max(16) {
-            let (users, activities, entries) = (&self.users, &self.activities, &self.entries);
-            self.order.retain(|id| {
-                users.contains_key(id) || activities.contains_key(id) || entries.contains_key(id)
-            });
+            let (users, activities) = (&self.users, &self.activities);
+            self.order
+                .retain(|id| users.contains_key(id) || activities.contains_key(id));
         }
     }
 }
@@ -178,34 +138,6 @@ mod tests {
         assert_eq!(cache.len(), 3);
         assert_eq!(cache.user(&ids[4]).map(|u| u.seq), Some(40));
         assert_eq!((cache.hits, cache.misses), (2, 2));
-    }
-
-    #[test]
-    fn entries_share_the_bound_and_leave_with_their_user() {
-        let mut cache = DocCache::new(3);
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let held = |rev: &str| UserEntries {
-            rev: Some(rev.to_string()),
-            ..UserEntries::default()
-        };
-        cache.put_user(a, user(1));
-        cache.put_entries(a, held("a1"));
-        cache.put_entries(b, held("b1"));
-        assert_eq!(cache.len(), 3);
-        assert_eq!(cache.entries(&a).and_then(|e| e.rev).as_deref(), Some("a1"));
-        // A newer state replaces the old one in place.
-        cache.put_entries(a, held("a2"));
-        assert_eq!(cache.len(), 3);
-        assert_eq!(cache.entries(&a).and_then(|e| e.rev).as_deref(), Some("a2"));
-        // Over the bound, the oldest id leaves with everything held for it.
-        cache.put_user(Uuid::new_v4(), user(2));
-        assert_eq!(cache.len(), 2);
-        assert!(cache.peek_user(&a).is_none());
-        assert!(cache.entries(&a).is_none());
-        assert!(cache.entries(&b).is_some());
-        cache.forget_entries(&b);
-        cache.clear();
-        assert!(cache.is_empty());
     }
 
     #[test]

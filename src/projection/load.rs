@@ -2,7 +2,6 @@
 //! ([`super::cache`]) where it holds them and from the server otherwise; and,
 //! once the batch is durable, its documents back into the cache.
 
-use super::refresh::Refreshed;
 use super::state::{ActivityDoc, UserDoc};
 use super::{corrupt, doc_id, ids, user_projection, BatchReport, Projector, Revised, Work};
 use crate::decode::OutboxEvent;
@@ -123,10 +122,8 @@ impl Projector {
     }
 
     /// The batch is durable: its documents as they now stand go to the
-    /// cache, except activities whose copies the refresh rewrote; and the
-    /// users' entries the refresh read or wrote.
-    pub(super) fn remember(&self, work: &Work, refreshed: Refreshed) {
-        let rewritten = &refreshed.rewritten;
+    /// cache, except activities whose copies the refresh rewrote (`rewritten`).
+    pub(super) fn remember(&self, work: &Work, rewritten: &BTreeSet<Uuid>) {
         let Some(cache) = &self.cache else {
             return;
         };
@@ -172,9 +169,6 @@ impl Projector {
         }
         for id in rewritten {
             cache.forget_activity(id);
-        }
-        for (id, entries) in refreshed.entries {
-            cache.put_entries(id, entries);
         }
     }
 }

@@ -257,8 +257,8 @@ impl Projector {
         }
         crate::failpoint::crash_point(crate::failpoint::PROJECTION_AFTER_OWN_WRITES);
         let started = report.stages.lap(Stage::Write, started);
-        match refresh::run(&self.store, &work, &mut report, self.cache.as_deref()).await {
-            Ok(refreshed) => self.remember(&work, refreshed),
+        match refresh::run(&self.store, &work, &mut report).await {
+            Ok(rewritten) => self.remember(&work, &rewritten),
             // Every own write and dead letter is durable: all of it is settled.
             Err(StoreError::Refused(refusal)) => {
                 return Ok(Attempt::Refused {

@@ -11,14 +11,12 @@
 //! every source write is followed by its own refresh, so whoever writes a
 //! source after our read refreshes the copies itself.
 
-use super::cache::{DocCache, UserEntries};
 use super::state::{bson_time, new_revision, read_i64, ActivityDoc, NameCopy};
 use super::{corrupt, doc_id, BatchReport, Work};
 use crate::store::codes;
 use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, USERS};
 use mongodb::bson::{doc, Bson, Document};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, PoisonError};
 use uuid::Uuid;
 
 /// Rounds before a refresh that keeps losing races gives up (the batch is
@@ -34,30 +32,21 @@ struct StoredActivity {
 /// A user as the refresh reads it: its name, and its `activities` entries.
 struct StoredUser {
     name: NameCopy,
-    held: UserEntries,
+    entries: Vec<Document>,
+    versions: BTreeMap<String, i64>,
+    rev: Option<String>,
 }
 
-/// What a refresh leaves: the activities whose copies it rewrote, and the
-/// entries of the users it read or wrote, as the server now holds them.
-pub(super) struct Refreshed {
-    pub rewritten: BTreeSet<Uuid>,
-    pub entries: BTreeMap<Uuid, UserEntries>,
-}
-
-/// The first round takes users' entries from `cache` where it holds them
-/// (see [`round`]).
+/// Returns the activities whose copies it rewrote.
 pub(super) async fn run(
     store: &MongoStore,
     work: &Work,
     report: &mut BatchReport,
-    cache: Option<&Mutex<DocCache>>,
-) -> Result<Refreshed, StoreError> {
+) -> Result<BTreeSet<Uuid>, StoreError> {
     let mut rewritten = BTreeSet::new();
     for round_number in 0..MAX_ROUNDS {
-        let first = round_number == 0;
-        let cache = if first { cache } else { None };
-        if let Some(entries) = round(store, work, report, &mut rewritten, first, cache).await? {
-            return Ok(Refreshed { rewritten, entries });
+        if round(store, work, report, &mut rewritten, round_number == 0).await? {
+            return Ok(rewritten);
         }
         tracing::debug!("copy refresh lost a race; redoing it from fresh reads");
     }
@@ -67,22 +56,14 @@ pub(super) async fn run(
     ))
 }
 
-/// One read-compute-write round; `None` when a write lost a race, else the
-/// entries of the users it read, as written.
-///
-/// `cache` is given to the first round only, which takes from it the
-/// entries of users it holds instead of reading them. Like every other
-/// read, a cached entry list is only a guess: the write of a user's entries
-/// is conditioned on the `_erev` it holds, so entries another writer moved
-/// make the round a lost race, and the next round reads everything afresh.
+/// One read-compute-write round; `false` when a write lost a race.
 async fn round(
     store: &MongoStore,
     work: &Work,
     report: &mut BatchReport,
     rewritten: &mut BTreeSet<Uuid>,
     first: bool,
-    cache: Option<&Mutex<DocCache>>,
-) -> Result<Option<BTreeMap<Uuid, UserEntries>>, StoreError> {
+) -> Result<bool, StoreError> {
     let started = std::time::Instant::now();
     // The first round takes the activities this batch has just written as
     // it wrote them, with the revision token it gave them, rather than
@@ -131,18 +112,7 @@ async fn round(
         );
     }
     wanted.extend(work.departed.iter().map(|(_, u)| *u));
-    let mut users = BTreeMap::new();
-    if let Some(cache) = cache {
-        let cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-        for id in &wanted {
-            if let (Some(name), Some(held)) = (current_name(work, &cache, id), cache.entries(id)) {
-                users.insert(*id, StoredUser { name, held });
-            }
-        }
-    }
-    let from_cache: BTreeSet<Uuid> = users.keys().copied().collect();
-    let unread: BTreeSet<Uuid> = wanted.difference(&from_cache).copied().collect();
-    users.extend(read_users(store, &unread, report).await?);
+    let mut users = read_users(store, &wanted, report).await?;
     let read = started.elapsed();
 
     let name_of = |user: &Uuid| -> Option<NameCopy> {
@@ -173,7 +143,7 @@ async fn round(
                 continue;
             }
             if let Some(view) = users.get_mut(&user) {
-                if set_entry(&mut view.held, id, a, Some(role)) {
+                if set_entry(view, id, a, Some(role)) {
                     changed_users.insert(user);
                 }
             }
@@ -181,22 +151,17 @@ async fn round(
         for (activity_id, user) in &work.departed {
             if activity_id == id && !a.members().iter().any(|(u, _)| u == user) {
                 if let Some(view) = users.get_mut(user) {
-                    if set_entry(&mut view.held, id, a, None) {
+                    if set_entry(view, id, a, None) {
                         changed_users.insert(*user);
                     }
                 }
             }
         }
     }
-    let mut entry_writes = Vec::with_capacity(changed_users.len());
-    for user in &changed_users {
-        if let Some(view) = users.get_mut(user) {
-            let rev = new_revision();
-            entry_writes.push(user_write(user, &view.held, &rev));
-            // What the server holds once the write matched.
-            view.held.rev = Some(rev);
-        }
-    }
+    let entry_writes: Vec<Document> = changed_users
+        .iter()
+        .filter_map(|u| users.get(u).map(|view| user_write(u, view)))
+        .collect();
 
     let (read_activities, read_users) = (activities.len(), users.len());
     let (name_count, entry_count) = (name_writes.len(), entry_writes.len());
@@ -213,40 +178,9 @@ async fn round(
         compute_ms = (computed - read).as_secs_f64() * 1e3,
         names_ms = (wrote_names - computed).as_secs_f64() * 1e3,
         entries_ms = (started.elapsed() - wrote_names).as_secs_f64() * 1e3,
-        from_cache = from_cache.len(),
         "copy refresh round"
     );
-    if !(names_ok && entries_ok) {
-        // Some of what the cache held may be what another writer moved.
-        if let Some(cache) = cache {
-            let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-            for id in &from_cache {
-                cache.forget_entries(id);
-            }
-        }
-        return Ok(None);
-    }
-    Ok(Some(
-        users
-            .into_iter()
-            .map(|(id, view)| (id, view.held))
-            .collect(),
-    ))
-}
-
-/// A user's name and version as the server holds them after this batch's
-/// own writes: from the batch where it loaded the user, else from the cache;
-/// `None` if neither holds it (the round then reads the user).
-fn current_name(work: &Work, cache: &DocCache, id: &Uuid) -> Option<NameCopy> {
-    let user = match work.users.get(id) {
-        Some(Some(user)) => user,
-        Some(None) => return None,
-        None => cache.peek_user(id)?,
-    };
-    Some(NameCopy {
-        name: Some(user.display_name.clone()),
-        version: user.seq,
-    })
+    Ok(names_ok && entries_ok)
 }
 
 /// Brings every name copy of `doc` forward to its source; `true` if any moved.
@@ -276,12 +210,7 @@ pub(super) fn refresh_names(
 
 /// Sets (role `Some`) or removes (`None`) `activity`'s entry in a user's
 /// `activities`, unless the user already holds a newer one; `true` if it changed.
-fn set_entry(
-    view: &mut UserEntries,
-    id: &Uuid,
-    activity: &ActivityDoc,
-    role: Option<&str>,
-) -> bool {
+fn set_entry(view: &mut StoredUser, id: &Uuid, activity: &ActivityDoc, role: Option<&str>) -> bool {
     let key = id.to_string();
     if view.versions.get(&key).is_some_and(|v| *v >= activity.seq) {
         return false;
@@ -352,7 +281,7 @@ fn activity_write(id: &Uuid, doc: &ActivityDoc, rev: Option<&str>) -> Document {
     }
 }
 
-fn user_write(id: &Uuid, view: &UserEntries, rev: &str) -> Document {
+fn user_write(id: &Uuid, view: &StoredUser) -> Document {
     let versions: Document = view
         .versions
         .iter()
@@ -363,7 +292,7 @@ fn user_write(id: &Uuid, view: &UserEntries, rev: &str) -> Document {
         "u": { "$set": {
             "activities": view.entries.iter().cloned().map(Bson::Document).collect::<Vec<_>>(),
             "_av": versions,
-            "_erev": rev,
+            "_erev": new_revision(),
         } },
     }
 }
@@ -443,11 +372,9 @@ async fn read_users(
                     name: doc.get_str("display_name").ok().map(str::to_string),
                     version,
                 },
-                held: UserEntries {
-                    entries,
-                    versions,
-                    rev: doc.get_str("_erev").ok().map(str::to_string),
-                },
+                entries,
+                versions,
+                rev: doc.get_str("_erev").ok().map(str::to_string),
             },
         );
     }
