@@ -11,8 +11,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 cargo_on_path
 
-banner "setup (scripts/setup.sh)"
-bash scripts/setup.sh
+banner "setup (scripts/setup.sh --bench)"
+bash scripts/setup.sh --bench
 
 banner "building event-processor and event-processor-bench (release)"
 cargo build --release --locked --workspace

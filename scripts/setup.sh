@@ -13,11 +13,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 APT_PACKAGES=(build-essential pkg-config libpq-dev libssl-dev cmake libcurl4-openssl-dev
   libsasl2-dev python3-venv)
 # `setup.sh --tests` (test.sh) adds what only the tests need: chromium and
-# chromium-driver for the console's browser test (tests/console_browser.rs).
+# chromium-driver for the console's browser test (tests/console_browser.rs),
+# and valgrind for the bench's test; `setup.sh --bench` (bench.sh) adds
+# valgrind, whose callgrind counts the capture's instructions per event.
 if [[ ${1:-} == --tests ]]; then
-  APT_PACKAGES+=(chromium chromium-driver)
+  APT_PACKAGES+=(chromium chromium-driver valgrind)
+elif [[ ${1:-} == --bench ]]; then
+  APT_PACKAGES+=(valgrind)
 elif [[ -n ${1:-} ]]; then
-  die "usage: scripts/setup.sh [--tests]"
+  die "usage: scripts/setup.sh [--tests | --bench]"
 fi
 
 setup() {

@@ -78,6 +78,8 @@ impl DomainEvent {
 pub enum HandlerError {
     #[error("payload is not a JSON object")]
     NotAnObject,
+    #[error("payload nests a field a handler reads too deep to parse")]
+    TooDeep,
     #[error("payload misses required field `{0}`")]
     Missing(&'static str),
     #[error("payload field `{field}` has the wrong type: expected {expected}")]
@@ -127,7 +129,8 @@ pub fn route(event: &OutboxEvent) -> Result<Routed, HandlerError> {
         unmatched_seen(&event.event_type);
         return Ok(Routed::Unmatched);
     };
-    let object = event.payload.as_object().ok_or(HandlerError::NotAnObject)?;
+    let value = event.payload.value().ok_or(HandlerError::TooDeep)?;
+    let object = value.as_object().ok_or(HandlerError::NotAnObject)?;
     let domain = parse(object)?;
     let expected = domain.aggregate_kind().as_str();
     if event.aggregate_type != expected {
@@ -342,7 +345,7 @@ mod tests {
             aggregate_id: Uuid::new_v4(),
             aggregate_type: aggregate_type.into(),
             event_type: event_type.into(),
-            payload,
+            payload: payload.into(),
             created_at: None,
         }
     }
@@ -476,6 +479,30 @@ mod tests {
             unmatched_counts().get("SomethingNew").copied(),
             Some(before + 1)
         );
+    }
+
+    #[test]
+    fn a_payload_read_from_text_routes_like_its_value_and_a_too_deep_field_is_refused() {
+        let text = r#"{"email": "a@example.com", "displayName": "A"}"#;
+        let mut from_text = event("UserCreated", "User", json!({}));
+        from_text.payload = crate::decode::Payload::from_text(text).expect("json");
+        let from_value = event(
+            "UserCreated",
+            "User",
+            serde_json::from_str(text).expect("json"),
+        );
+        assert!(route(&from_text).is_ok());
+        assert_eq!(route(&from_text), route(&from_value));
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let mut too_deep = event("UserCreated", "User", json!({}));
+        too_deep.payload = crate::decode::Payload::from_text(&format!(
+            r#"{{"email": "a@b", "displayName": {deep}}}"#
+        ))
+        .expect("well-formed");
+        assert_eq!(route(&too_deep), Err(HandlerError::TooDeep));
+        let mut not_object = event("UserCreated", "User", json!({}));
+        not_object.payload = crate::decode::Payload::from_text("[1, 2]").expect("json");
+        assert_eq!(route(&not_object), Err(HandlerError::NotAnObject));
     }
 
     #[test]

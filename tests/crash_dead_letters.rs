@@ -41,7 +41,7 @@ mod crashes {
             aggregate_id: user,
             aggregate_type: "User".into(),
             event_type: event_type.into(),
-            payload,
+            payload: payload.into(),
             created_at: DateTime::<Utc>::from_timestamp(1_790_000_000 + seq, 0),
         }
     }

@@ -27,7 +27,7 @@ fn event(seq: i64, aggregate: Uuid, event_type: &str, payload: serde_json::Value
         aggregate_id: aggregate,
         aggregate_type: "User".into(),
         event_type: event_type.into(),
-        payload,
+        payload: payload.into(),
         created_at: chrono::DateTime::from_timestamp(1_790_000_000 + seq, 0),
     }
 }

@@ -69,7 +69,7 @@ fn seed_events() -> Vec<OutboxEvent> {
             aggregate_id: e.aggregate_id,
             aggregate_type: e.aggregate_type.to_string(),
             event_type: e.event_type.to_string(),
-            payload: e.payload,
+            payload: e.payload.into(),
             created_at: e.created_at.parse().ok(),
         })
         .collect()

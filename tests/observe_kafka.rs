@@ -134,7 +134,7 @@ fn user(created_at: DateTime<Utc>, seq: i64) -> [OutboxEvent; 2] {
         aggregate_id: aggregate,
         aggregate_type: "User".into(),
         event_type: event_type.into(),
-        payload,
+        payload: payload.into(),
         created_at: Some(created_at),
     };
     let name = format!("u{seq}");

@@ -204,7 +204,7 @@ fn event(
         aggregate_id: aggregate,
         aggregate_type: kind.into(),
         event_type: event_type.into(),
-        payload,
+        payload: payload.into(),
         created_at: chrono::DateTime::from_timestamp(1_790_000_000 + seq, 0),
     }
 }

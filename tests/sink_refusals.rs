@@ -44,7 +44,7 @@ fn event(aggregate: Uuid, kind: &str, event_type: &str, payload: Value) -> Outbo
         aggregate_id: aggregate,
         aggregate_type: kind.into(),
         event_type: event_type.into(),
-        payload,
+        payload: payload.into(),
         created_at: None,
     }
 }
@@ -301,7 +301,7 @@ async fn a_malformed_record_with_a_17_mb_body_gets_a_bounded_dead_letter() {
     );
     let letter = DeadLetter {
         event: OutboxEvent {
-            payload: Value::String(raw.clone()),
+            payload: Value::String(raw.clone()).into(),
             sequence_id: Some(7),
             ..event(Uuid::new_v4(), "User", "UserCreated", Value::Null)
         },

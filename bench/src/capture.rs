@@ -26,7 +26,7 @@ impl Bench {
         let (pg, client) =
             pg::fresh_database(&self.admin, &self.config.postgres, "aep_bench_capture").await?;
         let slots = [
-            "peek", "recv_1", "ours_1", "off_1", "recv_2", "ours_2", "off_2",
+            "peek", "recv_1", "ours_1", "off_1", "recv_2", "ours_2", "off_2", "cg_recv", "cg_ours",
         ]
         .map(|s| format!("bench_{s}"));
         for slot in &slots {
@@ -63,7 +63,7 @@ impl Bench {
         let mut bare = Vec::new();
         for round in 0..2 {
             self.say(&format!("[2/9] pg_recvlogical, round {}", round + 1));
-            recv.push(pg::recvlogical(&pg, &slots[1 + 3 * round], &end, n).await?);
+            recv.push(pg::recvlogical(&pg, &slots[1 + 3 * round], &end, n, &[]).await?);
             self.say(&format!(
                 "[3/9] our replication capture, round {}",
                 round + 1
@@ -177,8 +177,74 @@ impl Bench {
                 );
             }
         }
+        self.instructions(&pg, &slots[7], &slots[8], &end).await?;
         drop(client);
         pg::drop_database(&self.admin, "aep_bench_capture").await?;
+        Ok(())
+    }
+
+    /// `pg_recvlogical` and our capture once more over the same WAL range,
+    /// each under callgrind: instructions per event, which the machine's load
+    /// does not move (the CPU times above do).
+    async fn instructions(
+        &mut self,
+        pg: &activity_event_processor::config::PostgresConfig,
+        recv_slot: &str,
+        our_slot: &str,
+        end: &str,
+    ) -> Result<()> {
+        let Some(valgrind) = callgrind::valgrind() else {
+            self.say(
+                "  instructions per event: not counted, valgrind is not installed \
+                 (scripts/setup.sh --bench installs it)",
+            );
+            return Ok(());
+        };
+        let n = self.history.len() as u64;
+        let stage = "3 our capture";
+        self.say("[3/9] instructions per event under callgrind: pg_recvlogical");
+        let wrapper = callgrind::wrapper(&valgrind, &self.dir, "recvlogical");
+        pg::recvlogical(pg, recv_slot, end, n, &wrapper).await?;
+        let recv = callgrind::collected(&self.dir, "recvlogical")? as f64 / n as f64;
+        self.say("[3/9] instructions per event under callgrind: our capture");
+        let env = self.child_env(pg, our_slot, "replication");
+        let wrapper = callgrind::wrapper(&valgrind, &self.dir, "capture");
+        let child = Child::spawn_under(
+            &self.dir,
+            "capture-callgrind",
+            &wrapper,
+            &["run", "--sink", "discard", "--until-caught-up"],
+            &env,
+        )?;
+        let progress = self.progress_fn("capture under callgrind", n);
+        child.wait_exit(Duration::from_secs(3600), progress).await?;
+        let ours = callgrind::collected(&self.dir, "capture")? as f64 / n as f64;
+        self.results.push(
+            "capture.recvlogical.instructions_per_event",
+            "2 capture limits",
+            "pg_recvlogical instructions per event (callgrind)",
+            recv,
+            "instr",
+            Better::Lower,
+        );
+        self.results.push(
+            "capture.ours.instructions_per_event",
+            stage,
+            "our instructions per event (callgrind)",
+            ours,
+            "instr",
+            Better::Lower,
+        );
+        if recv > 0.0 {
+            self.results.push(
+                "capture.instructions_vs_recvlogical",
+                stage,
+                "instructions per event vs pg_recvlogical",
+                ours / recv,
+                "x",
+                Better::Lower,
+            );
+        }
         Ok(())
     }
 

@@ -22,6 +22,18 @@ impl Child {
     /// `env` added; its stderr goes to `<dir>/<name>.log`. It serves
     /// `/metrics` on a free loopback port unless `env` sets `METRICS_ADDR`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> Result<Child> {
+        Self::spawn_under(dir, name, &[], args, env)
+    }
+
+    /// [`Child::spawn`], run by `wrapper` (a program and its first arguments,
+    /// such as callgrind's) when it is not empty.
+    pub fn spawn_under(
+        dir: &Path,
+        name: &str,
+        wrapper: &[String],
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<Child> {
         let exe = processor_binary()?;
         let report = dir.join(format!("{name}.json"));
         let log = dir.join(format!("{name}.log"));
@@ -33,7 +45,14 @@ impl Child {
             Some((_, value)) => value.parse().ok(),
             None => Some(free_loopback_addr()?),
         };
-        let mut command = tokio::process::Command::new(exe);
+        let mut command = match wrapper.split_first() {
+            Some((program, first)) => {
+                let mut command = tokio::process::Command::new(program);
+                command.args(first).arg(exe);
+                command
+            }
+            None => tokio::process::Command::new(exe),
+        };
         command
             .args(args)
             .arg("--stats-file")

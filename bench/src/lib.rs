@@ -17,6 +17,7 @@
 //! Every `run` is a child process (its CPU time and RSS are its own), watched
 //! through its stats file (`--stats-file`).
 
+mod callgrind;
 mod capture;
 pub mod chart;
 mod child;
@@ -317,9 +318,13 @@ impl Bench {
                 Some(cpu) => (format!("{cpu:.2}x CPU/event"), cpu <= 1.0),
                 None => ("pg_recvlogical's CPU too small to measure".into(), false),
             };
+            let instructions = r
+                .get("capture.instructions_vs_recvlogical")
+                .map(|x| format!(", {x:.2}x instructions/event"))
+                .unwrap_or_default();
             targets.push((
                 "capture >= 0.95x pg_recvlogical events/s, CPU/event <= its",
-                format!("{rate:.2}x events/s, {cpu}"),
+                format!("{rate:.2}x events/s, {cpu}{instructions}"),
                 rate >= 0.95 && met,
             ));
         }

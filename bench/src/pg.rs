@@ -145,13 +145,21 @@ pub async fn recvlogical(
     slot: &str,
     end_lsn: &str,
     events: u64,
+    wrapper: &[String],
 ) -> Result<(f64, f64)> {
     let bin = pg_bindir()
         .context("pg_recvlogical not found: set PGBIN to PostgreSQL's bin folder")?
         .join("pg_recvlogical");
     let cpu_before = super::child::children_cpu_seconds().unwrap_or(0.0);
     let started = Instant::now();
-    let mut command = tokio::process::Command::new(&bin);
+    let mut command = match wrapper.split_first() {
+        Some((program, first)) => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(first).arg(&bin);
+            command
+        }
+        None => tokio::process::Command::new(&bin),
+    };
     command
         .args(["-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
         .args(["-d", &pg.database, "--slot", slot, "--start", "--no-loop"])
@@ -276,7 +284,7 @@ pub async fn paced_insert(
         let aggs: Vec<uuid::Uuid> = chunk.iter().map(|e| e.aggregate_id).collect();
         let types: Vec<&str> = chunk.iter().map(|e| e.aggregate_type.as_str()).collect();
         let names: Vec<&str> = chunk.iter().map(|e| e.event_type.as_str()).collect();
-        let payloads: Vec<Json<&serde_json::Value>> =
+        let payloads: Vec<Json<&activity_event_processor::decode::Payload>> =
             chunk.iter().map(|e| Json(&e.payload)).collect();
         client
             .execute(&insert, &[&ids, &seqs, &aggs, &types, &names, &payloads])

@@ -169,6 +169,12 @@ fn bench_measures_every_stage_and_writes_its_results() {
             "capture.ours.events_per_s",
             "capture.no_metrics.events_per_s",
         ),
+        // Counted under callgrind (scripts/setup.sh --tests installs valgrind).
+        (
+            "capture.instructions_vs_recvlogical",
+            "capture.ours.instructions_per_event",
+            "capture.recvlogical.instructions_per_event",
+        ),
         (
             "polling.w4_vs_claim",
             "polling.w4.events_per_s",

@@ -39,7 +39,7 @@ pub fn assert_same_event(want: &OutboxEvent, got: &OutboxEvent, context: &str) {
         && want.aggregate_type == got.aggregate_type
         && want.event_type == got.event_type
         && want.created_at == got.created_at
-        && json_close(&want.payload, &got.payload);
+        && json_close(&want.payload.to_json(), &got.payload.to_json());
     assert!(
         same,
         "{context}: round trip changed the event\nwant {want:?}\n got {got:?}"

@@ -122,7 +122,7 @@ pub fn generate(seed: u64, options: &HistoryOptions) -> Vec<OutboxEvent> {
             aggregate_id,
             aggregate_type: aggregate_type.to_string(),
             event_type: event_type.to_string(),
-            payload,
+            payload: payload.into(),
             created_at: Some(created_at),
         });
     }

@@ -16,7 +16,7 @@
 use super::error::{excerpt, DecodeError};
 use super::json::{json_error, parse_payload_text, parse_uuid};
 use super::timestamp;
-use super::{DecodeOptions, Decoded, OutboxEvent, RawMessage};
+use super::{DecodeOptions, Decoded, OutboxEvent, Payload, RawMessage};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::borrow::Cow;
@@ -88,13 +88,13 @@ fn is_schema_wrapper(map: &serde_json::Map<String, Value>) -> bool {
 }
 
 /// The record value as the event payload.
-fn payload(value: &[u8]) -> Result<Value, DecodeError> {
+fn payload(value: &[u8]) -> Result<Payload, DecodeError> {
     let text = utf8(value, || "value".to_string())?;
     let parsed: Value = serde_json::from_str(text).map_err(|cause| json_error("value", cause))?;
     match unwrap_schema(parsed) {
         Value::String(jsonb) => parse_payload_text(&jsonb),
         Value::Null => Err(DecodeError::NullField("payload")),
-        other => Ok(other),
+        other => Ok(other.into()),
     }
 }
 

@@ -276,36 +276,26 @@ pub(crate) const UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
 impl Payload<'_> {
     /// The event payload as JSON: text is parsed, the placeholder for an unchanged
     /// TOASTed value is refused.
-    pub(crate) fn into_json(self) -> Result<serde_json::Value, DecodeError> {
+    pub(crate) fn into_json(self) -> Result<super::Payload, DecodeError> {
         match self {
             Self::Absent => Err(DecodeError::MissingField("payload")),
             Self::Null => Err(DecodeError::NullField("payload")),
             Self::Text(text) => parse_payload_text(&text),
-            Self::Json(value) => Ok(value),
+            Self::Json(value) => Ok(value.into()),
         }
     }
 }
 
-/// Parses jsonb text into the event payload.
-pub(crate) fn parse_payload_text(text: &str) -> Result<serde_json::Value, DecodeError> {
+/// Checks jsonb text and keeps it as the event payload (parsed when a handler
+/// reads it; see [`super::Payload`]).
+pub(crate) fn parse_payload_text(text: &str) -> Result<super::Payload, DecodeError> {
     if text == UNAVAILABLE_PLACEHOLDER {
         return Err(DecodeError::UnavailablePayload);
     }
-    match serde_json::from_str(text) {
-        Ok(value) => Ok(value),
-        // Nested deeper than the parser goes: unknown fields are ignored, at
-        // any depth, so only the fields the handlers read must be shallow.
-        Err(cause) if super::deep::nesting(text) > super::deep::SHALLOW => {
-            super::deep::shallow_payload(text).ok_or(DecodeError::InvalidJson {
-                what: "payload",
-                cause,
-            })
-        }
-        Err(cause) => Err(DecodeError::InvalidJson {
-            what: "payload",
-            cause,
-        }),
-    }
+    super::Payload::from_text(text).map_err(|cause| DecodeError::InvalidJson {
+        what: "payload",
+        cause,
+    })
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Payload<'a> {
@@ -451,9 +441,9 @@ mod tests {
     #[test]
     fn payloads_are_text_or_parsed_json() {
         let text = probe(r#"{"p":"{\"k\": 1}"}"#).p.into_json();
-        assert_eq!(text.ok(), Some(serde_json::json!({"k": 1})));
+        assert_eq!(text.ok(), Some(serde_json::json!({"k": 1}).into()));
         let object = probe(r#"{"p":{"k":[1,2]}}"#).p.into_json();
-        assert_eq!(object.ok(), Some(serde_json::json!({"k": [1, 2]})));
+        assert_eq!(object.ok(), Some(serde_json::json!({"k": [1, 2]}).into()));
         let placeholder = probe(r#"{"p":"__debezium_unavailable_value"}"#)
             .p
             .into_json();

@@ -22,12 +22,14 @@ mod deep;
 mod error;
 mod event_router;
 mod json;
+mod payload;
 mod row;
 // Public, but hidden, for the fuzz targets under fuzz/.
 #[doc(hidden)]
 pub mod timestamp;
 
 pub use error::{DecodeError, RowOp};
+pub use payload::Payload;
 pub use row::decode_text_row;
 
 use chrono::{DateTime, Utc};
@@ -46,7 +48,7 @@ pub struct OutboxEvent {
     pub aggregate_id: Uuid,
     pub aggregate_type: String,
     pub event_type: String,
-    pub payload: serde_json::Value,
+    pub payload: Payload,
     /// When the write side committed the event; `None` where the carrier does not say it.
     pub created_at: Option<DateTime<Utc>>,
 }

@@ -166,7 +166,7 @@ mod tests {
                 aggregate_id: USER_ID.parse().unwrap_or_default(),
                 aggregate_type: "User".into(),
                 event_type: "UserCreated".into(),
-                payload: json!({"email": "a@example.com", "displayName": "A"}),
+                payload: json!({"email": "a@example.com", "displayName": "A"}).into(),
                 created_at: Some(expected_time),
             })
         );

@@ -380,7 +380,7 @@ mod tests {
             aggregate_id: aggregate,
             aggregate_type: kind.into(),
             event_type: event_type.into(),
-            payload,
+            payload: payload.into(),
             created_at: DateTime::from_timestamp(1_700_000_000 + seq, 0),
         }
     }

@@ -262,7 +262,7 @@ mod tests {
                 aggregate_id: uuid::Uuid::new_v4(),
                 aggregate_type: "User".into(),
                 event_type: "UserCreated".into(),
-                payload: serde_json::Value::Null,
+                payload: serde_json::Value::Null.into(),
                 created_at: None,
             })
             .collect()

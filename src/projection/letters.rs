@@ -10,7 +10,7 @@
 //! that did not decode), else its compact JSON.
 
 use super::{state, BatchReport, DeadLetter, Projector};
-use crate::decode::OutboxEvent;
+use crate::decode::{OutboxEvent, Payload};
 use crate::store::codes::{shorten, write_error};
 use crate::store::mongo::{StoreError, DEAD_LETTERS};
 use chrono::Utc;
@@ -35,11 +35,15 @@ enum Form {
     Bounded,
 }
 
-/// The text a payload's size and hash are taken of.
-fn payload_text(payload: &Value) -> Cow<'_, str> {
-    match payload {
-        Value::String(text) => Cow::Borrowed(text),
-        other => Cow::Owned(other.to_string()),
+/// The text a payload's size and hash are taken of: its compact JSON; a
+/// string payload (the raw text of an undecodable row) is its own text, and
+/// one too deep to parse is taken as delivered.
+fn payload_text(payload: &Payload) -> Cow<'_, str> {
+    match payload.value() {
+        Some(Cow::Borrowed(Value::String(text))) => Cow::Borrowed(text),
+        Some(Cow::Owned(Value::String(text))) => Cow::Owned(text),
+        Some(value) => Cow::Owned(value.to_string()),
+        None => payload.text(),
     }
 }
 
@@ -64,7 +68,7 @@ fn statement(letter: &DeadLetter, form: Form, now: &Bson) -> Document {
         Form::Full => {
             set.insert("aggregate_type", &e.aggregate_type);
             set.insert("event_type", &e.event_type);
-            set.insert("payload", state::json_to_bson(&e.payload));
+            set.insert("payload", state::json_to_bson(&e.payload.to_json()));
             set.insert("error", &letter.error);
             doc! { "payload_prefix": "", "payload_bytes": "", "payload_sha256": "" }
         }
@@ -257,7 +261,7 @@ mod tests {
                 aggregate_id: uuid::Uuid::new_v4(),
                 aggregate_type: "User".into(),
                 event_type: "UserCreated".into(),
-                payload,
+                payload: payload.into(),
                 created_at: None,
             },
             error: "refused".into(),
@@ -288,7 +292,7 @@ mod tests {
     fn a_small_payload_is_kept_whole_and_a_string_is_its_own_text() {
         let small = letter(json!({ "a": 1 }));
         assert_eq!(natural_form(&small), Form::Full);
-        assert_eq!(payload_text(&json!("raw {")), "raw {");
+        assert_eq!(payload_text(&json!("raw {").into()), "raw {");
         let doc = statement(&small, Form::Full, &now());
         let u = doc.get_document("u").expect("u");
         assert!(u

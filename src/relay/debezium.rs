@@ -16,10 +16,11 @@
 //! bookkeeping columns (`status`, `retry_count`, `last_error`, `lock_id`,
 //! `published_at`) show their values at insert.
 
-use crate::decode::OutboxEvent;
+use crate::decode::{OutboxEvent, Payload};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use std::borrow::Cow;
 
 /// The Debezium release whose format is reproduced (`source.version`).
 pub const DEBEZIUM_VERSION: &str = "3.6.1.Final";
@@ -264,7 +265,7 @@ impl Encoder {
 
     fn routed(&self, event: &OutboxEvent, now: DateTime<Utc>) -> Message {
         let key = self.wrap(UUID_KEY_SCHEMA, &format!(r#""{}""#, event.aggregate_id));
-        let value = self.wrap(JSON_VALUE_SCHEMA, &to_json(&jsonb_text(&event.payload)));
+        let value = self.wrap(JSON_VALUE_SCHEMA, &to_json(&payload_jsonb(&event.payload)));
         let mut headers = self.context_headers();
         headers.push(("id".into(), event.event_id.to_string().into_bytes()));
         headers.push(("eventType".into(), event.event_type.clone().into_bytes()));
@@ -315,7 +316,7 @@ impl<'a> Row<'a> {
             aggregate_id: event.aggregate_id.to_string(),
             aggregate_type: &event.aggregate_type,
             event_type: &event.event_type,
-            payload: jsonb_text(&event.payload),
+            payload: payload_jsonb(&event.payload).into_owned(),
             status: "pending",
             retry_count: 0,
             last_error: None,
@@ -365,6 +366,19 @@ struct Envelope<'a> {
 /// Debezium's `ZonedTimestamp` of a `timestamptz` column: UTC, six fraction digits.
 pub fn zoned_timestamp(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// The payload as PostgreSQL's jsonb text: the text the source delivered
+/// (pgoutput and the polling query send the column's jsonb output, which is
+/// what Debezium publishes), or rendered from the value like jsonb would.
+pub fn payload_jsonb(payload: &Payload) -> Cow<'_, str> {
+    if let Some(text) = payload.delivered_text() {
+        return Cow::Borrowed(text);
+    }
+    match payload.value() {
+        Some(value) => Cow::Owned(jsonb_text(&value)),
+        None => payload.text(),
+    }
 }
 
 /// A JSON value as PostgreSQL prints a `jsonb`: object keys shortest first,
@@ -425,6 +439,33 @@ mod tests {
     }
 
     #[test]
+    fn the_payload_goes_out_as_the_source_delivered_it() {
+        // A numeric's trailing zero is PostgreSQL's and Debezium's text, not
+        // what a parsed value prints.
+        let text = r#"{"price": 1.50, "displayName": "A"}"#;
+        let delivered = Payload::from_text(text).expect("well-formed");
+        assert_eq!(payload_jsonb(&delivered), text);
+        let built = Payload::from(json!({"displayName": "A", "price": 1.50}));
+        assert_eq!(
+            payload_jsonb(&built),
+            r#"{"price": 1.5, "displayName": "A"}"#
+        );
+        let encoder = Encoder::new(Shape::Cdc, false, "p.activity.event_outbox", "x.", "db");
+        let event = OutboxEvent {
+            event_id: uuid::Uuid::nil(),
+            sequence_id: Some(1),
+            aggregate_id: uuid::Uuid::nil(),
+            aggregate_type: "User".into(),
+            event_type: "UserCreated".into(),
+            payload: delivered,
+            created_at: None,
+        };
+        let message = encoder.encode(&event, Op::Create, Utc::now());
+        let value: serde_json::Value = serde_json::from_slice(&message.value).unwrap_or_default();
+        assert_eq!(value["after"]["payload"], json!(text));
+    }
+
+    #[test]
     fn timestamps_have_six_fraction_digits() {
         let t: DateTime<Utc> = "2026-09-15T09:41:07.50987Z".parse().unwrap_or_default();
         assert_eq!(zoned_timestamp(t), "2026-09-15T09:41:07.509870Z");
@@ -457,7 +498,7 @@ mod tests {
             aggregate_id: uuid::Uuid::nil(),
             aggregate_type: "User".into(),
             event_type: "UserCreated".into(),
-            payload: json!({}),
+            payload: json!({}).into(),
             created_at: Some(at("2026-01-01T00:00:00Z")),
         };
         let now = at("2026-01-01T02:00:00Z");

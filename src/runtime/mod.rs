@@ -549,7 +549,7 @@ mod tests {
             aggregate_id: uuid::Uuid::new_v4(),
             aggregate_type: "User".into(),
             event_type: "UserCreated".into(),
-            payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}),
+            payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}).into(),
             created_at,
         };
         let now = chrono::Utc::now();

@@ -163,7 +163,7 @@ mod tests {
             aggregate_id: Uuid::new_v4(),
             aggregate_type: "User".into(),
             event_type: event_type.into(),
-            payload: serde_json::json!({}),
+            payload: serde_json::json!({}).into(),
             created_at: format!("2026-01-01T00:{minute:02}:00Z").parse().ok(),
         }
     }

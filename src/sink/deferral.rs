@@ -163,7 +163,7 @@ mod tests {
             aggregate_id: Uuid::new_v4(),
             aggregate_type: "User".into(),
             event_type: "UserUpdated".into(),
-            payload: json!({"displayName": "x"}),
+            payload: json!({"displayName": "x"}).into(),
             created_at: None,
         }
     }

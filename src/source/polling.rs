@@ -183,7 +183,8 @@ impl PollingSource {
                         event_type: values[4].unwrap_or_default().to_string(),
                         payload: serde_json::Value::String(
                             values[5].unwrap_or_default().to_string(),
-                        ),
+                        )
+                        .into(),
                         created_at: None,
                     },
                     error: err.to_string(),

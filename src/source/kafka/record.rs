@@ -105,7 +105,7 @@ impl Record {
                 aggregate_id: found.aggregate_id.unwrap_or_else(Uuid::nil),
                 aggregate_type: found.aggregate_type.unwrap_or_default(),
                 event_type: found.event_type.unwrap_or_default(),
-                payload: Value::Object(raw),
+                payload: Value::Object(raw).into(),
                 created_at: None,
             },
             error: format!(
@@ -258,7 +258,7 @@ mod tests {
             letter.event.aggregate_id.to_string(),
             "7d3c9a52-1e4f-4b8a-9c61-2f5e8d7a4b10"
         );
-        let raw = &letter.event.payload;
+        let raw = &letter.event.payload.to_json();
         assert_eq!(raw["offset"], 41);
         assert_eq!(raw["partition"], 2);
         assert_eq!(raw["event_id"], "0192f4b7-1c3d-7e4f-9a50-3b6c7d8e9f10");

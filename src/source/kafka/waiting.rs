@@ -132,7 +132,7 @@ mod tests {
                 aggregate_id: uuid::Uuid::new_v4(),
                 aggregate_type: "User".into(),
                 event_type: "UserUpdated".into(),
-                payload: serde_json::json!({}),
+                payload: serde_json::json!({}).into(),
                 created_at: None,
             },
             tp: ("t".into(), 0),

@@ -42,7 +42,8 @@ pub(super) fn malformed_row(columns: &[(&str, Option<&str>)], err: &DecodeError)
             aggregate_id: uuid("aggregate_id"),
             aggregate_type: column("aggregate_type").unwrap_or_default().to_string(),
             event_type: column("event_type").unwrap_or_default().to_string(),
-            payload: serde_json::Value::String(column("payload").unwrap_or_default().to_string()),
+            payload: serde_json::Value::String(column("payload").unwrap_or_default().to_string())
+                .into(),
             created_at: None,
         },
         error: err.to_string(),
