@@ -438,6 +438,18 @@ mod tests {
         assert_eq!(jsonb_text(&json!("a\"\n\u{1}é")), r#""a\"\n\u0001é""#);
     }
 
+    fn user_created(payload: Payload, created_at: Option<DateTime<Utc>>) -> OutboxEvent {
+        OutboxEvent {
+            event_id: uuid::Uuid::nil(),
+            sequence_id: Some(1),
+            aggregate_id: uuid::Uuid::nil(),
+            aggregate_type: "User".into(),
+            event_type: "UserCreated".into(),
+            payload,
+            created_at,
+        }
+    }
+
     #[test]
     fn the_payload_goes_out_as_the_source_delivered_it() {
         // A numeric's trailing zero is PostgreSQL's and Debezium's text, not
@@ -451,15 +463,7 @@ mod tests {
             r#"{"price": 1.5, "displayName": "A"}"#
         );
         let encoder = Encoder::new(Shape::Cdc, false, "p.activity.event_outbox", "x.", "db");
-        let event = OutboxEvent {
-            event_id: uuid::Uuid::nil(),
-            sequence_id: Some(1),
-            aggregate_id: uuid::Uuid::nil(),
-            aggregate_type: "User".into(),
-            event_type: "UserCreated".into(),
-            payload: delivered,
-            created_at: None,
-        };
+        let event = user_created(delivered, None);
         let message = encoder.encode(&event, Op::Create, Utc::now());
         let value: serde_json::Value = serde_json::from_slice(&message.value).unwrap_or_default();
         assert_eq!(value["after"]["payload"], json!(text));
@@ -492,15 +496,7 @@ mod tests {
     fn a_change_carries_its_commit_time_in_source() {
         let encoder = Encoder::new(Shape::Cdc, false, "p.activity.event_outbox", "x.", "db");
         let at = |text: &str| -> DateTime<Utc> { text.parse().unwrap_or_default() };
-        let event = OutboxEvent {
-            event_id: uuid::Uuid::nil(),
-            sequence_id: Some(1),
-            aggregate_id: uuid::Uuid::nil(),
-            aggregate_type: "User".into(),
-            event_type: "UserCreated".into(),
-            payload: json!({}).into(),
-            created_at: Some(at("2026-01-01T00:00:00Z")),
-        };
+        let event = user_created(json!({}).into(), Some(at("2026-01-01T00:00:00Z")));
         let now = at("2026-01-01T02:00:00Z");
         let source_ms = |message: &Message| {
             let value: serde_json::Value =
