@@ -153,7 +153,9 @@ async fn rebuild_under_a_writer_and_a_reader_never_shows_a_missing_collection_an
             failures
         })
     };
-    // The writer: the rest of the history, a little at a time, until the
+    // The writer: the rest of the history, a little at a time (50 events/s:
+    // each catch-up pass must apply more than the writer adds meanwhile, also
+    // on a loaded two-core machine beside the other tests), until the
     // rebuild has ended.
     let writing = Arc::new(AtomicBool::new(true));
     let writer = {
@@ -162,7 +164,7 @@ async fn rebuild_under_a_writer_and_a_reader_never_shows_a_missing_collection_an
         let client = stage.pg.client().await;
         tokio::spawn(async move {
             let mut written = 0;
-            for chunk in rest.chunks(10) {
+            for chunk in rest.chunks(5) {
                 if !writing.load(Ordering::SeqCst) {
                     break;
                 }
@@ -170,7 +172,7 @@ async fn rebuild_under_a_writer_and_a_reader_never_shows_a_missing_collection_an
                     .await
                     .expect("insert");
                 written += chunk.len();
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             written
         })

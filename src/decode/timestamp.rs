@@ -124,25 +124,29 @@ pub fn parse_postgres_fast(text: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// `+05`, `-08:00`, `+00:01:15` (historical zones print seconds).
+/// `+05`, `-08:00`, `+00:01:15` (historical zones print seconds), read byte
+/// by byte like the rest of the fast path.
 fn parse_offset(text: &str) -> Option<FixedOffset> {
-    let (sign, rest) = match text.as_bytes().first()? {
-        b'+' => (1, &text[1..]),
-        b'-' => (-1, &text[1..]),
+    let b = text.as_bytes();
+    let sign = match b.first()? {
+        b'+' => 1,
+        b'-' => -1,
         _ => return None,
     };
-    let mut seconds = 0i32;
-    let mut parts = 0;
-    for (part, scale) in rest.split(':').zip([3600, 60, 1]) {
-        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
+    let two = |at: usize| -> Option<i32> {
+        match (b.get(at)?, b.get(at + 1)?) {
+            (high @ b'0'..=b'9', low @ b'0'..=b'9') => {
+                Some(i32::from(high - b'0') * 10 + i32::from(low - b'0'))
+            }
+            _ => None,
         }
-        seconds += part.parse::<i32>().ok()? * scale;
-        parts += 1;
-    }
-    if parts == 0 || rest.split(':').count() != parts {
-        return None;
-    }
+    };
+    let seconds = match b.len() {
+        3 => two(1)? * 3600,
+        6 if b[3] == b':' => two(1)? * 3600 + two(4)? * 60,
+        9 if b[3] == b':' && b[6] == b':' => two(1)? * 3600 + two(4)? * 60 + two(7)?,
+        _ => return None,
+    };
     FixedOffset::east_opt(sign * seconds)
 }
 
@@ -186,6 +190,38 @@ mod tests {
             "2026-11-25 25:00:00+00",
         ] {
             assert_eq!(parse_postgres_fast(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn offsets_have_two_digits_per_part_and_one_to_three_parts() {
+        for (text, seconds) in [
+            ("+00", 0),
+            ("+05:30", 19_800),
+            ("-08", -28_800),
+            ("-03:30", -12_600),
+            ("+00:00:15", 15),
+            ("-01:02:03", -3_723),
+        ] {
+            assert_eq!(parse_offset(text), FixedOffset::east_opt(seconds), "{text}");
+        }
+        for bad in [
+            "",
+            "+",
+            "05",
+            "+5",
+            "+5:30",
+            "+05:",
+            "+05:3",
+            "+05:30:1",
+            "+05:30:15:00",
+            "+0a",
+            "+05-30",
+            "*05",
+            "+05:30:",
+            "+99",
+        ] {
+            assert_eq!(parse_offset(bad), None, "{bad}");
         }
     }
 
