@@ -30,7 +30,7 @@ pub mod timestamp;
 
 pub use error::{DecodeError, RowOp};
 pub use payload::Payload;
-pub use row::{decode_server_json_row, decode_text_row};
+pub use row::decode_text_row;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;

@@ -5,8 +5,8 @@
 //! (docs/design.md section 7).
 
 use super::deep;
-use serde::de::IgnoredAny;
 use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use std::borrow::Cow;
 use std::fmt;
@@ -17,8 +17,8 @@ pub struct Payload(Repr);
 
 #[derive(Clone)]
 enum Repr {
-    /// JSON text of one well-formed value, not parsed yet.
-    Text(Box<str>),
+    /// JSON text checked to be one well-formed value, not parsed yet.
+    Text(Box<RawValue>),
     /// A value built or parsed elsewhere (events made in code, decoders that
     /// received parsed JSON, dead letters read back).
     Value(Value),
@@ -26,23 +26,16 @@ enum Repr {
 
 impl Payload {
     /// `text` checked to be exactly one JSON value (surrounding whitespace
-    /// allowed, and left out) and kept as it is.
+    /// allowed) and kept as it is.
     pub fn from_text(text: &str) -> Result<Payload, serde_json::Error> {
-        serde_json::from_str::<IgnoredAny>(text)?;
-        let value = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'));
-        Ok(Payload(Repr::Text(value.into())))
-    }
-
-    /// Text PostgreSQL printed for a `json` or `jsonb` value: well-formed by
-    /// construction (the server checked it on input), so kept unchecked.
-    pub(crate) fn from_server_json(text: &str) -> Payload {
-        Payload(Repr::Text(text.into()))
+        let raw: Box<RawValue> = serde_json::from_str(text)?;
+        Ok(Payload(Repr::Text(raw)))
     }
 
     /// The JSON text: as delivered, or rendered from the value.
     pub fn text(&self) -> Cow<'_, str> {
         match &self.0 {
-            Repr::Text(text) => Cow::Borrowed(text),
+            Repr::Text(raw) => Cow::Borrowed(raw.get()),
             Repr::Value(value) => Cow::Owned(value.to_string()),
         }
     }
@@ -50,7 +43,7 @@ impl Payload {
     /// The text as delivered, when the payload came as text.
     pub fn delivered_text(&self) -> Option<&str> {
         match &self.0 {
-            Repr::Text(text) => Some(text),
+            Repr::Text(raw) => Some(raw.get()),
             Repr::Value(_) => None,
         }
     }
@@ -61,9 +54,9 @@ impl Payload {
     pub fn value(&self) -> Option<Cow<'_, Value>> {
         match &self.0 {
             Repr::Value(value) => Some(Cow::Borrowed(value)),
-            Repr::Text(text) => serde_json::from_str(text)
+            Repr::Text(raw) => serde_json::from_str(raw.get())
                 .ok()
-                .or_else(|| deep::shallow_payload(text))
+                .or_else(|| deep::shallow_payload(raw.get()))
                 .map(Cow::Owned),
         }
     }

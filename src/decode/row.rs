@@ -4,7 +4,7 @@
 use super::error::{excerpt, DecodeError};
 use super::json::{parse_payload_text, parse_uuid};
 use super::timestamp;
-use super::{OutboxEvent, Payload};
+use super::OutboxEvent;
 
 /// Decodes one outbox row given as `(column name, text value)` pairs; `None` is SQL NULL.
 ///
@@ -13,22 +13,6 @@ use super::{OutboxEvent, Payload};
 /// `2026-11-25 10:52:19.123456+00`); other columns are ignored. `sequence_id` and
 /// `created_at` may be missing (then `None`); the rest are required.
 pub fn decode_text_row(columns: &[(&str, Option<&str>)]) -> Result<OutboxEvent, DecodeError> {
-    decode_row(columns, false)
-}
-
-/// [`decode_text_row`] of a row whose `payload` column PostgreSQL says is
-/// `json` or `jsonb` (pgoutput's relation message names each column's
-/// type): its text is well-formed by construction and is not checked again.
-pub fn decode_server_json_row(
-    columns: &[(&str, Option<&str>)],
-) -> Result<OutboxEvent, DecodeError> {
-    decode_row(columns, true)
-}
-
-fn decode_row(
-    columns: &[(&str, Option<&str>)],
-    server_json: bool,
-) -> Result<OutboxEvent, DecodeError> {
     let mut row = TextRow::default();
     for &(name, value) in columns {
         let slot = match name {
@@ -43,7 +27,7 @@ fn decode_row(
         };
         *slot = Column::Given(value);
     }
-    row.into_event(server_json)
+    row.into_event()
 }
 
 /// A column as given: not in the tuple at all, or its text (`None` = NULL).
@@ -83,7 +67,7 @@ struct TextRow<'a> {
 }
 
 impl TextRow<'_> {
-    fn into_event(self, server_json: bool) -> Result<OutboxEvent, DecodeError> {
+    fn into_event(self) -> Result<OutboxEvent, DecodeError> {
         let event_id = uuid(self.event_id, "event_id")?;
         let sequence_id = self
             .sequence_id
@@ -101,12 +85,7 @@ impl TextRow<'_> {
         let aggregate_id = uuid(self.aggregate_id, "aggregate_id")?;
         let aggregate_type = self.aggregate_type.required("aggregate_type")?.to_owned();
         let event_type = self.event_type.required("event_type")?.to_owned();
-        let payload = self.payload.required("payload")?;
-        let payload = if server_json {
-            Payload::from_server_json(payload)
-        } else {
-            parse_payload_text(payload)?
-        };
+        let payload = parse_payload_text(self.payload.required("payload")?)?;
         let created_at = self
             .created_at
             .optional()

@@ -7,7 +7,7 @@
 //!
 //! Format: <https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html>
 
-use super::{decode_row, decode_server_json, EVENT_COLUMNS};
+use super::{decode_row, EVENT_COLUMNS};
 use crate::dead_letter::DeadLetter;
 use crate::decode::{DecodeError, OutboxEvent};
 use crate::observe::heartbeat::{heartbeat_sent_at, parse_logical_message};
@@ -44,13 +44,7 @@ struct Relation {
     outbox: bool,
     /// Per column of the table: its name, if it is one of [`EVENT_COLUMNS`].
     columns: Vec<Option<&'static str>>,
-    /// The `payload` column is typed `json` or `jsonb`: PostgreSQL checked
-    /// its text on input, so decoding does not check it again.
-    payload_json: bool,
 }
-
-/// The type OIDs of `json` and `jsonb` (fixed in PostgreSQL's catalog).
-const JSON_OIDS: [u32; 2] = [114, 3802];
 
 /// Decodes the messages of one replication connection (a relation is
 /// described once per connection, before its first row).
@@ -102,15 +96,11 @@ impl Decoder {
         let _replica_identity = r.u8()?;
         let count = r.u16()?;
         let mut columns = Vec::with_capacity(usize::from(count));
-        let mut payload_json = false;
         for _ in 0..count {
             let _flags = r.u8()?;
             let column = r.cstr()?;
-            let type_oid = r.u32()?;
+            let _type_oid = r.u32()?;
             let _type_modifier = r.u32()?;
-            if column == "payload" {
-                payload_json = JSON_OIDS.contains(&type_oid);
-            }
             columns.push(
                 EVENT_COLUMNS
                     .iter()
@@ -122,7 +112,6 @@ impl Decoder {
             id,
             outbox: name == OUTBOX,
             columns,
-            payload_json,
         };
         // A relation is described again when its definition changes.
         match self.relations.iter_mut().find(|known| known.id == id) {
@@ -180,7 +169,6 @@ impl Decoder {
         }
         let row = &row[..filled];
         let decoded = match not_utf8 {
-            None if relation.payload_json => decode_server_json(row),
             None => decode_row(row),
             Some((name, cause)) => {
                 let err = DecodeError::NotUtf8 {
@@ -260,14 +248,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    /// A relation message as PostgreSQL sends it: `payload` typed jsonb.
     fn relation(id: u32, table: &str, columns: &[&str]) -> Vec<u8> {
-        relation_typed(id, table, columns, 3802)
-    }
-
-    /// A relation message, the `payload` column of type `payload_oid`, the
-    /// others text.
-    fn relation_typed(id: u32, table: &str, columns: &[&str], payload_oid: u32) -> Vec<u8> {
         let mut m = vec![b'R'];
         m.extend(id.to_be_bytes());
         m.extend(b"public\0");
@@ -279,12 +260,7 @@ mod tests {
             m.push(0);
             m.extend(column.as_bytes());
             m.push(0);
-            let oid = if *column == "payload" {
-                payload_oid
-            } else {
-                25
-            };
-            m.extend(oid.to_be_bytes());
+            m.extend(25u32.to_be_bytes());
             m.extend((-1i32).to_be_bytes());
         }
         m
@@ -349,27 +325,6 @@ mod tests {
         assert_eq!(event.event_type, "UserCreated");
         assert_eq!(event.payload, serde_json::json!({"email": "a@b"}));
         assert!(event.created_at.is_some());
-    }
-
-    #[test]
-    fn a_payload_typed_json_is_kept_as_the_server_printed_it() {
-        // (A payload of another type is checked: see the test below.)
-        for oid in JSON_OIDS {
-            let mut decoder = Decoder::default();
-            decoder
-                .decode(&relation_typed(7, "event_outbox", &COLUMNS, oid))
-                .expect("relation");
-            let text = r#"{"price": 1.50, "email": "a@b"}"#;
-            let item = decoder.decode(&insert(7, &row(text.as_bytes())));
-            let Ok(WalItem::Insert(Ok(event))) = item else {
-                panic!("expected an event, got {item:?}");
-            };
-            assert_eq!(event.payload.delivered_text(), Some(text));
-            assert_eq!(
-                event.payload,
-                serde_json::json!({"price": 1.5, "email": "a@b"})
-            );
-        }
     }
 
     #[test]
@@ -538,9 +493,8 @@ mod tests {
     #[test]
     fn bad_rows_are_dead_letters_and_bad_messages_errors() {
         let mut decoder = Decoder::default();
-        // A payload column typed text: its text is checked.
         decoder
-            .decode(&relation_typed(7, "event_outbox", &COLUMNS, 25))
+            .decode(&relation(7, "event_outbox", &COLUMNS))
             .expect("relation");
         let item = decoder.decode(&insert(7, &row(b"{not json")));
         assert!(

@@ -3,7 +3,7 @@
 //! could be recovered.
 
 use crate::dead_letter::DeadLetter;
-use crate::decode::{decode_server_json_row, decode_text_row, DecodeError, OutboxEvent};
+use crate::decode::{decode_text_row, DecodeError, OutboxEvent};
 use uuid::Uuid;
 
 /// The outbox columns an event is made of (the others are never read).
@@ -21,14 +21,6 @@ pub const EVENT_COLUMNS: [&str; 7] = [
 /// decode (with whatever could be recovered, and the raw payload as a string).
 pub(super) fn decode_row(columns: &[(&str, Option<&str>)]) -> Result<OutboxEvent, Box<DeadLetter>> {
     decode_text_row(columns).map_err(|err| Box::new(malformed_row(columns, &err)))
-}
-
-/// [`decode_row`] of a row whose `payload` column is typed `json`/`jsonb`
-/// (its text is not checked again; see `decode_server_json_row`).
-pub(super) fn decode_server_json(
-    columns: &[(&str, Option<&str>)],
-) -> Result<OutboxEvent, Box<DeadLetter>> {
-    decode_server_json_row(columns).map_err(|err| Box::new(malformed_row(columns, &err)))
 }
 
 pub(super) fn malformed_row(columns: &[(&str, Option<&str>)], err: &DecodeError) -> DeadLetter {
