@@ -28,6 +28,19 @@ pub fn wrapper(valgrind: &Path, dir: &Path, name: &str) -> Vec<String> {
     ]
 }
 
+/// A command that runs `program`, by `wrapper` (a program and its first
+/// arguments, such as [`wrapper`]'s) when it is not empty.
+pub fn command(wrapper: &[String], program: &Path) -> tokio::process::Command {
+    match wrapper.split_first() {
+        Some((runner, first)) => {
+            let mut command = tokio::process::Command::new(runner);
+            command.args(first).arg(program);
+            command
+        }
+        None => tokio::process::Command::new(program),
+    }
+}
+
 /// The instructions the run named `name` executed, all threads together.
 pub fn collected(dir: &Path, name: &str) -> Result<u64> {
     let path = log(dir, name);

@@ -45,14 +45,7 @@ impl Child {
             Some((_, value)) => value.parse().ok(),
             None => Some(free_loopback_addr()?),
         };
-        let mut command = match wrapper.split_first() {
-            Some((program, first)) => {
-                let mut command = tokio::process::Command::new(program);
-                command.args(first).arg(exe);
-                command
-            }
-            None => tokio::process::Command::new(exe),
-        };
+        let mut command = crate::callgrind::command(wrapper, &exe);
         command
             .args(args)
             .arg("--stats-file")

@@ -152,14 +152,7 @@ pub async fn recvlogical(
         .join("pg_recvlogical");
     let cpu_before = super::child::children_cpu_seconds().unwrap_or(0.0);
     let started = Instant::now();
-    let mut command = match wrapper.split_first() {
-        Some((program, first)) => {
-            let mut command = tokio::process::Command::new(program);
-            command.args(first).arg(&bin);
-            command
-        }
-        None => tokio::process::Command::new(&bin),
-    };
+    let mut command = super::callgrind::command(wrapper, &bin);
     command
         .args(["-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
         .args(["-d", &pg.database, "--slot", slot, "--start", "--no-loop"])
