@@ -22,6 +22,7 @@
 
 mod capture;
 pub mod debezium;
+mod json;
 pub(crate) mod producer;
 
 pub use debezium::{jsonb_text, zoned_timestamp, Encoder, Message, Op, Shape, SnapshotMark};

@@ -16,6 +16,7 @@
 //! bookkeeping columns (`status`, `retry_count`, `last_error`, `lock_id`,
 //! `published_at`) show their values at insert.
 
+use super::json;
 use crate::decode::{OutboxEvent, Payload};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -104,15 +105,38 @@ pub enum Shape {
 #[derive(Debug, Clone)]
 pub struct Encoder {
     shape: Shape,
-    schemas: bool,
     /// Debezium's `topic.prefix`: `source.name` and the schema names' first part.
     prefix: String,
-    database: String,
     cdc_topic: String,
     router_topic_prefix: String,
-    run_id: String,
-    value_schema: String,
-    key_schema: String,
+    /// The context headers every record carries (one run id per process).
+    headers: Vec<(String, Vec<u8>)>,
+    /// `source.name` and `source.db`, as JSON strings.
+    name_json: Vec<u8>,
+    db_json: Vec<u8>,
+    /// What comes before a record's payload with `schemas.enable`
+    /// (`{"schema":...,"payload":`), for change-event keys and values and for
+    /// routed keys and values; all empty without.
+    key_head: Vec<u8>,
+    value_head: Vec<u8>,
+    routed_key_head: Vec<u8>,
+    routed_value_head: Vec<u8>,
+    schemas: bool,
+}
+
+/// What comes before the payload of a record whose schema is `schema`.
+fn head(schemas: bool, schema: &str) -> Vec<u8> {
+    if schemas {
+        format!(r#"{{"schema":{schema},"payload":"#).into_bytes()
+    } else {
+        Vec::new()
+    }
+}
+
+fn json_string(text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    json::push_str(&mut out, text);
+    out
 }
 
 impl Encoder {
@@ -141,22 +165,27 @@ impl Encoder {
         let key_schema = format!(
             r#"{{"type":"struct","fields":[{{"type":"string","optional":false,"name":"io.debezium.data.Uuid","version":1,"field":"event_id"}}],"optional":false,"name":"{names}.Key"}}"#
         );
-        Encoder {
+        let mut encoder = Encoder {
             shape,
-            schemas,
+            name_json: json_string(&prefix),
+            db_json: json_string(database),
             prefix,
-            database: database.to_string(),
             cdc_topic: cdc_topic.to_string(),
             router_topic_prefix: router_topic_prefix.to_string(),
-            run_id: uuid::Uuid::new_v4().to_string(),
-            value_schema,
-            key_schema,
-        }
+            headers: Vec::new(),
+            key_head: head(schemas, &key_schema),
+            value_head: head(schemas, &value_schema),
+            routed_key_head: head(schemas, UUID_KEY_SCHEMA),
+            routed_value_head: head(schemas, JSON_VALUE_SCHEMA),
+            schemas,
+        };
+        encoder.headers = encoder.context_headers(&uuid::Uuid::new_v4().to_string());
+        encoder
     }
 
     /// Debezium's per-task run id header (one per relay process).
     pub fn with_run_id(mut self, run_id: &str) -> Encoder {
-        self.run_id = run_id.to_string();
+        self.headers = self.context_headers(run_id);
         self
     }
 
@@ -190,7 +219,7 @@ impl Encoder {
         }
     }
 
-    fn context_headers(&self) -> Vec<(String, Vec<u8>)> {
+    fn context_headers(&self, run_id: &str) -> Vec<(String, Vec<u8>)> {
         [
             (
                 "__debezium.context.connectorLogicalName",
@@ -198,21 +227,27 @@ impl Encoder {
             ),
             ("__debezium.context.taskId", "0"),
             ("__debezium.context.connectorName", "postgresql"),
-            ("__debezium.context.runId", self.run_id.as_str()),
+            ("__debezium.context.runId", run_id),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
         .collect()
     }
 
-    fn wrap(&self, schema: &str, payload: &str) -> Vec<u8> {
+    /// A record's bytes: `head` (the schema, with `schemas.enable`), what
+    /// `body` writes, and the closing brace the head opened.
+    fn record(&self, head: &[u8], room: usize, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut out = Vec::with_capacity(head.len() + room + 1);
+        out.extend_from_slice(head);
+        body(&mut out);
         if self.schemas {
-            format!(r#"{{"schema":{schema},"payload":{payload}}}"#).into_bytes()
-        } else {
-            payload.as_bytes().to_vec()
+            out.push(b'}');
         }
+        out
     }
 
+    /// The change event, field for field in the order of Debezium's
+    /// envelope (`before`, `after`, `source`, `transaction`, `op`, `ts_*`).
     fn change_event(
         &self,
         event: &OutboxEvent,
@@ -224,49 +259,69 @@ impl Encoder {
             Op::Create => committed.or(event.created_at).unwrap_or(now),
             Op::Read(_) => now,
         };
-        let envelope = Envelope {
-            before: None,
-            after: Some(Row::of(event)),
-            source: SourceInfo {
-                version: DEBEZIUM_VERSION,
-                connector: "postgresql",
-                name: &self.prefix,
-                ts_ms: source_time.timestamp_millis(),
-                snapshot: op.snapshot(),
-                db: &self.database,
-                sequence: None,
-                ts_us: source_time.timestamp_micros(),
-                ts_ns: nanos(source_time),
-                schema: SCHEMA,
-                table: TABLE,
-                tx_id: None,
-                lsn: None,
-                xmin: None,
-                origin: None,
-                origin_lsn: None,
-            },
-            transaction: None,
-            op: op.code(),
-            ts_ms: now.timestamp_millis(),
-            ts_us: now.timestamp_micros(),
-            ts_ns: nanos(now),
-        };
-        let payload = to_json(&envelope);
-        let key_payload = format!(r#"{{"event_id":"{}"}}"#, event.event_id);
+        let payload = payload_jsonb(&event.payload);
+        let room = 900 + 2 * payload.len() + event.aggregate_type.len() + event.event_type.len();
+        let value = self.record(&self.value_head, room, |out| {
+            out.extend_from_slice(br#"{"before":null,"after":"#);
+            push_row(out, event, &payload);
+            out.extend_from_slice(br#","source":{"version":"#);
+            json::push_str(out, DEBEZIUM_VERSION);
+            out.extend_from_slice(br#","connector":"postgresql","name":"#);
+            out.extend_from_slice(&self.name_json);
+            out.extend_from_slice(br#","ts_ms":"#);
+            json::push_i64(out, source_time.timestamp_millis());
+            out.extend_from_slice(br#","snapshot":"#);
+            json::push_str(out, op.snapshot());
+            out.extend_from_slice(br#","db":"#);
+            out.extend_from_slice(&self.db_json);
+            out.extend_from_slice(br#","sequence":null,"ts_us":"#);
+            json::push_i64(out, source_time.timestamp_micros());
+            out.extend_from_slice(br#","ts_ns":"#);
+            json::push_i64(out, nanos(source_time));
+            out.extend_from_slice(br#","schema":"#);
+            json::push_str(out, SCHEMA);
+            out.extend_from_slice(br#","table":"#);
+            json::push_str(out, TABLE);
+            out.extend_from_slice(
+                br#","txId":null,"lsn":null,"xmin":null,"origin":null,"origin_lsn":null},"transaction":null,"op":"#,
+            );
+            json::push_str(out, op.code());
+            out.extend_from_slice(br#","ts_ms":"#);
+            json::push_i64(out, now.timestamp_millis());
+            out.extend_from_slice(br#","ts_us":"#);
+            json::push_i64(out, now.timestamp_micros());
+            out.extend_from_slice(br#","ts_ns":"#);
+            json::push_i64(out, nanos(now));
+            out.push(b'}');
+        });
+        let key = self.record(&self.key_head, 52, |out| {
+            out.extend_from_slice(br#"{"event_id":""#);
+            json::push_uuid(out, &event.event_id);
+            out.extend_from_slice(br#""}"#);
+        });
+        let mut partition_key = Vec::with_capacity(36);
+        json::push_uuid(&mut partition_key, &event.aggregate_id);
         Message {
             topic: self.cdc_topic.clone(),
-            key: self.wrap(&self.key_schema, &key_payload),
-            value: self.wrap(&self.value_schema, &payload),
-            headers: self.context_headers(),
+            key,
+            value,
+            headers: self.headers.clone(),
             timestamp: None,
-            partition_key: event.aggregate_id.to_string().into_bytes(),
+            partition_key,
         }
     }
 
     fn routed(&self, event: &OutboxEvent, now: DateTime<Utc>) -> Message {
-        let key = self.wrap(UUID_KEY_SCHEMA, &format!(r#""{}""#, event.aggregate_id));
-        let value = self.wrap(JSON_VALUE_SCHEMA, &to_json(&payload_jsonb(&event.payload)));
-        let mut headers = self.context_headers();
+        let key = self.record(&self.routed_key_head, 38, |out| {
+            out.push(b'"');
+            json::push_uuid(out, &event.aggregate_id);
+            out.push(b'"');
+        });
+        let payload = payload_jsonb(&event.payload);
+        let value = self.record(&self.routed_value_head, 2 * payload.len() + 2, |out| {
+            json::push_str(out, &payload);
+        });
+        let mut headers = self.headers.clone();
         headers.push(("id".into(), event.event_id.to_string().into_bytes()));
         headers.push(("eventType".into(), event.event_type.clone().into_bytes()));
         if let Some(seq) = event.sequence_id {
@@ -283,6 +338,31 @@ impl Encoder {
     }
 }
 
+/// The outbox row as Debezium's `after`: its columns in table order, the
+/// bookkeeping columns as they are at insert.
+fn push_row(out: &mut Vec<u8>, event: &OutboxEvent, payload: &str) {
+    out.extend_from_slice(br#"{"event_id":""#);
+    json::push_uuid(out, &event.event_id);
+    out.extend_from_slice(br#"","sequence_id":"#);
+    json::push_i64(out, event.sequence_id.unwrap_or(0));
+    out.extend_from_slice(br#","aggregate_id":""#);
+    json::push_uuid(out, &event.aggregate_id);
+    out.extend_from_slice(br#"","aggregate_type":"#);
+    json::push_str(out, &event.aggregate_type);
+    out.extend_from_slice(br#","event_type":"#);
+    json::push_str(out, &event.event_type);
+    out.extend_from_slice(br#","payload":"#);
+    json::push_str(out, payload);
+    out.extend_from_slice(
+        br#","status":"pending","retry_count":0,"last_error":null,"lock_id":null,"created_at":""#,
+    );
+    match event.created_at {
+        Some(at) => json::push_zoned_timestamp(out, at),
+        None => out.extend_from_slice(b"1970-01-01T00:00:00.000000Z"),
+    }
+    out.extend_from_slice(br#"","published_at":null}"#);
+}
+
 fn nanos(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros().saturating_mul(1000)
 }
@@ -292,80 +372,11 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
-#[derive(Serialize)]
-struct Row<'a> {
-    event_id: String,
-    sequence_id: i64,
-    aggregate_id: String,
-    aggregate_type: &'a str,
-    event_type: &'a str,
-    payload: Cow<'a, str>,
-    status: &'static str,
-    retry_count: i32,
-    last_error: Option<&'a str>,
-    lock_id: Option<&'a str>,
-    created_at: String,
-    published_at: Option<String>,
-}
-
-impl<'a> Row<'a> {
-    fn of(event: &'a OutboxEvent) -> Row<'a> {
-        Row {
-            event_id: event.event_id.to_string(),
-            sequence_id: event.sequence_id.unwrap_or(0),
-            aggregate_id: event.aggregate_id.to_string(),
-            aggregate_type: &event.aggregate_type,
-            event_type: &event.event_type,
-            payload: payload_jsonb(&event.payload),
-            status: "pending",
-            retry_count: 0,
-            last_error: None,
-            lock_id: None,
-            created_at: event.created_at.map_or_else(
-                || "1970-01-01T00:00:00.000000Z".to_string(),
-                zoned_timestamp,
-            ),
-            published_at: None,
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct SourceInfo<'a> {
-    version: &'static str,
-    connector: &'static str,
-    name: &'a str,
-    ts_ms: i64,
-    snapshot: &'static str,
-    db: &'a str,
-    sequence: Option<String>,
-    ts_us: i64,
-    ts_ns: i64,
-    schema: &'static str,
-    table: &'static str,
-    #[serde(rename = "txId")]
-    tx_id: Option<i64>,
-    lsn: Option<i64>,
-    xmin: Option<i64>,
-    origin: Option<String>,
-    origin_lsn: Option<i64>,
-}
-
-#[derive(Serialize)]
-struct Envelope<'a> {
-    before: Option<Row<'a>>,
-    after: Option<Row<'a>>,
-    source: SourceInfo<'a>,
-    transaction: Option<()>,
-    op: &'static str,
-    ts_ms: i64,
-    ts_us: i64,
-    ts_ns: i64,
-}
-
 /// Debezium's `ZonedTimestamp` of a `timestamptz` column: UTC, six fraction digits.
 pub fn zoned_timestamp(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    let mut out = Vec::with_capacity(27);
+    json::push_zoned_timestamp(&mut out, t);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// The payload as PostgreSQL's jsonb text: the text the source delivered
@@ -424,6 +435,7 @@ fn write_jsonb(value: &Value, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     #[test]
@@ -436,6 +448,231 @@ mod tests {
         assert_eq!(jsonb_text(&json!({})), "{}");
         assert_eq!(jsonb_text(&json!([])), "[]");
         assert_eq!(jsonb_text(&json!("a\"\n\u{1}é")), r#""a\"\n\u0001é""#);
+    }
+
+    /// Debezium's row, as a serde struct in the table's column order: the
+    /// reference the hand-written encoder is held to.
+    #[derive(Serialize)]
+    struct Row<'a> {
+        event_id: String,
+        sequence_id: i64,
+        aggregate_id: String,
+        aggregate_type: &'a str,
+        event_type: &'a str,
+        payload: Cow<'a, str>,
+        status: &'static str,
+        retry_count: i32,
+        last_error: Option<&'a str>,
+        lock_id: Option<&'a str>,
+        created_at: String,
+        published_at: Option<String>,
+    }
+
+    #[derive(Serialize)]
+    struct SourceInfo<'a> {
+        version: &'static str,
+        connector: &'static str,
+        name: &'a str,
+        ts_ms: i64,
+        snapshot: &'static str,
+        db: &'a str,
+        sequence: Option<String>,
+        ts_us: i64,
+        ts_ns: i64,
+        schema: &'static str,
+        table: &'static str,
+        #[serde(rename = "txId")]
+        tx_id: Option<i64>,
+        lsn: Option<i64>,
+        xmin: Option<i64>,
+        origin: Option<String>,
+        origin_lsn: Option<i64>,
+    }
+
+    #[derive(Serialize)]
+    struct Envelope<'a> {
+        before: Option<Row<'a>>,
+        after: Option<Row<'a>>,
+        source: SourceInfo<'a>,
+        transaction: Option<()>,
+        op: &'static str,
+        ts_ms: i64,
+        ts_us: i64,
+        ts_ns: i64,
+    }
+
+    /// The change event's key and value as serde writes the structs above,
+    /// wrapped with the encoder's schemas.
+    fn reference(
+        encoder: &Encoder,
+        database: &str,
+        event: &OutboxEvent,
+        op: Op,
+        committed: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let source_time = match op {
+            Op::Create => committed.or(event.created_at).unwrap_or(now),
+            Op::Read(_) => now,
+        };
+        let row = Row {
+            event_id: event.event_id.to_string(),
+            sequence_id: event.sequence_id.unwrap_or(0),
+            aggregate_id: event.aggregate_id.to_string(),
+            aggregate_type: &event.aggregate_type,
+            event_type: &event.event_type,
+            payload: payload_jsonb(&event.payload),
+            status: "pending",
+            retry_count: 0,
+            last_error: None,
+            lock_id: None,
+            created_at: event.created_at.map_or_else(
+                || "1970-01-01T00:00:00.000000Z".to_string(),
+                |t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            ),
+            published_at: None,
+        };
+        let envelope = Envelope {
+            before: None,
+            after: Some(row),
+            source: SourceInfo {
+                version: DEBEZIUM_VERSION,
+                connector: "postgresql",
+                name: &encoder.prefix,
+                ts_ms: source_time.timestamp_millis(),
+                snapshot: op.snapshot(),
+                db: database,
+                sequence: None,
+                ts_us: source_time.timestamp_micros(),
+                ts_ns: nanos(source_time),
+                schema: SCHEMA,
+                table: TABLE,
+                tx_id: None,
+                lsn: None,
+                xmin: None,
+                origin: None,
+                origin_lsn: None,
+            },
+            transaction: None,
+            op: op.code(),
+            ts_ms: now.timestamp_millis(),
+            ts_us: now.timestamp_micros(),
+            ts_ns: nanos(now),
+        };
+        let wrap = |head: &[u8], payload: String| {
+            let mut out = head.to_vec();
+            out.extend_from_slice(payload.as_bytes());
+            if encoder.schemas {
+                out.push(b'}');
+            }
+            out
+        };
+        (
+            wrap(
+                &encoder.key_head,
+                format!(r#"{{"event_id":"{}"}}"#, event.event_id),
+            ),
+            wrap(&encoder.value_head, to_json(&envelope)),
+        )
+    }
+
+    fn any_time() -> impl Strategy<Value = DateTime<Utc>> {
+        (-5_000_000_000i64..5_000_000_000i64, 0u32..1_000_000_000u32).prop_map(
+            |(seconds, nanos)| DateTime::from_timestamp(seconds, nanos).unwrap_or_default(),
+        )
+    }
+
+    fn any_event() -> impl Strategy<Value = OutboxEvent> {
+        (
+            any::<u128>(),
+            any::<u128>(),
+            proptest::option::of(any::<i64>()),
+            any::<String>(),
+            any::<String>(),
+            any::<String>(),
+            any::<bool>(),
+            proptest::option::of(any_time()),
+        )
+            .prop_map(
+                |(
+                    id,
+                    aggregate,
+                    sequence_id,
+                    aggregate_type,
+                    event_type,
+                    text,
+                    delivered,
+                    created_at,
+                )| {
+                    let value = json!({"displayName": text, "n": 1.50, "tags": [text, null]});
+                    let payload = if delivered {
+                        // As a source delivers it: jsonb's own text.
+                        Payload::from_text(&jsonb_text(&value)).unwrap_or_else(|_| value.into())
+                    } else {
+                        value.into()
+                    };
+                    OutboxEvent {
+                        event_id: uuid::Uuid::from_u128(id),
+                        sequence_id,
+                        aggregate_id: uuid::Uuid::from_u128(aggregate),
+                        aggregate_type,
+                        event_type,
+                        payload,
+                        created_at,
+                    }
+                },
+            )
+    }
+
+    fn any_op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            Just(Op::Create),
+            Just(Op::Read(SnapshotMark::First)),
+            Just(Op::Read(SnapshotMark::Middle)),
+            Just(Op::Read(SnapshotMark::Last)),
+        ]
+    }
+
+    proptest! {
+        /// The hand-written change event is, byte for byte, what serde
+        /// writes for Debezium's envelope, with and without schemas.
+        #[test]
+        fn change_events_are_written_as_serde_writes_the_envelope(
+            event in any_event(),
+            op in any_op(),
+            committed in proptest::option::of(any_time()),
+            now in any_time(),
+            schemas in any::<bool>(),
+            database in any::<String>(),
+        ) {
+            let encoder = Encoder::new(Shape::Cdc, schemas, "p\"x.activity.event_outbox", "x.", &database);
+            let message = encoder.encode_committed(&event, op, committed, now);
+            let (key, value) = reference(&encoder, &database, &event, op, committed, now);
+            prop_assert_eq!(String::from_utf8_lossy(&message.value), String::from_utf8_lossy(&value));
+            prop_assert_eq!(message.key, key);
+            prop_assert_eq!(message.partition_key, event.aggregate_id.to_string().into_bytes());
+        }
+
+        /// A routed record's value is the payload's jsonb text as a JSON string.
+        #[test]
+        fn routed_values_are_the_payload_as_a_json_string(event in any_event(), schemas in any::<bool>()) {
+            let encoder = Encoder::new(Shape::EventRouter, schemas, "p.activity.event_outbox", "outbox.event.", "db");
+            let message = encoder.encode(&event, Op::Create, Utc::now());
+            let body = to_json(&payload_jsonb(&event.payload));
+            let expected = if schemas {
+                format!(r#"{{"schema":{JSON_VALUE_SCHEMA},"payload":{body}}}"#)
+            } else {
+                body
+            };
+            prop_assert_eq!(String::from_utf8_lossy(&message.value), expected);
+            let key = format!(r#""{}""#, event.aggregate_id);
+            let expected_key = if schemas {
+                format!(r#"{{"schema":{UUID_KEY_SCHEMA},"payload":{key}}}"#)
+            } else {
+                key
+            };
+            prop_assert_eq!(message.key, expected_key.into_bytes());
+        }
     }
 
     fn user_created(payload: Payload, created_at: Option<DateTime<Utc>>) -> OutboxEvent {
@@ -486,9 +723,9 @@ mod tests {
             "outbox.event.",
             "db",
         );
-        assert!(encoder
-            .value_schema
-            .ends_with(r#""name":"dbserver1.public.event_outbox.Envelope","version":2}"#));
+        assert!(String::from_utf8_lossy(&encoder.value_head).ends_with(
+            r#""name":"dbserver1.public.event_outbox.Envelope","version":2},"payload":"#
+        ));
         assert_eq!(encoder.prefix, "dbserver1");
     }
 
