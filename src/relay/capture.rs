@@ -251,6 +251,17 @@ impl Source for SlotCapture {
         Ok(())
     }
 
+    /// Not once the snapshot's last batch is out: its acknowledgement
+    /// switches slots, and the rows after it come from `<slot>`.
+    fn fetch_ahead(&self) -> bool {
+        match &self.phase {
+            Phase::Init(source) | Phase::Main(source) => {
+                self.last_snapshot_lsn.is_none() && source.fetch_ahead()
+            }
+            Phase::Switching { .. } => false,
+        }
+    }
+
     async fn idle(&mut self) -> Result<(), SourceError> {
         match &mut self.phase {
             Phase::Init(source) | Phase::Main(source) => source.idle().await,

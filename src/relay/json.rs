@@ -2,7 +2,7 @@
 //! JSON strings escaped exactly as `serde_json` escapes them, integers,
 //! UUIDs and `ZonedTimestamp`s, with no intermediate `String` and no
 //! formatting machinery. The relay encodes every outbox row with these (see
-//! docs/design.md, "The relay"); the unit tests hold them to `serde_json`'s
+//! docs/design.md, section 3); the unit tests hold them to `serde_json`'s
 //! and `chrono`'s output.
 
 use chrono::{DateTime, Datelike, Timelike, Utc};

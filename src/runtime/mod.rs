@@ -129,6 +129,20 @@ pub struct Shared {
     pub acknowledged: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// A batch taken from the source and not applied yet, with its events'
+/// commit times, the time its stages took so far, and when it was asked for.
+/// Where the sink writes ahead and the source hands out ahead, the runtime
+/// holds one such batch while it takes the next: the next batch is read and
+/// handed to the sink while this one is being delivered, and batches are
+/// still applied, saved and acknowledged one by one, in order (see
+/// docs/design.md, "The runtime").
+struct Held<A> {
+    batch: SourceBatch<A>,
+    committed: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    stages: StageTimes,
+    asked: Instant,
+}
+
 /// One worker: a source, a sink, and what lies between.
 pub struct Pipeline<S: Source, K: Sink> {
     source: S,
@@ -191,17 +205,50 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         let mut backoff = self.retry.backoff();
         let mut outage = Outage::new(source_component(self.shared.source), "source unavailable");
         let (size, wait) = (self.shared.config.batch_size, self.shared.config.batch_wait);
+        // A batch taken, and written ahead, but not applied yet: the next
+        // batch is taken while it is being delivered (see `Held`).
+        let mut held: Option<Held<S::Ack>> = None;
         loop {
             self.shared.health.tick();
+            if held.is_some() && !self.ahead() {
+                if let Some(batch) = held.take() {
+                    if !self.finish(batch).await? {
+                        return Ok(());
+                    }
+                }
+            }
             // A transaction half applied is finished first, so that the last
             // acknowledged position covers it (a second signal still stops at once).
             if self.shared.shutdown.is_cancelled() && !self.source.mid_transaction() {
+                if let Some(batch) = held.take() {
+                    self.finish(batch).await?;
+                }
                 tracing::info!("intake stopped");
                 return Ok(());
             }
             self.mark_late().await;
             let asked = Instant::now();
-            match self.source.next_batch(size, wait).await {
+            // With a batch on its way, take only what is there already: its
+            // acknowledgement must not wait for a quiet source.
+            let wait = if held.is_some() {
+                std::time::Duration::ZERO
+            } else {
+                wait
+            };
+            let fetched = self.source.next_batch(size, wait).await;
+            if !matches!(fetched, Ok(Some(_))) {
+                // Nothing new (or a failure): the batch on its way is
+                // finished first.
+                if let Some(batch) = held.take() {
+                    if !self.finish(batch).await? {
+                        return Ok(());
+                    }
+                    if matches!(fetched, Ok(None)) {
+                        continue;
+                    }
+                }
+            }
+            match fetched {
                 Ok(Some(batch)) => {
                     let mut stages = StageTimes::default();
                     stages.lap(Stage::Source, asked);
@@ -215,17 +262,25 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                         &committed,
                         batch.malformed.len(),
                     );
-                    let span = tracing::debug_span!("batch", events = batch.events.len());
-                    let processing = Instant::now();
-                    let processed = self.process(batch, &committed, stages);
-                    if !processed.instrument(span).await? {
+                    if K::WRITES_AHEAD {
+                        self.sink.write_ahead(&batch).await;
+                    }
+                    let batch = Held {
+                        batch,
+                        committed,
+                        stages,
+                        asked,
+                    };
+                    if let Some(earlier) = held.take() {
+                        if !self.finish(earlier).await? {
+                            return Ok(());
+                        }
+                    }
+                    if self.ahead() {
+                        held = Some(batch);
+                    } else if !self.finish(batch).await? {
                         return Ok(());
                     }
-                    tracing::debug!(
-                        source_ms = (processing - asked).as_secs_f64() * 1e3,
-                        process_ms = processing.elapsed().as_secs_f64() * 1e3,
-                        "batch done"
-                    );
                 }
                 Ok(None) => {
                     backoff.reset();
@@ -250,6 +305,35 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                 progress.tick(&mut self.source).await;
             }
         }
+    }
+
+    /// The next batch may be taken before the last one is applied: the sink
+    /// writes ahead and the source can hand out batches ahead.
+    fn ahead(&self) -> bool {
+        K::WRITES_AHEAD && self.source.fetch_ahead()
+    }
+
+    /// Applies and acknowledges a batch taken earlier; `false`: shutdown
+    /// came first.
+    async fn finish(&mut self, held: Held<S::Ack>) -> Result<bool, PipelineError> {
+        let Held {
+            batch,
+            committed,
+            stages,
+            asked,
+        } = held;
+        let span = tracing::debug_span!("batch", events = batch.events.len());
+        let processing = Instant::now();
+        let processed = self.process(batch, &committed, stages);
+        if !processed.instrument(span).await? {
+            return Ok(false);
+        }
+        tracing::debug!(
+            source_ms = (processing - asked).as_secs_f64() * 1e3,
+            process_ms = processing.elapsed().as_secs_f64() * 1e3,
+            "batch done"
+        );
+        Ok(true)
     }
 
     /// Nothing came: keep the source alive; `true` once caught up (with

@@ -14,11 +14,51 @@ use crate::stages::Stage;
 pub struct KafkaSink {
     encoder: Encoder,
     producer: Producer,
+    /// The batches handed to the producer ahead of their `apply`, oldest
+    /// first (at most two: the one being applied and the next).
+    ahead: std::collections::VecDeque<Ahead>,
+}
+
+/// A batch written ahead: which one (its size and first and last event),
+/// and its deliveries.
+struct Ahead {
+    events: usize,
+    ends: Option<(uuid::Uuid, uuid::Uuid)>,
+    sending: Sending,
+}
+
+fn ends<A>(batch: &SourceBatch<A>) -> Option<(uuid::Uuid, uuid::Uuid)> {
+    Some((
+        batch.events.first()?.event_id,
+        batch.events.last()?.event_id,
+    ))
 }
 
 impl KafkaSink {
     pub fn new(encoder: Encoder, producer: Producer) -> KafkaSink {
-        KafkaSink { encoder, producer }
+        KafkaSink {
+            encoder,
+            producer,
+            ahead: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Encodes every event of `batch` and hands it to the producer, in order.
+    async fn send<A: Sync>(&mut self, batch: &SourceBatch<A>) -> Result<Sending, RelayError> {
+        let now = chrono::Utc::now();
+        // Each message goes to the client as soon as it is encoded, so the
+        // broker is sending the batch's first messages while the rest are
+        // encoded.
+        let mut sending = Sending::default();
+        for (index, event) in batch.events.iter().enumerate() {
+            let topic = self.encoder.topic_of(event);
+            self.producer.prepare(&topic).await?;
+            let op = Op::from(batch.origin(index));
+            let committed = batch.commit_time(index);
+            let message = self.encoder.encode_committed(event, op, committed, now);
+            self.producer.send(&mut sending, &message).await?;
+        }
+        Ok(sending)
     }
 
     /// Learns a topic's partitions (every message of an aggregate goes to
@@ -36,19 +76,18 @@ impl Sink for KafkaSink {
 
     async fn apply<A: Sync>(&mut self, batch: &SourceBatch<A>) -> Result<SinkReport, RelayError> {
         let started = std::time::Instant::now();
-        let now = chrono::Utc::now();
-        // Each message goes to the client as soon as it is encoded, so the
-        // broker is sending the batch's first messages while the rest are
-        // encoded.
-        let mut sending = Sending::default();
-        for (index, event) in batch.events.iter().enumerate() {
-            let topic = self.encoder.topic_of(event);
-            self.producer.prepare(&topic).await?;
-            let op = Op::from(batch.origin(index));
-            let committed = batch.commit_time(index);
-            let message = self.encoder.encode_committed(event, op, committed, now);
-            self.producer.send(&mut sending, &message).await?;
-        }
+        // The batch written ahead, if it is this one; otherwise (none, or
+        // one the runtime did not apply next) it is sent now. A batch sent
+        // twice is a repeat on the topic, which the consumers fence.
+        let sending = match self.ahead.pop_front() {
+            Some(ahead) if ahead.events == batch.events.len() && ahead.ends == ends(batch) => {
+                ahead.sending
+            }
+            _ => {
+                self.ahead.clear();
+                self.send(batch).await?
+            }
+        };
         self.producer.settle(sending).await?;
         crate::observe::kafka_produced(batch.events.len() as u64);
         for letter in &batch.malformed {
@@ -61,6 +100,24 @@ impl Sink for KafkaSink {
         };
         report.stages.add(Stage::Write, started.elapsed());
         Ok(report)
+    }
+
+    /// The producer keeps each partition's messages in order across
+    /// batches, and a message never times out locally: a later batch's
+    /// message cannot overtake an earlier one's, whichever `apply` settles it.
+    const WRITES_AHEAD: bool = true;
+
+    async fn write_ahead<A: Sync>(&mut self, batch: &SourceBatch<A>) {
+        match self.send(batch).await {
+            Ok(sending) => self.ahead.push_back(Ahead {
+                events: batch.events.len(),
+                ends: ends(batch),
+                sending,
+            }),
+            Err(err) => {
+                tracing::debug!(error = %crate::policy::describe(&err), "a batch was not written ahead; it is sent when applied");
+            }
+        }
     }
 
     fn interruptible(&self) -> bool {

@@ -73,6 +73,19 @@ pub trait Sink: Send {
         batch: &SourceBatch<A>,
     ) -> impl Future<Output = Result<SinkReport, Self::Error>> + Send;
 
+    /// The sink keeps its writes in order across batches on its own (the
+    /// Kafka producer: one ordered queue per partition), so a batch may be
+    /// handed over ([`Sink::write_ahead`]) before the one before it is
+    /// durable; [`Sink::apply`] then only waits for it.
+    const WRITES_AHEAD: bool = false;
+
+    /// Starts writing `batch`, the next one [`Sink::apply`] will get, while
+    /// the batch before it may still be on its way. Best effort: whatever
+    /// fails here, `apply` does again (a repeat the consumers fence).
+    fn write_ahead<A: Sync>(&mut self, _batch: &SourceBatch<A>) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// A graceful stop may abandon a write in flight (it is not
     /// acknowledged, so it comes again): for a sink whose write can wait for
     /// a server indefinitely.

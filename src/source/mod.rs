@@ -203,6 +203,14 @@ pub trait Source {
         Ok(())
     }
 
+    /// The next batch may be taken before the last one handed out is
+    /// acknowledged (acknowledgements still come in batch order): the
+    /// runtime then takes it while the sink is still delivering the last one,
+    /// when the sink writes ahead ([`crate::sink::Sink::WRITES_AHEAD`]).
+    fn fetch_ahead(&self) -> bool {
+        false
+    }
+
     /// The last batch ended inside a transaction: on a graceful stop, the
     /// pipeline takes batches until this is false, so that the position it
     /// acknowledges last covers everything it applied (a restart then

@@ -470,6 +470,13 @@ impl Source for ReplicationSource {
         matches!(self.phase, Phase::Streaming(_)) && (self.in_txn || self.carry.is_some())
     }
 
+    /// Snapshot chunks and streamed batches carry rising positions, and an
+    /// acknowledgement only moves the slot up to its own; the sweep reads
+    /// the rows' status, which earlier batches must have set first.
+    fn fetch_ahead(&self) -> bool {
+        !self.options.sweep
+    }
+
     /// The last status update is on its way when `ack` returns, but the
     /// walsender may read it after the process has gone: wait (briefly) until
     /// the slot shows it, so that a stop followed by a start re-delivers
