@@ -113,6 +113,15 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         .await?;
     let relay_rate = rate_since(&report, started_ms, n)?;
     let relay_context = ChildCost::of(&report, started_ms, n);
+    {
+        use activity_event_processor::stages::Stage;
+        bench.stage_breakdown(
+            "kafka.relay",
+            "9 kafka",
+            &report,
+            &[Stage::Source, Stage::Write, Stage::Mark, Stage::Acknowledge],
+        );
+    }
     // What is on the topic: the rows that could be relayed.
     let relayed = report.applied;
     bench.say(&format!(

@@ -204,7 +204,7 @@ impl Bench {
         let progress = self.progress_fn("end to end", n);
         child.wait_done(n, timeout, progress).await?;
         let report = child.stop().await?;
-        self.stage_breakdown("e2e", stage, &report);
+        self.stage_breakdown("e2e", stage, &report, &[]);
         pg::drop_database(&self.admin, "aep_bench_end_to_end").await?;
         let rate = rate_since(&report, committed_ms, n)?;
         self.same_documents("aep_bench_end_to_end").await?;
@@ -401,18 +401,29 @@ impl Bench {
                 );
             }
         }
-        self.stage_breakdown("latency", stage, &report);
+        self.stage_breakdown("latency", stage, &report, &[]);
         self.against_metrics(&metrics);
         self.latencies_ms = latencies;
         Ok(())
     }
 
     /// Where the run's batches spent their time, stage by stage (the stats
-    /// file's `stages`): per batch, and as a share of the batches' time.
-    fn stage_breakdown(&mut self, prefix: &str, stage: &str, report: &StatsReport) {
+    /// file's `stages`): per batch, and as a share of the batches' time;
+    /// `only`, when not empty, names the stages to report.
+    pub(crate) fn stage_breakdown(
+        &mut self,
+        prefix: &str,
+        stage: &str,
+        report: &StatsReport,
+        only: &[activity_event_processor::stages::Stage],
+    ) {
         let batches = report.batches.max(1) as f64;
         let total: u64 = report.stages.values().sum();
-        for name in activity_event_processor::stages::Stage::ALL.map(|s| s.as_str()) {
+        for name in activity_event_processor::stages::Stage::ALL
+            .into_iter()
+            .filter(|s| only.is_empty() || only.contains(s))
+            .map(|s| s.as_str())
+        {
             let micros = report.stages.get(name).copied().unwrap_or(0);
             let share = if total > 0 {
                 micros as f64 * 100.0 / total as f64

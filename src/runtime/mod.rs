@@ -263,7 +263,9 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                         batch.malformed.len(),
                     );
                     if K::WRITES_AHEAD {
+                        let started = Instant::now();
                         self.sink.write_ahead(&batch).await;
+                        stages.lap(Stage::Write, started);
                     }
                     let batch = Held {
                         batch,
