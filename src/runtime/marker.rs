@@ -17,8 +17,9 @@ use crate::decode::OutboxEvent;
 use crate::outbox::{self, OutboxError};
 use crate::policy::{Classify, ErrorClass};
 use crate::source::BatchOutcome;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -88,9 +89,32 @@ pub struct OutboxMarker {
     late: Marks,
     /// When the oldest of `late` was first tried.
     late_since: Option<Instant>,
-    /// A batch's `processed` update made while the batch is written: the
-    /// connection whose transaction is still open, and the ids it could not see.
-    open: Option<(Client, Vec<Uuid>)>,
+    /// Batches' `processed` updates begun before their effects are durable,
+    /// oldest first (at most two: the batch being written and, where the
+    /// sink writes ahead, the next).
+    open: VecDeque<Opening>,
+    /// Connections free for the next [`OutboxMarker::begin`].
+    spare: Vec<Client>,
+}
+
+/// Which batch an update was begun for: its size and its first and last
+/// event.
+type BatchId = (usize, Option<Uuid>, Option<Uuid>);
+
+fn batch_id(events: &[OutboxEvent]) -> BatchId {
+    (
+        events.len(),
+        events.first().map(|e| e.event_id),
+        events.last().map(|e| e.event_id),
+    )
+}
+
+/// A batch's `processed` update, running or done on a connection of its
+/// own: the connection, with its transaction still open, and the ids the
+/// update could not see (`None`: nothing could be begun).
+struct Opening {
+    batch: BatchId,
+    task: JoinHandle<Option<(Client, Vec<Uuid>)>>,
 }
 
 /// What a set of rows becomes.
@@ -117,7 +141,8 @@ impl OutboxMarker {
             client: None,
             late: Marks::default(),
             late_since: None,
-            open: None,
+            open: VecDeque::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -160,39 +185,73 @@ impl OutboxMarker {
     /// rolls back otherwise), so that the update's work overlaps the write
     /// and "processed" still means durable. On any error nothing is open and
     /// `finish` marks the plain way.
+    ///
+    /// The update runs in a task of its own, on a connection of its own, so
+    /// it also overlaps whatever the caller does next; a batch already
+    /// begun is not begun again.
     pub async fn begin(&mut self, events: &[OutboxEvent]) {
-        self.open = None;
-        if events.is_empty() {
+        let batch = batch_id(events);
+        if events.is_empty() || self.open.iter().any(|open| open.batch == batch) {
             return;
         }
         let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-        let client = match self.client.take() {
-            Some(client) if !client.is_closed() => client,
-            _ => match outbox::connect(&self.pg).await {
-                Ok(client) => client,
+        let client = std::iter::from_fn(|| self.spare.pop())
+            .chain(self.client.take())
+            .find(|client| !client.is_closed());
+        let pg = self.pg.clone();
+        let task = tokio::spawn(async move {
+            let client = match client {
+                Some(client) => client,
+                None => match outbox::connect(&pg).await {
+                    Ok(client) => client,
+                    Err(err) => {
+                        tracing::debug!(error = %crate::policy::describe(&err), "cannot start marking early");
+                        return None;
+                    }
+                },
+            };
+            let begun = async {
+                // A process stopped mid-write (frozen, say) must not hold
+                // these rows' locks for long: whoever takes over marks them too.
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '{}s'",
+                        OPEN_LIMIT.as_secs()
+                    ))
+                    .await?;
+                client.query(MARK_PROCESSED, &[&ids]).await
+            };
+            match begun.await {
+                Ok(rows) => Some((client, rows.iter().map(|row| row.get(0)).collect())),
                 Err(err) => {
-                    tracing::debug!(error = %crate::policy::describe(&err), "cannot start marking early");
-                    return;
+                    // The connection is dropped with whatever it had begun.
+                    tracing::debug!(error = %crate::outbox::describe(&err), "cannot start marking early");
+                    None
                 }
-            },
-        };
-        let begun = async {
-            // A process stopped mid-write (frozen, say) must not hold
-            // these rows' locks for long: whoever takes over marks them too.
-            client
-                .batch_execute(&format!(
-                    "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '{}s'",
-                    OPEN_LIMIT.as_secs()
-                ))
-                .await?;
-            client.query(MARK_PROCESSED, &[&ids]).await
-        };
-        match begun.await {
-            Ok(rows) => self.open = Some((client, rows.iter().map(|row| row.get(0)).collect())),
-            Err(err) => {
-                // The connection is dropped with whatever it had begun.
-                tracing::debug!(error = %crate::outbox::describe(&err), "cannot start marking early");
             }
+        });
+        self.open.push_back(Opening { batch, task });
+    }
+
+    /// The update begun for this batch, waited for: its connection, with the
+    /// transaction open, and the ids it could not see. Updates begun for
+    /// batches before it are stale (those batches are never finished): they
+    /// are dropped, and with their connections their transactions.
+    async fn opened(&mut self, events: &[OutboxEvent]) -> Option<(Client, Vec<Uuid>)> {
+        let batch = batch_id(events);
+        let at = self.open.iter().position(|open| open.batch == batch)?;
+        for stale in self.open.drain(..at) {
+            stale.task.abort();
+        }
+        self.open.pop_front()?.task.await.ok().flatten()
+    }
+
+    /// Keeps a connection for the next statements or the next update.
+    fn give_back(&mut self, client: Client) {
+        if self.client.is_none() {
+            self.client = Some(client);
+        } else if self.spare.len() < 2 {
+            self.spare.push(client);
         }
     }
 
@@ -204,7 +263,7 @@ impl OutboxMarker {
         events: &[OutboxEvent],
         outcome: &BatchOutcome,
     ) -> Result<(), MarkError> {
-        let Some((client, unseen)) = self.open.take() else {
+        let Some((client, unseen)) = self.opened(events).await else {
             return self.mark(events, outcome).await;
         };
         let dead = Marks {
@@ -218,7 +277,7 @@ impl OutboxMarker {
         };
         match committed.await {
             Ok(mut left) => {
-                self.client = Some(client);
+                self.give_back(client);
                 left.applied = applied(unseen.into_iter(), &dead.dead);
                 self.mark_late().await?;
                 self.settle(left).await
@@ -233,11 +292,13 @@ impl OutboxMarker {
     }
 
     /// Rolls back what [`OutboxMarker::begin`] opened (the batch was not
-    /// written).
+    /// written, and nothing after it is).
     pub async fn abort(&mut self) {
-        if let Some((client, _)) = self.open.take() {
-            if client.batch_execute("ROLLBACK").await.is_ok() {
-                self.client = Some(client);
+        while let Some(open) = self.open.pop_front() {
+            if let Ok(Some((client, _))) = open.task.await {
+                if client.batch_execute("ROLLBACK").await.is_ok() {
+                    self.give_back(client);
+                }
             }
         }
     }

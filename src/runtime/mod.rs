@@ -265,6 +265,10 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                     if K::WRITES_AHEAD {
                         let started = Instant::now();
                         self.sink.write_ahead(&batch).await;
+                        // Its rows' update too, uncommitted until it is durable.
+                        if let Some(marker) = self.marker.as_mut() {
+                            marker.begin(&batch.events).await;
+                        }
                         stages.lap(Stage::Write, started);
                     }
                     let batch = Held {
