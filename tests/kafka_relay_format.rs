@@ -222,7 +222,7 @@ fn encoded_seed_events_equal_the_fixtures_and_decode_back() {
             let message = router.encode(event, Op::Create, now);
             let dir = format!("outbox/default/{variant}/{router_name}");
             assert_eq!(
-                message.topic,
+                &*message.topic,
                 format!("outbox.event.{}", event.aggregate_type)
             );
             assert_eq!(
@@ -356,7 +356,7 @@ async fn a_relayed_seed_equals_the_fixtures_on_the_broker() {
                 })
                 .unwrap_or_else(|| panic!("{name} was not relayed"));
             let message = Message {
-                topic: topic.clone(),
+                topic: topic.as_str().into(),
                 key: record.key.clone().unwrap_or_default(),
                 value: record.value.clone().unwrap_or_default(),
                 headers: record

@@ -565,7 +565,7 @@ mod tests {
         let history = generate(3, &HistoryOptions::realistic(25_000));
         let pool = message_pool(&history, &config.kafka, "aep_bench_1_raw", "db");
         assert_eq!(pool.len(), 8_334); // every 3rd event
-        assert!(pool.iter().all(|m| m.topic == "aep_bench_1_raw"));
+        assert!(pool.iter().all(|m| &*m.topic == "aep_bench_1_raw"));
         let last = &history[24_999]; // 3 * 8_333
         let last_pool = pool.last().expect("messages");
         assert_eq!(

@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// The Debezium release whose format is reproduced (`source.version`).
 pub const DEBEZIUM_VERSION: &str = "3.6.1.Final";
@@ -83,10 +84,11 @@ impl Op {
 /// One Kafka record to produce.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Shared by the records of one encoder where they carry the same.
+    pub headers: Arc<[(String, Vec<u8>)]>,
     /// The record timestamp (ms); `None`: the producer's clock.
     pub timestamp: Option<i64>,
     /// The bytes whose murmur2 hash picks the partition: the aggregate id, so
@@ -107,10 +109,10 @@ pub struct Encoder {
     shape: Shape,
     /// Debezium's `topic.prefix`: `source.name` and the schema names' first part.
     prefix: String,
-    cdc_topic: String,
+    cdc_topic: Arc<str>,
     router_topic_prefix: String,
     /// The context headers every record carries (one run id per process).
-    headers: Vec<(String, Vec<u8>)>,
+    headers: Arc<[(String, Vec<u8>)]>,
     /// `source.name` and `source.db`, as JSON strings.
     name_json: Vec<u8>,
     db_json: Vec<u8>,
@@ -170,9 +172,9 @@ impl Encoder {
             name_json: json_string(&prefix),
             db_json: json_string(database),
             prefix,
-            cdc_topic: cdc_topic.to_string(),
+            cdc_topic: Arc::from(cdc_topic),
             router_topic_prefix: router_topic_prefix.to_string(),
-            headers: Vec::new(),
+            headers: Arc::new([]),
             key_head: head(schemas, &key_schema),
             value_head: head(schemas, &value_schema),
             routed_key_head: head(schemas, UUID_KEY_SCHEMA),
@@ -190,10 +192,13 @@ impl Encoder {
     }
 
     /// The topic an event goes to.
-    pub fn topic_of(&self, event: &OutboxEvent) -> String {
+    pub fn topic_of(&self, event: &OutboxEvent) -> Arc<str> {
         match self.shape {
             Shape::Cdc => self.cdc_topic.clone(),
-            Shape::EventRouter => format!("{}{}", self.router_topic_prefix, event.aggregate_type),
+            Shape::EventRouter => Arc::from(format!(
+                "{}{}",
+                self.router_topic_prefix, event.aggregate_type
+            )),
         }
     }
 
@@ -219,7 +224,7 @@ impl Encoder {
         }
     }
 
-    fn context_headers(&self, run_id: &str) -> Vec<(String, Vec<u8>)> {
+    fn context_headers(&self, run_id: &str) -> Arc<[(String, Vec<u8>)]> {
         [
             (
                 "__debezium.context.connectorLogicalName",
@@ -321,7 +326,7 @@ impl Encoder {
         let value = self.record(&self.routed_value_head, 2 * payload.len() + 2, |out| {
             json::push_str(out, &payload);
         });
-        let mut headers = self.headers.clone();
+        let mut headers = self.headers.to_vec();
         headers.push(("id".into(), event.event_id.to_string().into_bytes()));
         headers.push(("eventType".into(), event.event_type.clone().into_bytes()));
         if let Some(seq) = event.sequence_id {
@@ -332,7 +337,7 @@ impl Encoder {
             partition_key: key.clone(),
             key,
             value,
-            headers,
+            headers: headers.into(),
             timestamp: Some(now.timestamp_millis()),
         }
     }

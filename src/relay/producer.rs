@@ -52,7 +52,7 @@ pub fn murmur2(data: &[u8]) -> i32 {
 /// The record that produces `message` to `partition`.
 pub fn record(message: &Message, partition: i32) -> FutureRecord<'_, Vec<u8>, Vec<u8>> {
     let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
-    for (name, value) in &message.headers {
+    for (name, value) in message.headers.iter() {
         headers = headers.insert(Header {
             key: name,
             value: Some(value),
@@ -173,7 +173,7 @@ impl Producer {
         sending: &mut Sending,
         message: &Message,
     ) -> Result<(), DeliveryError> {
-        let count = self.partitions.get(&message.topic).copied().unwrap_or(1);
+        let count = self.partitions.get(&*message.topic).copied().unwrap_or(1);
         let mut record = record(message, partition_for(&message.partition_key, count));
         loop {
             match self.inner.send_result(record) {
