@@ -16,20 +16,6 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(600);
 
-async fn processed(stage: &Stage) -> i64 {
-    stage
-        .pg
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM event_outbox WHERE status = 'processed'",
-            &[],
-        )
-        .await
-        .expect("count processed")
-        .get(0)
-}
-
 /// Polls `probe` until it reaches `at_least` (panics after `LIMIT`).
 async fn wait_for<F, Fut>(what: &str, at_least: i64, stage: &Stage, mut probe: F)
 where
@@ -80,7 +66,7 @@ async fn a_relayed_20k_history_converges_in_a_group_of_two_through_kill_9s() {
     // The relay dies while publishing its initial snapshot...
     let mut relay = kafka::spawn(&["relay"], &info, &relay_log);
     wait_for("published before the first kill", 2_000, &stage, || {
-        processed(&stage)
+        kafka::processed(&stage)
     })
     .await;
     kafka::kill_9(&mut relay);
@@ -90,7 +76,7 @@ async fn a_relayed_20k_history_converges_in_a_group_of_two_through_kill_9s() {
         stage.load(chunk).await;
     }
     wait_for("published before the second kill", 14_000, &stage, || {
-        processed(&stage)
+        kafka::processed(&stage)
     })
     .await;
     kafka::kill_9(&mut relay);
@@ -133,7 +119,7 @@ async fn a_relayed_20k_history_converges_in_a_group_of_two_through_kill_9s() {
         expected.dead_letters.len()
     );
     assert_eq!(
-        processed(&stage).await,
+        kafka::processed(&stage).await,
         20_000,
         "the relay published every row"
     );

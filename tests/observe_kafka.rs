@@ -9,9 +9,7 @@
 mod common;
 
 use activity_event_history::{generate, HistoryOptions};
-use activity_event_processor::decode::{
-    decode_message, DecodeOptions, Decoded, OutboxEvent, RawMessage,
-};
+use activity_event_processor::decode::OutboxEvent;
 use activity_event_processor::relay::{partition_for, Encoder, Message, Op, Shape};
 use chrono::{DateTime, Utc};
 use common::faults::wait_for_line;
@@ -22,7 +20,7 @@ use common::proxy::{mongodb_address, mongodb_uri_through, Mode, Proxy};
 use common::services::OwnServices;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -451,63 +449,9 @@ async fn readiness_fails_while_the_broker_is_frozen_and_the_relay_publishes_each
     stage.load(&after[250..]).await;
 
     let total = history.len();
-    let consumed = tokio::task::spawn_blocking({
-        let (brokers, topic) = (brokers.clone(), topic.clone());
-        move || {
-            // Everything, then a few seconds more for any repeat to show.
-            let mut complete: Option<Instant> = None;
-            kafka::consume_until_at(&brokers, &topic, LIMIT, |got| {
-                if got.len() >= total && complete.is_none() {
-                    complete = Some(Instant::now());
-                }
-                complete.is_some_and(|at| at.elapsed() > Duration::from_secs(5))
-            })
-        }
-    })
-    .await
-    .expect("read the topic back");
+    let consumed = kafka::read_back(&brokers, &topic, total, LIMIT).await;
     kafka::terminate(&mut relay, Duration::from_secs(20));
 
-    let mut seen: HashMap<Uuid, usize> = HashMap::new();
-    let mut by_aggregate: HashMap<Uuid, Vec<(i32, i64, Option<i64>)>> = HashMap::new();
-    for record in &consumed {
-        let raw = RawMessage {
-            topic: Some(&topic),
-            key: record.key.as_deref(),
-            value: record.value.as_deref(),
-            headers: &record.headers,
-        };
-        let Ok(Decoded::Event(event)) = decode_message(&raw, &DecodeOptions::default()) else {
-            panic!("not an event: {record:?}");
-        };
-        *seen.entry(event.event_id).or_default() += 1;
-        by_aggregate.entry(event.aggregate_id).or_default().push((
-            record.partition,
-            record.offset,
-            event.sequence_id,
-        ));
-    }
-    let missing = history
-        .iter()
-        .filter(|e| !seen.contains_key(&e.event_id))
-        .count();
-    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert_eq!(missing, 0, "events not on the topic\n{}", kafka::tail(&log));
-    assert!(
-        repeated.is_empty(),
-        "events on the topic more than once: {repeated:?}"
-    );
-    assert_eq!(consumed.len(), total);
-    for (aggregate, mut records) in by_aggregate {
-        records.sort_by_key(|(partition, offset, _)| (*partition, *offset));
-        assert!(
-            records.windows(2).all(|w| w[0].0 == w[1].0),
-            "aggregate {aggregate} on more than one partition: {records:?}"
-        );
-        assert!(
-            records.windows(2).all(|w| w[0].2 < w[1].2),
-            "aggregate {aggregate} out of sequence order: {records:?}"
-        );
-    }
+    kafka::assert_each_event_once_in_order(&consumed, &history, &topic, &log);
     let _ = std::fs::remove_file(log);
 }

@@ -354,3 +354,90 @@ pub fn kafka_env(topics: &str, group: &str) -> Vec<(&'static str, String)> {
         ("KAFKA_PRODUCER_CONFIG", "batch.num.messages=1".into()),
     ]
 }
+
+/// Outbox rows marked `processed` (for the relay: published).
+pub async fn processed(stage: &super::pipeline::Stage) -> i64 {
+    stage
+        .pg
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM event_outbox WHERE status = 'processed'",
+            &[],
+        )
+        .await
+        .expect("count processed")
+        .get(0)
+}
+
+/// What the relay put on `topic` (`consumed`) holds every event of
+/// `history` exactly once, each aggregate's events on one partition in
+/// sequence order (`log`: the relay's, shown when an event is missing).
+pub fn assert_each_event_once_in_order(
+    consumed: &[Consumed],
+    history: &[activity_event_processor::decode::OutboxEvent],
+    topic: &str,
+    log: &Path,
+) {
+    use activity_event_processor::decode::{decode_message, DecodeOptions, Decoded, RawMessage};
+    use std::collections::HashMap;
+    use uuid::Uuid;
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    let mut by_aggregate: HashMap<Uuid, Vec<(i32, i64, Option<i64>)>> = HashMap::new();
+    for record in consumed {
+        let raw = RawMessage {
+            topic: Some(topic),
+            key: record.key.as_deref(),
+            value: record.value.as_deref(),
+            headers: &record.headers,
+        };
+        let Ok(Decoded::Event(event)) = decode_message(&raw, &DecodeOptions::default()) else {
+            panic!("not an event: {record:?}");
+        };
+        *seen.entry(event.event_id).or_default() += 1;
+        by_aggregate.entry(event.aggregate_id).or_default().push((
+            record.partition,
+            record.offset,
+            event.sequence_id,
+        ));
+    }
+    let missing = history
+        .iter()
+        .filter(|e| !seen.contains_key(&e.event_id))
+        .count();
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert_eq!(missing, 0, "events not on the topic\n{}", tail(log));
+    assert!(
+        repeated.is_empty(),
+        "events on the topic more than once: {repeated:?}"
+    );
+    assert_eq!(consumed.len(), history.len());
+    for (aggregate, mut records) in by_aggregate {
+        records.sort_by_key(|(partition, offset, _)| (*partition, *offset));
+        assert!(
+            records.windows(2).all(|w| w[0].0 == w[1].0),
+            "aggregate {aggregate} on more than one partition: {records:?}"
+        );
+        assert!(
+            records.windows(2).all(|w| w[0].2 < w[1].2),
+            "aggregate {aggregate} out of sequence order: {records:?}"
+        );
+    }
+}
+
+/// Reads `topic` at `brokers` until it holds `count` records, then a few
+/// seconds more for any repeat to show.
+pub async fn read_back(brokers: &str, topic: &str, count: usize, limit: Duration) -> Vec<Consumed> {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut complete: Option<Instant> = None;
+        consume_until_at(&brokers, &topic, limit, |got| {
+            if got.len() >= count && complete.is_none() {
+                complete = Some(Instant::now());
+            }
+            complete.is_some_and(|at| at.elapsed() > Duration::from_secs(5))
+        })
+    })
+    .await
+    .expect("read the topic back")
+}
