@@ -16,7 +16,7 @@ use crate::dead_letter::DeadLetter;
 use crate::decode::OutboxEvent;
 use crate::outbox::{self, OutboxError};
 use crate::policy::{Classify, ErrorClass};
-use crate::source::BatchOutcome;
+use crate::source::{batch_id, BatchId, BatchOutcome};
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -95,18 +95,6 @@ pub struct OutboxMarker {
     open: VecDeque<Opening>,
     /// Connections free for the next [`OutboxMarker::begin`].
     spare: Vec<Client>,
-}
-
-/// Which batch an update was begun for: its size and its first and last
-/// event.
-type BatchId = (usize, Option<Uuid>, Option<Uuid>);
-
-fn batch_id(events: &[OutboxEvent]) -> BatchId {
-    (
-        events.len(),
-        events.first().map(|e| e.event_id),
-        events.last().map(|e| e.event_id),
-    )
 }
 
 /// A batch's `processed` update, running or done on a connection of its

@@ -14,24 +14,27 @@
 //! [`PipelineError`]. A shutdown request stops intake; the batch in flight
 //! is finished, or abandoned unacknowledged during a retry's pause.
 
+mod crash_points;
 mod marker;
 mod observed;
 mod progress;
 mod retry;
 
 pub use crate::counters::Stats;
+pub use crash_points::CrashPoints;
 pub use marker::{MarkError, OutboxMarker};
 pub use retry::{Outage, Retry};
 
 use crate::checkpoint::{CheckpointError, MongoCheckpoint};
 use crate::config::{PipelineConfig, SourceKind};
-use crate::failpoint::{self, crash_point};
+use crate::failpoint::crash_point;
 use crate::observe::Component;
 use crate::policy::{describe, Classify, ErrorClass};
 use crate::sink::{Sink, SinkReport};
 use crate::source::{BatchOutcome, Source, SourceBatch};
 use crate::stages::{Stage, StageTimes};
 use crate::stats_file::StatsFile;
+use crash_points::crash_at;
 use progress::Progress;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -60,50 +63,6 @@ impl PipelineError {
             what: what.into(),
             cause: Box::new(cause),
         }
-    }
-}
-
-/// The crash points (`failpoint`) at the durability boundaries of a batch.
-#[derive(Debug, Clone, Copy)]
-pub struct CrashPoints {
-    pub after_decode: Option<&'static str>,
-    pub before_write: &'static str,
-    pub after_write: &'static str,
-    pub after_checkpoint: &'static str,
-    pub before_mark: Option<&'static str>,
-    pub after_mark: Option<&'static str>,
-    pub before_ack: &'static str,
-    pub after_ack: &'static str,
-}
-
-impl CrashPoints {
-    /// `run`: into the read models.
-    pub const RUN: CrashPoints = CrashPoints {
-        after_decode: Some(failpoint::PIPELINE_AFTER_DECODE),
-        before_write: failpoint::PIPELINE_BEFORE_SINK_WRITE,
-        after_write: failpoint::PIPELINE_AFTER_SINK_WRITE,
-        after_checkpoint: failpoint::PIPELINE_AFTER_CHECKPOINT,
-        before_mark: Some(failpoint::PIPELINE_BEFORE_MARK_OUTBOX),
-        after_mark: Some(failpoint::PIPELINE_AFTER_MARK_OUTBOX),
-        before_ack: failpoint::PIPELINE_BEFORE_SOURCE_ACK,
-        after_ack: failpoint::PIPELINE_AFTER_SOURCE_ACK,
-    };
-    /// `relay`: onto the Kafka topic.
-    pub const RELAY: CrashPoints = CrashPoints {
-        after_decode: None,
-        before_write: failpoint::RELAY_BEFORE_DELIVERY,
-        after_write: failpoint::RELAY_AFTER_DELIVERY,
-        after_checkpoint: failpoint::PIPELINE_AFTER_CHECKPOINT,
-        before_mark: None,
-        after_mark: None,
-        before_ack: failpoint::RELAY_BEFORE_CAPTURE_ACK,
-        after_ack: failpoint::RELAY_AFTER_CAPTURE_ACK,
-    };
-}
-
-fn crash_at(point: Option<&'static str>) {
-    if let Some(point) = point {
-        crash_point(point);
     }
 }
 
@@ -621,53 +580,4 @@ fn count(stats: &Stats, report: &SinkReport, stats_file: Option<&StatsFile>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dead_letter::DeadLetter;
-
-    /// What the relay's sink reports (published events applied, unpublishable
-    /// rows dead-lettered) reaches the stats file through the runtime's count.
-    #[test]
-    fn the_stats_file_counts_published_batches() {
-        let dir = tempfile::tempdir().expect("temp folder");
-        let path = dir.path().join("stats.json");
-        let stats = Arc::new(Stats::default());
-        let file = StatsFile::new(path.clone(), stats.clone());
-        let event = |created_at| crate::decode::OutboxEvent {
-            event_id: uuid::Uuid::new_v4(),
-            sequence_id: Some(1),
-            aggregate_id: uuid::Uuid::new_v4(),
-            aggregate_type: "User".into(),
-            event_type: "UserCreated".into(),
-            payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}).into(),
-            created_at,
-        };
-        let now = chrono::Utc::now();
-        let events = [event(Some(now)), event(Some(now)), event(None)];
-        let letter = |event: &crate::decode::OutboxEvent| DeadLetter {
-            event: event.clone(),
-            error: "malformed".into(),
-            attempts: 1,
-        };
-        let published = |events: &[crate::decode::OutboxEvent], dead: usize| SinkReport {
-            applied: events.len(),
-            dead_letters: (0..dead).map(|_| letter(&events[0])).collect(),
-            ..SinkReport::default()
-        };
-        let committed: Vec<_> = events.iter().map(|event| event.created_at).collect();
-        file.durable(&committed);
-        count(&stats, &published(&events, 0), Some(&file));
-        file.durable(&committed[..1]);
-        count(&stats, &published(&events[..1], 2), Some(&file));
-        file.write(true).expect("write");
-        let report: crate::stats_file::StatsReport =
-            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
-        assert_eq!(report.applied, 4);
-        assert_eq!(report.dead_lettered, 2);
-        assert_eq!(report.done, 6);
-        assert_eq!(report.batches, 2);
-        assert!(report.last_done_unix_ms.is_some());
-        // Commit-to-durable latency of the events that have a `created_at`.
-        assert_eq!(report.latency.count, 3);
-    }
-}
+mod tests;

@@ -7,7 +7,7 @@ use super::{Sink, SinkReport};
 use crate::relay::producer::{Producer, Sending};
 use crate::relay::{Encoder, Op, RelayError};
 use crate::runtime::CrashPoints;
-use crate::source::SourceBatch;
+use crate::source::{batch_id, BatchId, SourceBatch};
 use crate::stages::Stage;
 
 /// Publishes batches to Kafka.
@@ -19,19 +19,10 @@ pub struct KafkaSink {
     ahead: std::collections::VecDeque<Ahead>,
 }
 
-/// A batch written ahead: which one (its size and first and last event),
-/// and its deliveries.
+/// A batch written ahead: which one, and its deliveries.
 struct Ahead {
-    events: usize,
-    ends: Option<(uuid::Uuid, uuid::Uuid)>,
+    batch: BatchId,
     sending: Sending,
-}
-
-fn ends<A>(batch: &SourceBatch<A>) -> Option<(uuid::Uuid, uuid::Uuid)> {
-    Some((
-        batch.events.first()?.event_id,
-        batch.events.last()?.event_id,
-    ))
 }
 
 impl KafkaSink {
@@ -80,9 +71,7 @@ impl Sink for KafkaSink {
         // one the runtime did not apply next) it is sent now. A batch sent
         // twice is a repeat on the topic, which the consumers fence.
         let sending = match self.ahead.pop_front() {
-            Some(ahead) if ahead.events == batch.events.len() && ahead.ends == ends(batch) => {
-                ahead.sending
-            }
+            Some(ahead) if ahead.batch == batch_id(&batch.events) => ahead.sending,
             _ => {
                 self.ahead.clear();
                 self.send(batch).await?
@@ -110,8 +99,7 @@ impl Sink for KafkaSink {
     async fn write_ahead<A: Sync>(&mut self, batch: &SourceBatch<A>) {
         match self.send(batch).await {
             Ok(sending) => self.ahead.push_back(Ahead {
-                events: batch.events.len(),
-                ends: ends(batch),
+                batch: batch_id(&batch.events),
                 sending,
             }),
             Err(err) => {

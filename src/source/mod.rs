@@ -42,6 +42,18 @@ pub struct SourceBatch<A> {
     pub committed: Vec<Option<chrono::DateTime<chrono::Utc>>>,
 }
 
+/// Which batch `events` are, for matching work begun ahead of a batch's
+/// `apply` with the batch itself: their number and first and last event.
+pub type BatchId = (usize, Option<uuid::Uuid>, Option<uuid::Uuid>);
+
+pub fn batch_id(events: &[OutboxEvent]) -> BatchId {
+    (
+        events.len(),
+        events.first().map(|e| e.event_id),
+        events.last().map(|e| e.event_id),
+    )
+}
+
 /// An event handed out again after the sink deferred it (its aggregate did
 /// not exist yet): its tries so far and why the last one failed.
 #[derive(Debug, Clone, PartialEq)]
