@@ -251,3 +251,61 @@ async fn a_batch_is_marked_only_when_finished_and_abort_undoes_it() {
         ]
     );
 }
+
+/// Working ahead: a batch's update is told to commit while the next batch's
+/// is still open. The commit lands without waiting for `finish` (which then
+/// only waits for it), and the next batch's rows stay `pending` to other
+/// sessions until that batch is committed in turn.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_told_ahead_lands_while_the_next_batch_stays_open() {
+    use activity_event_processor::runtime::OutboxMarker;
+    use activity_event_processor::source::BatchOutcome;
+    let stage = Stage::new().await;
+    let history = generate(83, &HistoryOptions::realistic(40));
+    stage.load(&history).await;
+    let (first, second) = history.split_at(20);
+    let mut marker = OutboxMarker::new(stage.pg.config.clone());
+    let split = [
+        ("pending".to_string(), second.len() as i64),
+        ("processed".to_string(), first.len() as i64),
+    ];
+
+    marker.begin(first).await;
+    marker.begin(second).await;
+    marker.commit(first, &BatchOutcome::default());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while statuses(&stage).await != split {
+        assert!(
+            Instant::now() < deadline,
+            "the first batch's commit did not land on its own: {:?}",
+            statuses(&stage).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    marker
+        .finish(first, &BatchOutcome::default())
+        .await
+        .expect("finish the first batch");
+    assert_eq!(statuses(&stage).await, split, "the second batch is open");
+
+    let letter = activity_event_processor::dead_letter::DeadLetter {
+        event: second[3].clone(),
+        error: "refused".into(),
+        attempts: 2,
+    };
+    let outcome = BatchOutcome {
+        dead_letters: vec![letter],
+        ..BatchOutcome::default()
+    };
+    marker
+        .finish(second, &outcome)
+        .await
+        .expect("finish the second batch");
+    assert_eq!(
+        statuses(&stage).await,
+        [
+            ("failed".to_string(), 1),
+            ("processed".to_string(), (history.len() - 1) as i64)
+        ]
+    );
+}

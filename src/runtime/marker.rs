@@ -19,6 +19,7 @@ use crate::policy::{Classify, ErrorClass};
 use crate::source::{batch_id, BatchId, BatchOutcome};
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -93,16 +94,29 @@ pub struct OutboxMarker {
     /// oldest first (at most two: the batch being written and, where the
     /// sink writes ahead, the next).
     open: VecDeque<Opening>,
+    /// Updates told to commit ([`OutboxMarker::commit`]) and not finished
+    /// yet, oldest first.
+    committing: VecDeque<Opening>,
     /// Connections free for the next [`OutboxMarker::begin`].
     spare: Vec<Client>,
 }
 
-/// A batch's `processed` update, running or done on a connection of its
-/// own: the connection, with its transaction still open, and the ids the
-/// update could not see (`None`: nothing could be begun).
+/// A batch's `processed` update, running on a connection of its own until
+/// it is told to commit (with the batch's dead letters, set `failed` in the
+/// same transaction) or to roll back (the sender dropped).
 struct Opening {
     batch: BatchId,
-    task: JoinHandle<Option<(Client, Vec<Uuid>)>>,
+    commit: Option<oneshot::Sender<Vec<DeadLetter>>>,
+    task: JoinHandle<Option<Ended>>,
+}
+
+/// How a begun update ended: its connection, the ids the update could not
+/// see, and the commit's outcome (`None`: rolled back), with the dead
+/// letters it could not see.
+struct Ended {
+    client: Client,
+    unseen: Vec<Uuid>,
+    committed: Option<Result<Marks, tokio_postgres::Error>>,
 }
 
 /// What a set of rows becomes.
@@ -130,6 +144,7 @@ impl OutboxMarker {
             late: Marks::default(),
             late_since: None,
             open: VecDeque::new(),
+            committing: VecDeque::new(),
             spare: Vec::new(),
         }
     }
@@ -187,6 +202,7 @@ impl OutboxMarker {
             .chain(self.client.take())
             .find(|client| !client.is_closed());
         let pg = self.pg.clone();
+        let (commit, told) = oneshot::channel::<Vec<DeadLetter>>();
         let task = tokio::spawn(async move {
             let client = match client {
                 Some(client) => client,
@@ -209,64 +225,112 @@ impl OutboxMarker {
                     .await?;
                 client.query(MARK_PROCESSED, &[&ids]).await
             };
-            match begun.await {
-                Ok(rows) => Some((client, rows.iter().map(|row| row.get(0)).collect())),
+            let unseen = match begun.await {
+                Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
                 Err(err) => {
                     // The connection is dropped with whatever it had begun.
                     tracing::debug!(error = %crate::outbox::describe(&err), "cannot start marking early");
-                    None
+                    return None;
                 }
-            }
+            };
+            let Ok(dead) = told.await else {
+                // Not to be committed: undone, and the connection kept.
+                client.batch_execute("ROLLBACK").await.ok()?;
+                return Some(Ended {
+                    client,
+                    unseen,
+                    committed: None,
+                });
+            };
+            let dead = Marks {
+                applied: Vec::new(),
+                dead,
+            };
+            let committed = async {
+                let left = mark_outbox(&client, &dead).await?;
+                client.batch_execute("COMMIT").await?;
+                Ok(left)
+            };
+            let committed = Some(committed.await);
+            Some(Ended {
+                client,
+                unseen,
+                committed,
+            })
         });
-        self.open.push_back(Opening { batch, task });
-    }
-
-    /// The update begun for this batch, waited for: its connection, with the
-    /// transaction open, and the ids it could not see. Updates begun for
-    /// batches before it are stale (those batches are never finished): they
-    /// are dropped, and with their connections their transactions.
-    async fn opened(&mut self, events: &[OutboxEvent]) -> Option<(Client, Vec<Uuid>)> {
-        let batch = batch_id(events);
-        let at = self.open.iter().position(|open| open.batch == batch)?;
-        for stale in self.open.drain(..at) {
-            stale.task.abort();
-        }
-        self.open.pop_front()?.task.await.ok().flatten()
+        self.open.push_back(Opening {
+            batch,
+            commit: Some(commit),
+            task,
+        });
     }
 
     /// Keeps a connection for the next statements or the next update.
     fn give_back(&mut self, client: Client) {
         if self.client.is_none() {
             self.client = Some(client);
-        } else if self.spare.len() < 2 {
+        } else if self.spare.len() < 3 {
             self.spare.push(client);
         }
     }
 
-    /// Finishes a batch's marking: commits what [`OutboxMarker::begin`]
-    /// opened (with the dead letters set `failed` in the same transaction),
-    /// or marks the plain way when nothing is open or the commit failed.
+    /// Tells the update begun for this batch to commit, now that the batch's
+    /// effects are durable, with its dead letters set `failed` in the same
+    /// transaction; it commits while the caller goes on, and
+    /// [`OutboxMarker::finish`] waits for it. Updates begun for batches
+    /// before this one are stale (those batches are never finished): they
+    /// are dropped, and with their connections their transactions.
+    pub fn commit(&mut self, events: &[OutboxEvent], outcome: &BatchOutcome) {
+        let batch = batch_id(events);
+        let Some(at) = self.open.iter().position(|open| open.batch == batch) else {
+            return;
+        };
+        for stale in self.open.drain(..at) {
+            stale.task.abort();
+        }
+        if let Some(mut open) = self.open.pop_front() {
+            if let Some(commit) = open.commit.take() {
+                // A task that ended already is found out by `finish`.
+                let _ = commit.send(outcome.dead_letters.clone());
+            }
+            self.committing.push_back(open);
+        }
+    }
+
+    /// Finishes a batch's marking: waits for what [`OutboxMarker::commit`]
+    /// (called here if it was not) committed, or marks the plain way when
+    /// nothing was begun or the commit failed. Rows the update could not see
+    /// are waited for briefly, then kept for later calls.
     pub async fn finish(
         &mut self,
         events: &[OutboxEvent],
         outcome: &BatchOutcome,
     ) -> Result<(), MarkError> {
-        let Some((client, unseen)) = self.opened(events).await else {
+        self.commit(events, outcome);
+        let batch = batch_id(events);
+        let Some(at) = self.committing.iter().position(|c| c.batch == batch) else {
             return self.mark(events, outcome).await;
         };
-        let dead = Marks {
-            applied: Vec::new(),
-            dead: outcome.dead_letters.clone(),
+        for stale in self.committing.drain(..at) {
+            // Committed or not, those batches come again.
+            stale.task.abort();
+        }
+        let ended = match self.committing.pop_front() {
+            Some(committing) => committing.task.await.ok().flatten(),
+            None => None,
         };
-        let committed = async {
-            let left = mark_outbox(&client, &dead).await?;
-            client.batch_execute("COMMIT").await?;
-            Ok::<_, tokio_postgres::Error>(left)
+        let Some(Ended {
+            client,
+            unseen,
+            committed: Some(committed),
+        }) = ended
+        else {
+            return self.mark(events, outcome).await;
         };
-        match committed.await {
+        match committed {
             Ok(mut left) => {
                 self.give_back(client);
-                left.applied = applied(unseen.into_iter(), &dead.dead);
+                left.applied = applied(unseen.into_iter(), &outcome.dead_letters);
                 self.mark_late().await?;
                 self.settle(left).await
             }
@@ -279,14 +343,13 @@ impl OutboxMarker {
         }
     }
 
-    /// Rolls back what [`OutboxMarker::begin`] opened (the batch was not
-    /// written, and nothing after it is).
+    /// Rolls back what [`OutboxMarker::begin`] opened and was not told to
+    /// commit (the batch was not written, and nothing after it is).
     pub async fn abort(&mut self) {
-        while let Some(open) = self.open.pop_front() {
-            if let Ok(Some((client, _))) = open.task.await {
-                if client.batch_execute("ROLLBACK").await.is_ok() {
-                    self.give_back(client);
-                }
+        while let Some(mut open) = self.open.pop_front() {
+            drop(open.commit.take());
+            if let Ok(Some(ended)) = open.task.await {
+                self.give_back(ended.client);
             }
         }
     }

@@ -102,12 +102,27 @@ struct Held<A> {
     asked: Instant,
 }
 
+/// A batch whose effects are durable and whose outbox marks are committing:
+/// where the runtime works ahead, it takes and writes the next batch while
+/// they do, and acknowledges this one after (see docs/design.md, "The
+/// runtime").
+struct Settling<A> {
+    batch: SourceBatch<A>,
+    committed: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    report: SinkReport,
+    outcome: BatchOutcome,
+    outcomes: Vec<Option<crate::observe::Outcome>>,
+    stages: StageTimes,
+}
+
 /// One worker: a source, a sink, and what lies between.
 pub struct Pipeline<S: Source, K: Sink> {
     source: S,
     sink: K,
     checkpoint: Option<MongoCheckpoint>,
     marker: Option<OutboxMarker>,
+    /// The batch delivered last, still to acknowledge (working ahead only).
+    settling: Option<Settling<S::Ack>>,
     shared: Shared,
     retry: Retry,
     report_progress: bool,
@@ -120,6 +135,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             sink,
             checkpoint: None,
             marker: None,
+            settling: None,
             retry: Retry::new(&shared.config, shared.shutdown.clone())
                 .with_health(shared.health.clone()),
             shared: shared.clone(),
@@ -171,7 +187,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             self.shared.health.tick();
             if held.is_some() && !self.ahead() {
                 if let Some(batch) = held.take() {
-                    if !self.finish(batch).await? {
+                    if !self.finish(batch, false).await? {
                         return Ok(());
                     }
                 }
@@ -180,8 +196,9 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             // acknowledged position covers it (a second signal still stops at once).
             if self.shared.shutdown.is_cancelled() && !self.source.mid_transaction() {
                 if let Some(batch) = held.take() {
-                    self.finish(batch).await?;
+                    self.finish(batch, false).await?;
                 }
+                self.settle_earlier().await?;
                 tracing::info!("intake stopped");
                 return Ok(());
             }
@@ -199,7 +216,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                 // Nothing new (or a failure): the batch on its way is
                 // finished first.
                 if let Some(batch) = held.take() {
-                    if !self.finish(batch).await? {
+                    if !self.finish(batch, false).await? {
                         return Ok(());
                     }
                     if matches!(fetched, Ok(None)) {
@@ -236,14 +253,16 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                         stages,
                         asked,
                     };
+                    // The earlier batch's acknowledgement waits for its
+                    // marks, which commit while this one is being delivered.
                     if let Some(earlier) = held.take() {
-                        if !self.finish(earlier).await? {
+                        if !self.finish(earlier, true).await? {
                             return Ok(());
                         }
                     }
                     if self.ahead() {
                         held = Some(batch);
-                    } else if !self.finish(batch).await? {
+                    } else if !self.finish(batch, false).await? {
                         return Ok(());
                     }
                 }
@@ -278,9 +297,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         K::WRITES_AHEAD && self.source.fetch_ahead()
     }
 
-    /// Applies and acknowledges a batch taken earlier; `false`: shutdown
-    /// came first.
-    async fn finish(&mut self, held: Held<S::Ack>) -> Result<bool, PipelineError> {
+    /// Applies a batch taken earlier and acknowledges it, after the batch
+    /// left settling before it; with `keep` (working ahead) its own
+    /// acknowledgement waits until the next batch is delivered, while its
+    /// marks commit. `false`: shutdown came first.
+    async fn finish(&mut self, held: Held<S::Ack>, keep: bool) -> Result<bool, PipelineError> {
         let Held {
             batch,
             committed,
@@ -289,16 +310,33 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         } = held;
         let span = tracing::debug_span!("batch", events = batch.events.len());
         let processing = Instant::now();
-        let processed = self.process(batch, &committed, stages);
-        if !processed.instrument(span).await? {
+        let delivered = self.deliver(batch, committed, stages);
+        let Some(delivered) = delivered.instrument(span).await? else {
+            // The batch before it is durable and marked: it is acknowledged.
+            self.settle_earlier().await?;
             return Ok(false);
-        }
+        };
         tracing::debug!(
             source_ms = (processing - asked).as_secs_f64() * 1e3,
-            process_ms = processing.elapsed().as_secs_f64() * 1e3,
-            "batch done"
+            deliver_ms = processing.elapsed().as_secs_f64() * 1e3,
+            "batch delivered"
         );
-        Ok(true)
+        if !self.settle_earlier().await? {
+            return Ok(false);
+        }
+        if keep {
+            self.settling = Some(delivered);
+            return Ok(true);
+        }
+        self.settle(delivered).await
+    }
+
+    /// Acknowledges the batch left settling, if any.
+    async fn settle_earlier(&mut self) -> Result<bool, PipelineError> {
+        match self.settling.take() {
+            Some(settling) => self.settle(settling).await,
+            None => Ok(true),
+        }
     }
 
     /// Nothing came: keep the source alive; `true` once caught up (with
@@ -328,13 +366,14 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
     }
 
     /// One batch (`committed`: its events' commit times), in the order of
-    /// the module's doc; `false`: shutdown came first (nothing acknowledged).
-    async fn process(
+    /// the module's doc, up to its marks, which are told to commit; `None`:
+    /// shutdown came first (nothing acknowledged).
+    async fn deliver(
         &mut self,
         batch: SourceBatch<S::Ack>,
-        committed: &[Option<chrono::DateTime<chrono::Utc>>],
+        committed: Vec<Option<chrono::DateTime<chrono::Utc>>>,
         mut stages: StageTimes,
-    ) -> Result<bool, PipelineError> {
+    ) -> Result<Option<Settling<S::Ack>>, PipelineError> {
         let points = K::CRASH_POINTS;
         crash_point(points.before_write);
         // The outbox rows' update starts beside the write, uncommitted
@@ -350,7 +389,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             Ok(Some(report)) => report,
             Ok(None) => {
                 self.abort_mark().await;
-                return Ok(false);
+                return Ok(None);
             }
             Err(err) => {
                 self.abort_mark().await;
@@ -360,7 +399,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         crash_point(points.after_write);
         let outcomes = observed::outcomes(&batch.events, &report);
         if let Some(stats_file) = &self.shared.stats_file {
-            stats_file.durable(&observed::applied_commit_times(committed, &outcomes));
+            stats_file.durable(&observed::applied_commit_times(&committed, &outcomes));
         }
         let outcome = BatchOutcome {
             dead_letters: report.dead_letters.clone(),
@@ -371,9 +410,36 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         let started = Instant::now();
         if !self.save_checkpoint(&batch.ack).await? {
             self.abort_mark().await;
-            return Ok(false);
+            return Ok(None);
         }
-        let started = stages.lap(Stage::Checkpoint, started);
+        stages.lap(Stage::Checkpoint, started);
+        if let Some(marker) = self.marker.as_mut() {
+            crash_at(points.before_mark);
+            marker.commit(&batch.events, &outcome);
+        }
+        Ok(Some(Settling {
+            batch,
+            committed,
+            report,
+            outcome,
+            outcomes,
+            stages,
+        }))
+    }
+
+    /// A delivered batch's marks are committed (waited for), then the source
+    /// moves past it; `false`: shutdown came first (nothing acknowledged).
+    async fn settle(&mut self, settling: Settling<S::Ack>) -> Result<bool, PipelineError> {
+        let Settling {
+            batch,
+            committed,
+            report,
+            outcome,
+            outcomes,
+            mut stages,
+        } = settling;
+        let points = K::CRASH_POINTS;
+        let started = Instant::now();
         if !self.mark(&batch, &outcome).await? {
             return Ok(false);
         }
@@ -401,7 +467,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         observed::durable(
             self.shared.source,
             &batch.events,
-            committed,
+            &committed,
             &outcomes,
             &report,
         );
@@ -504,7 +570,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             return Ok(true);
         };
         let points = K::CRASH_POINTS;
-        crash_at(points.before_mark);
         let mut attempts = self
             .retry
             .attempts(Component::Postgres, "marking outbox rows failed");
