@@ -1,9 +1,11 @@
 //! Stage 9: the Kafka path beside the broker's own limits.
 //!
 //! - the relay (`relay --until-caught-up`, a child process) publishing a fresh
-//!   outbox of the generated history, beside raw produce: an in-process
-//!   producer with the relay's delivery settings sending as many messages of
-//!   the same sizes (encoded by the relay's own encoder) to a second topic;
+//!   outbox of the generated history, once with `MARK_PROCESSED=false` and
+//!   once marking the rows, beside raw produce run twice: an in-process
+//!   producer with the relay's delivery settings sending as many messages
+//!   of the same sizes (encoded by the relay's own encoder) to a topic of
+//!   its own; each with the machine's CPU while it ran;
 //! - the kafka source (`run --source kafka --sink discard`, a child process in
 //!   a fresh group) reading the relayed topic, beside raw consume: an
 //!   in-process consumer counting the same topic's messages, once with all
@@ -15,37 +17,34 @@
 //! tell when a reader is done (tansu's high watermarks come out low): the
 //! readers count messages.
 
+mod produce;
+
 use super::child::Child;
 use super::report::{Better, Results};
 use super::{pg, rate_since, Bench};
 use activity_event_processor::config::KafkaConfig;
-use activity_event_processor::decode::OutboxEvent;
-use activity_event_processor::relay::{
-    partition_for, record, Encoder, Message, Op, Shape, SnapshotMark,
-};
 use activity_event_processor::source::kafka::{base_config, consumer_config, QuietContext};
 use activity_event_processor::stats_file::StatsReport;
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 const STAGE: &str = "9 kafka";
 const PARTITIONS: i32 = 4;
 const DATABASE: &str = "aep_bench_kafka";
-/// Distinct messages the raw producer cycles through (their sizes follow the
-/// history's; holding all of them would cost ~3 KB per event).
-const POOL: usize = 10_000;
 
 /// Names unique to one run.
 struct Names {
     relayed: String,
     raw: String,
+    raw_again: String,
     slot: String,
+    /// The relay run that does not mark the rows: its topic and slot.
+    unmarked: String,
+    unmarked_slot: String,
     group: String,
 }
 
@@ -54,7 +53,10 @@ pub async fn stage(bench: &mut Bench) -> Result<()> {
     let names = Names {
         relayed: format!("aep_bench_{secs}"),
         raw: format!("aep_bench_{secs}_raw"),
+        raw_again: format!("aep_bench_{secs}_raw_again"),
         slot: format!("aep_bench_relay_{secs}"),
+        unmarked: format!("aep_bench_{secs}_unmarked"),
+        unmarked_slot: format!("aep_bench_relay_{secs}_unmarked"),
         group: format!("aep_bench_{secs}"),
     };
     let mut kafka = bench.config.kafka.clone();
@@ -65,7 +67,17 @@ pub async fn stage(bench: &mut Bench) -> Result<()> {
     ));
     let outcome = measure(bench, &kafka, &names).await;
     // Best effort: a failed stage leaves nothing behind either.
-    if let Err(err) = delete_topics(&kafka, &[&names.relayed, &names.raw]).await {
+    if let Err(err) = delete_topics(
+        &kafka,
+        &[
+            &names.relayed,
+            &names.raw,
+            &names.raw_again,
+            &names.unmarked,
+        ],
+    )
+    .await
+    {
         bench.say(&format!("  cannot delete the bench topics: {err:#}"));
     }
     let _ = pg::drop_database(&bench.admin, DATABASE).await;
@@ -77,7 +89,12 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
     bench.results.machine.kafka = Some(describe_broker(kafka).await?);
     let lines = activity_event_processor::cli::kafka::create_topics(
         kafka,
-        &[names.relayed.clone(), names.raw.clone()],
+        &[
+            names.relayed.clone(),
+            names.raw.clone(),
+            names.raw_again.clone(),
+            names.unmarked.clone(),
+        ],
         PARTITIONS,
         1,
     )
@@ -90,57 +107,52 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
     pg::copy(&client, &bench.history).await?;
     drop(client);
 
-    // The relay, from the snapshot of the outbox to the last acknowledged batch.
-    bench.say("[9/9] relay --until-caught-up (replication, initial snapshot)");
-    let mut env = bench.child_env(&pg, &names.slot, "replication");
-    env.extend([
-        ("KAFKA_BROKERS", kafka.brokers.clone()),
-        ("KAFKA_TOPIC", names.relayed.clone()),
-        ("RELAY_SLOT", names.slot.clone()),
-        ("RELAY_SOURCE", "replication".to_string()),
-        ("RELAY_FORMAT", "cdc".to_string()),
-    ]);
-    let started_ms = chrono::Utc::now().timestamp_millis();
-    let child = Child::spawn(
-        &bench.dir,
-        "kafka-relay",
-        &["relay", "--until-caught-up"],
-        &env,
-    )?;
-    let progress = bench.progress_fn("relay", n);
-    let report = child
-        .wait_exit(Duration::from_secs(300 + n / 100), progress)
-        .await?;
-    let relay_rate = rate_since(&report, started_ms, n)?;
-    let relay_context = ChildCost::of(&report, started_ms, n);
+    // Raw produce: as many messages of the same sizes, the relay's settings,
+    // once before the relay that does not mark and once after it. Each run
+    // but the last relay's (which the kafka source reads) has a topic of
+    // its own, deleted once it is done: the broker slows as it holds more
+    // (tansu keeps everything in memory here: raw produce ran at 32,000
+    // msgs/s once it held 600,000 messages, at 59,000 when it held none), so
+    // each run starts from a broker that holds nothing.
+    let mean_bytes = {
+        let pool = produce::message_pool(&bench.history, kafka, &names.raw, &pg.database);
+        pool.iter()
+            .map(|m| (m.key.len() + m.value.len()) as f64)
+            .sum::<f64>()
+            / pool.len().max(1) as f64
+    };
+    let before = produce::raw_produce_measured(bench, kafka, &pg, &names.raw, "first").await?;
+    delete_topics(kafka, &[&names.raw]).await?;
+
+    // The relay, from the snapshot of the outbox to the last acknowledged
+    // batch: first without marking the rows (which leaves them as they
+    // are), then as configured by default, marking them `processed`.
+    let unmarked = produce::relay(
+        bench,
+        kafka,
+        &pg,
+        &names.unmarked,
+        &names.unmarked_slot,
+        false,
+    )
+    .await?;
+    delete_topics(kafka, &[&names.unmarked]).await?;
+    let after = produce::raw_produce_measured(bench, kafka, &pg, &names.raw_again, "again").await?;
+    delete_topics(kafka, &[&names.raw_again]).await?;
+    let marked = produce::relay(bench, kafka, &pg, &names.relayed, &names.slot, true).await?;
     {
         use activity_event_processor::stages::Stage;
         bench.stage_breakdown(
             "kafka.relay",
             "9 kafka",
-            &report,
+            &marked.report,
             &[Stage::Source, Stage::Write, Stage::Mark, Stage::Acknowledge],
         );
     }
     // What is on the topic: the rows that could be relayed.
-    let relayed = report.applied;
-    bench.say(&format!(
-        "  {relay_rate:.0} events/s ({relayed} messages, {} unpublishable)",
-        report.dead_lettered
-    ));
-
-    // Raw produce: as many messages of the same sizes, the relay's settings.
-    bench.say(&format!("[9/9] raw produce: {relayed} messages"));
-    let pool = message_pool(&bench.history, kafka, &names.raw, &pg.database);
-    let mean_bytes = pool
-        .iter()
-        .map(|m| (m.key.len() + m.value.len()) as f64)
-        .sum::<f64>()
-        / pool.len().max(1) as f64;
-    let progress = bench.progress_fn("raw produce", relayed);
-    let produce_rate = raw_produce(kafka, &pool, relayed, progress).await?;
-    drop(pool);
-    bench.say(&format!("  {produce_rate:.0} msgs/s"));
+    let relayed = marked.report.applied;
+    let produce_rate = (before.rate + after.rate) / 2.0;
+    let produce_busy = (before.busy + after.busy) / 2.0;
 
     // The kafka source, from its start to its last durable batch.
     bench.say("[9/9] run --source kafka --sink discard (fresh group)");
@@ -206,15 +218,28 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         "kafka.relay.events_per_s",
         STAGE,
         "relay: outbox snapshot to acknowledged messages",
-        relay_rate,
+        marked.rate,
         "events/s",
         Better::Higher,
     );
-    relay_context.push(r, "relay", "relay");
+    marked.cost.push(r, "relay", "relay");
+    for (id, when, rate) in [
+        ("before", "first run", before.rate),
+        ("after", "second run, between the relays", after.rate),
+    ] {
+        r.push(
+            &format!("kafka.produce.{id}.msgs_per_s"),
+            STAGE,
+            &format!("raw produce, {when}"),
+            rate,
+            "msgs/s",
+            Better::Higher,
+        );
+    }
     r.push(
         "kafka.produce.msgs_per_s",
         STAGE,
-        "raw produce, idempotent, acks=all",
+        "raw produce, idempotent, acks=all (mean of the two)",
         produce_rate,
         "msgs/s",
         Better::Higher,
@@ -226,6 +251,52 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         "kafka.relay.events_per_s",
         "kafka.produce.msgs_per_s",
     );
+    r.push(
+        "kafka.relay_unmarked.events_per_s",
+        STAGE,
+        "relay with MARK_PROCESSED=false (rows left as they are)",
+        unmarked.rate,
+        "events/s",
+        Better::Higher,
+    );
+    r.ratio(
+        "kafka.relay_unmarked_vs_produce",
+        STAGE,
+        "relay with MARK_PROCESSED=false vs raw produce",
+        "kafka.relay_unmarked.events_per_s",
+        "kafka.produce.msgs_per_s",
+    );
+    // The machine's CPU (every process: the relay, the broker, PostgreSQL)
+    // per event: what bounds the relay where the three share the cores.
+    let cores = bench.results.machine.cores as f64;
+    let r = &mut bench.results;
+    for (id, what, busy, rate) in [
+        ("relay", "relay", marked.busy, marked.rate),
+        (
+            "relay_unmarked",
+            "relay with MARK_PROCESSED=false",
+            unmarked.busy,
+            unmarked.rate,
+        ),
+        ("produce", "raw produce", produce_busy, produce_rate),
+    ] {
+        r.push(
+            &format!("kafka.{id}.machine_busy_cores"),
+            STAGE,
+            &format!("{what}: machine CPU busy, of {cores:.0} cores"),
+            busy,
+            "cores",
+            Better::Neither,
+        );
+        r.push(
+            &format!("kafka.{id}.machine_cpu_us_per_event"),
+            STAGE,
+            &format!("{what}: machine CPU per event (every process)"),
+            busy * 1e6 / rate.max(1e-9),
+            "µs",
+            Better::Lower,
+        );
+    }
     r.push(
         "kafka.source.events_per_s",
         STAGE,
@@ -397,95 +468,6 @@ async fn delete_topics(kafka: &KafkaConfig, topics: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Up to [`POOL`] messages encoded as the relay encodes its snapshot rows,
-/// from events spread over the whole history, addressed to `topic`.
-fn message_pool(
-    history: &[OutboxEvent],
-    kafka: &KafkaConfig,
-    topic: &str,
-    database: &str,
-) -> Vec<Message> {
-    let encoder = Encoder::new(
-        Shape::Cdc,
-        kafka.relay.schemas,
-        topic,
-        &kafka.event_router_topic_prefix,
-        database,
-    );
-    let step = history.len().div_ceil(POOL).max(1);
-    let now = chrono::Utc::now();
-    history
-        .iter()
-        .step_by(step)
-        .map(|event| encoder.encode(event, Op::Read(SnapshotMark::Middle), now))
-        .collect()
-}
-
-/// The relay's own producer settings.
-fn producer(kafka: &KafkaConfig) -> Result<FutureProducer<QuietContext>> {
-    activity_event_processor::relay::create_producer(kafka).map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// Sends `count` messages cycling through `pool` (each to the partition the
-/// relay would pick) and waits for every acknowledgement: msgs/s.
-async fn raw_produce(
-    kafka: &KafkaConfig,
-    pool: &[Message],
-    count: u64,
-    mut progress: impl FnMut(u64),
-) -> Result<f64> {
-    if pool.is_empty() || count == 0 {
-        bail!("nothing to produce");
-    }
-    let producer = producer(kafka)?;
-    let started = Instant::now();
-    let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
-    let mut acknowledged = 0u64;
-    for i in 0..count {
-        let message = &pool[(i as usize) % pool.len()];
-        let mut record = record(
-            message,
-            partition_for(&message.partition_key, PARTITIONS as usize),
-        );
-        loop {
-            match producer.send_result(record) {
-                Ok(future) => {
-                    pending.push_back(future);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    match pending.pop_front() {
-                        Some(future) => {
-                            settle(future).await?;
-                            acknowledged += 1;
-                            progress(acknowledged);
-                        }
-                        None => tokio::time::sleep(Duration::from_millis(10)).await,
-                    }
-                }
-                Err((err, _)) => bail!("raw produce failed: {err}"),
-            }
-        }
-    }
-    while let Some(future) = pending.pop_front() {
-        settle(future).await?;
-        acknowledged += 1;
-        if acknowledged.is_multiple_of(1000) {
-            progress(acknowledged);
-        }
-    }
-    Ok(count as f64 / started.elapsed().as_secs_f64().max(1e-6))
-}
-
-async fn settle(future: DeliveryFuture) -> Result<()> {
-    match future.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((err, _))) => bail!("raw produce: a message was not delivered: {err}"),
-        Err(_) => bail!("raw produce: a delivery was cancelled"),
-    }
-}
-
 /// How the raw consumer gets its partitions.
 enum Join {
     /// All of them from the start, no group membership.
@@ -554,28 +536,6 @@ async fn raw_consume(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use activity_event_history::{generate, HistoryOptions};
-
-    #[test]
-    fn the_pool_samples_the_whole_history_as_the_relay_encodes_it() {
-        let config = activity_event_processor::config::Config::from_env(
-            &activity_event_processor::config::EnvMap::new(),
-        )
-        .expect("default config");
-        let history = generate(3, &HistoryOptions::realistic(25_000));
-        let pool = message_pool(&history, &config.kafka, "aep_bench_1_raw", "db");
-        assert_eq!(pool.len(), 8_334); // every 3rd event
-        assert!(pool.iter().all(|m| &*m.topic == "aep_bench_1_raw"));
-        let last = &history[24_999]; // 3 * 8_333
-        let last_pool = pool.last().expect("messages");
-        assert_eq!(
-            last_pool.partition_key,
-            last.aggregate_id.to_string().into_bytes()
-        );
-        assert!(String::from_utf8_lossy(&last_pool.value).contains(r#""op":"r""#));
-        let small = message_pool(&history[..10], &config.kafka, "t", "db");
-        assert_eq!(small.len(), 10);
-    }
 
     #[test]
     fn the_steady_rate_starts_at_the_first_point_with_work_done() {

@@ -154,7 +154,12 @@ fn bench_measures_every_stage_and_writes_its_results() {
         "kafka.relay.stage.source_ms_per_batch",
         "kafka.relay.stage.write_ms_per_batch",
         "kafka.relay.stage.mark_ms_per_batch",
+        "kafka.relay_unmarked.events_per_s",
+        "kafka.relay.machine_cpu_us_per_event",
+        "kafka.produce.machine_cpu_us_per_event",
         "kafka.produce.msgs_per_s",
+        "kafka.produce.before.msgs_per_s",
+        "kafka.produce.after.msgs_per_s",
         "kafka.source.events_per_s",
         "kafka.consume.msgs_per_s",
     ] {
@@ -202,6 +207,11 @@ fn bench_measures_every_stage_and_writes_its_results() {
         (
             "kafka.relay_vs_produce",
             "kafka.relay.events_per_s",
+            "kafka.produce.msgs_per_s",
+        ),
+        (
+            "kafka.relay_unmarked_vs_produce",
+            "kafka.relay_unmarked.events_per_s",
             "kafka.produce.msgs_per_s",
         ),
         (
