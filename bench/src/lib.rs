@@ -356,6 +356,28 @@ impl Bench {
                 p99 < 50.0,
             ));
         }
+        if let Some(ratio) = r.get("kafka.relay_vs_produce") {
+            let unmarked = r
+                .get("kafka.relay_unmarked_vs_produce")
+                .map_or(String::new(), |u| {
+                    format!(" ({u:.2}x with MARK_PROCESSED=false)")
+                });
+            targets.push((
+                "relay >= 0.8x raw produce",
+                format!("{ratio:.2}x{unmarked}"),
+                ratio >= 0.8,
+            ));
+        }
+        if let (Some(joining), Some(joined)) = (
+            r.get("kafka.source_vs_group_consume"),
+            r.get("kafka.source_steady_vs_consume"),
+        ) {
+            targets.push((
+                "kafka source >= 0.8x raw consume (joining a fresh group; once joined)",
+                format!("{joining:.2}x; {joined:.2}x"),
+                joining >= 0.8 && joined >= 0.8,
+            ));
+        }
         if let Some(rss) = r.get("memory.backlog.peak_rss_mb") {
             targets.push((
                 "peak RSS < 150 MB draining the backlog",
