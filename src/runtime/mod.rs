@@ -19,6 +19,7 @@ mod marker;
 mod observed;
 mod progress;
 mod retry;
+mod settle;
 
 pub use crate::counters::Stats;
 pub use crash_points::CrashPoints;
@@ -331,14 +332,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         self.settle(delivered).await
     }
 
-    /// Acknowledges the batch left settling, if any.
-    async fn settle_earlier(&mut self) -> Result<bool, PipelineError> {
-        match self.settling.take() {
-            Some(settling) => self.settle(settling).await,
-            None => Ok(true),
-        }
-    }
-
     /// Nothing came: keep the source alive; `true` once caught up (with
     /// `until_caught_up`).
     async fn idle(&mut self) -> Result<bool, PipelineError> {
@@ -427,56 +420,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         }))
     }
 
-    /// A delivered batch's marks are committed (waited for), then the source
-    /// moves past it; `false`: shutdown came first (nothing acknowledged).
-    async fn settle(&mut self, settling: Settling<S::Ack>) -> Result<bool, PipelineError> {
-        let Settling {
-            batch,
-            committed,
-            report,
-            outcome,
-            outcomes,
-            mut stages,
-        } = settling;
-        let points = K::CRASH_POINTS;
-        let started = Instant::now();
-        if !self.mark(&batch, &outcome).await? {
-            return Ok(false);
-        }
-        let started = stages.lap(Stage::Mark, started);
-        crash_point(points.before_ack);
-        let lsn = S::lsn_of(&batch.ack);
-        self.acknowledge(batch.ack, &outcome).await?;
-        stages.lap(Stage::Acknowledge, started);
-        if let Some(stats_file) = &self.shared.stats_file {
-            stats_file.stages(&stages);
-        }
-        if let Some(lsn) = lsn {
-            self.shared.durable_lsn.fetch_max(lsn, Ordering::Release);
-        }
-        self.shared.acknowledged.fetch_add(
-            (batch.events.len() + batch.malformed.len()) as u64,
-            Ordering::Release,
-        );
-        crash_point(points.after_ack);
-        count(
-            &self.shared.stats,
-            &report,
-            self.shared.stats_file.as_deref(),
-        );
-        observed::durable(
-            self.shared.source,
-            &batch.events,
-            &committed,
-            &outcomes,
-            &report,
-        );
-        for letter in &outcome.dead_letters {
-            tracing::warn!(event_id = %letter.event.event_id, event_type = %letter.event.event_type, error = %letter.error, "dead-lettered");
-        }
-        Ok(true)
-    }
-
     /// The sink applies the batch, retried while it fails transiently;
     /// `None`: shutdown came first.
     async fn write(
@@ -542,77 +485,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         crash_point(K::CRASH_POINTS.after_checkpoint);
         Ok(true)
     }
-
-    /// Rolls back a marking begun beside a write that did not complete.
-    async fn abort_mark(&mut self) {
-        if let Some(marker) = self.marker.as_mut() {
-            marker.abort().await;
-        }
-    }
-
-    /// Outbox rows of earlier batches that were not visible yet when they
-    /// were marked (see the marker); a failure here only delays them.
-    async fn mark_late(&mut self) {
-        let Some(marker) = self.marker.as_mut().filter(|m| m.has_late()) else {
-            return;
-        };
-        if let Err(err) = marker.mark_late().await {
-            tracing::warn!(error = %describe(&err), "marking outbox rows failed; trying again later");
-        }
-    }
-
-    async fn mark(
-        &mut self,
-        batch: &SourceBatch<S::Ack>,
-        outcome: &BatchOutcome,
-    ) -> Result<bool, PipelineError> {
-        let Some(marker) = self.marker.as_mut() else {
-            return Ok(true);
-        };
-        let points = K::CRASH_POINTS;
-        let mut attempts = self
-            .retry
-            .attempts(Component::Postgres, "marking outbox rows failed");
-        let marked = loop {
-            if let Some(done) = attempts
-                .settle(marker.finish(&batch.events, outcome).await)
-                .await
-            {
-                break done;
-            }
-        };
-        match marked {
-            Ok(Some(())) => {
-                crash_at(points.after_mark);
-                Ok(true)
-            }
-            Ok(None) => Ok(false),
-            Err(err) => {
-                let advice = err.advice();
-                Err(PipelineError::stop(format!("stopping ({advice})"), err))
-            }
-        }
-    }
-
-    /// The effects are durable: the source moves past the batch. A
-    /// transient failure only means the batch may come again.
-    async fn acknowledge(
-        &mut self,
-        ack: S::Ack,
-        outcome: &BatchOutcome,
-    ) -> Result<(), PipelineError> {
-        match self.source.ack(ack, outcome).await {
-            Ok(()) => Ok(()),
-            Err(err) if err.class() == ErrorClass::Transient => {
-                tracing::warn!(error = %describe(&err), "acknowledgement failed; the batch may be delivered again");
-                Ok(())
-            }
-            Err(err) => Err(PipelineError::stop(
-                "cannot acknowledge a batch to its source; fix the cause and start again",
-                err,
-            )),
-        }
-    }
 }
 
 /// What a source's outage is counted and checked as.
@@ -621,26 +493,6 @@ fn source_component(source: SourceKind) -> Component {
         SourceKind::Replication => Component::Replication,
         SourceKind::Polling => Component::Postgres,
         SourceKind::Kafka => Component::Kafka,
-    }
-}
-
-/// Adds what a batch did to the counters, then tells the stats file.
-fn count(stats: &Stats, report: &SinkReport, stats_file: Option<&StatsFile>) {
-    let add = |counter: &std::sync::atomic::AtomicU64, n: u64| {
-        counter.fetch_add(n, Ordering::Relaxed);
-    };
-    add(&stats.applied, report.applied as u64);
-    add(&stats.duplicates, report.duplicates as u64);
-    add(&stats.unmatched, report.unmatched as u64);
-    let letters = report.dead_letters.len();
-    let again = report.letters_again.min(letters);
-    add(&stats.dead_lettered, (letters - again) as u64);
-    add(&stats.dead_letters_again, again as u64);
-    add(&stats.batches, 1);
-    add(&stats.round_trips, u64::from(report.round_trips));
-    add(&stats.documents_written, report.documents_written);
-    if let Some(stats_file) = stats_file {
-        stats_file.batch_done();
     }
 }
 

@@ -1,5 +1,6 @@
 //! The runtime's counting into the stats file.
 
+use super::settle::count;
 use super::*;
 use crate::dead_letter::DeadLetter;
 
