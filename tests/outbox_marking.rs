@@ -221,15 +221,7 @@ async fn a_batch_is_marked_only_when_finished_and_abort_undoes_it() {
         ]
     );
 
-    let letter = activity_event_processor::dead_letter::DeadLetter {
-        event: second[0].clone(),
-        error: "refused".into(),
-        attempts: 3,
-    };
-    let outcome = BatchOutcome {
-        dead_letters: vec![letter],
-        ..BatchOutcome::default()
-    };
+    let outcome = refused(&second[0], 3);
     marker.begin(second).await;
     assert_eq!(
         statuses(&stage).await,
@@ -288,15 +280,7 @@ async fn a_commit_told_ahead_lands_while_the_next_batch_stays_open() {
         .expect("finish the first batch");
     assert_eq!(statuses(&stage).await, split, "the second batch is open");
 
-    let letter = activity_event_processor::dead_letter::DeadLetter {
-        event: second[3].clone(),
-        error: "refused".into(),
-        attempts: 2,
-    };
-    let outcome = BatchOutcome {
-        dead_letters: vec![letter],
-        ..BatchOutcome::default()
-    };
+    let outcome = refused(&second[3], 2);
     marker
         .finish(second, &outcome)
         .await
@@ -308,4 +292,19 @@ async fn a_commit_told_ahead_lands_while_the_next_batch_stays_open() {
             ("processed".to_string(), (history.len() - 1) as i64)
         ]
     );
+}
+
+/// A batch's outcome with `event` dead-lettered ("refused") after `attempts`.
+fn refused(
+    event: &activity_event_processor::decode::OutboxEvent,
+    attempts: u32,
+) -> activity_event_processor::source::BatchOutcome {
+    activity_event_processor::source::BatchOutcome {
+        dead_letters: vec![activity_event_processor::dead_letter::DeadLetter {
+            event: event.clone(),
+            error: "refused".into(),
+            attempts,
+        }],
+        ..Default::default()
+    }
 }

@@ -114,13 +114,6 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
     // (tansu keeps everything in memory here: raw produce ran at 32,000
     // msgs/s once it held 600,000 messages, at 59,000 when it held none), so
     // each run starts from a broker that holds nothing.
-    let mean_bytes = {
-        let pool = produce::message_pool(&bench.history, kafka, &names.raw, &pg.database);
-        pool.iter()
-            .map(|m| (m.key.len() + m.value.len()) as f64)
-            .sum::<f64>()
-            / pool.len().max(1) as f64
-    };
     let before = produce::raw_produce_measured(bench, kafka, &pg, &names.raw, "first").await?;
     delete_topics(kafka, &[&names.raw]).await?;
 
@@ -210,7 +203,7 @@ async fn measure(bench: &mut Bench, kafka: &KafkaConfig, names: &Names) -> Resul
         "kafka.message_bytes",
         STAGE,
         "mean relayed message size (key + value)",
-        mean_bytes,
+        before.mean_bytes,
         "bytes",
         Better::Neither,
     );

@@ -281,20 +281,14 @@ impl OutboxMarker {
     /// before this one are stale (those batches are never finished): they
     /// are dropped, and with their connections their transactions.
     pub fn commit(&mut self, events: &[OutboxEvent], outcome: &BatchOutcome) {
-        let batch = batch_id(events);
-        let Some(at) = self.open.iter().position(|open| open.batch == batch) else {
+        let Some(mut open) = take(&mut self.open, batch_id(events)) else {
             return;
         };
-        for stale in self.open.drain(..at) {
-            stale.task.abort();
+        if let Some(commit) = open.commit.take() {
+            // A task that ended already is found out by `finish`.
+            let _ = commit.send(outcome.dead_letters.clone());
         }
-        if let Some(mut open) = self.open.pop_front() {
-            if let Some(commit) = open.commit.take() {
-                // A task that ended already is found out by `finish`.
-                let _ = commit.send(outcome.dead_letters.clone());
-            }
-            self.committing.push_back(open);
-        }
+        self.committing.push_back(open);
     }
 
     /// Finishes a batch's marking: waits for what [`OutboxMarker::commit`]
@@ -307,15 +301,8 @@ impl OutboxMarker {
         outcome: &BatchOutcome,
     ) -> Result<(), MarkError> {
         self.commit(events, outcome);
-        let batch = batch_id(events);
-        let Some(at) = self.committing.iter().position(|c| c.batch == batch) else {
-            return self.mark(events, outcome).await;
-        };
-        for stale in self.committing.drain(..at) {
-            // Committed or not, those batches come again.
-            stale.task.abort();
-        }
-        let ended = match self.committing.pop_front() {
+        // Committed or not, the batches before this one come again.
+        let ended = match take(&mut self.committing, batch_id(events)) {
             Some(committing) => committing.task.await.ok().flatten(),
             None => None,
         };
@@ -417,6 +404,17 @@ impl OutboxMarker {
         self.client = Some(client);
         Ok(left)
     }
+}
+
+/// The update begun for `batch`, taken out of `queue`. Those before it are
+/// stale (their batches are never finished): they are dropped, and with
+/// their connections their transactions.
+fn take(queue: &mut VecDeque<Opening>, batch: BatchId) -> Option<Opening> {
+    let at = queue.iter().position(|open| open.batch == batch)?;
+    for stale in queue.drain(..at) {
+        stale.task.abort();
+    }
+    queue.pop_front()
 }
 
 /// Of `ids`, those not dead-lettered.

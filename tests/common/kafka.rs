@@ -217,44 +217,37 @@ pub struct Slots(pub activity_event_processor::config::PostgresConfig);
 impl Drop for Slots {
     fn drop(&mut self) {
         let config = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+        super::clean_up(async move {
+            let Ok((client, connection)) = config
+                .to_client_config()
+                .connect(tokio_postgres::NoTls)
+                .await
             else {
                 return;
             };
-            runtime.block_on(async move {
-                let Ok((client, connection)) =
-                    config.to_client_config().connect(tokio_postgres::NoTls).await
-                else {
+            tokio::spawn(connection);
+            for _ in 0..50 {
+                let dropped = client
+                    .query(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                     WHERE database = current_database() AND NOT active",
+                        &[],
+                    )
+                    .await;
+                let left = client
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+                    &[],
+                )
+                .await
+                .map(|row| row.get::<_, i64>(0))
+                .unwrap_or(0);
+                if dropped.is_ok() && left == 0 {
                     return;
-                };
-                tokio::spawn(connection);
-                for _ in 0..50 {
-                    let dropped = client
-                        .query(
-                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                             WHERE database = current_database() AND NOT active",
-                            &[],
-                        )
-                        .await;
-                    let left = client
-                        .query_one(
-                            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
-                            &[],
-                        )
-                        .await
-                        .map(|row| row.get::<_, i64>(0))
-                        .unwrap_or(0);
-                    if dropped.is_ok() && left == 0 {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-            });
-        })
-        .join();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
     }
 }
 

@@ -121,48 +121,51 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let admin = self.admin.clone();
         let name = self.config.database.clone();
-        // Drop runs inside the test's runtime: use a thread with its own.
-        // On a multi-thread runtime the wait for it must not hold this
-        // worker's other tasks: `DROP DATABASE` waits until every backend
-        // has taken its barrier, and a backend inside a `COPY FROM STDIN`
-        // takes it only when its client sends more, which may be a task of
-        // this very runtime (a concurrent test's load).
-        let wait_for_drop = move || std::thread::spawn(move || drop_database(admin, name)).join();
-        let _ = match tokio::runtime::Handle::try_current() {
-            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait_for_drop)
+        clean_up(async move {
+            if let Ok((client, connection)) = admin.to_client_config().connect(NoTls).await {
+                tokio::spawn(connection);
+                // A database with a logical slot cannot be dropped; the slots
+                // would also keep WAL forever.
+                let _ = client
+                    .execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                         WHERE database = $1 AND NOT active",
+                        &[&name],
+                    )
+                    .await;
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
             }
-            _ => wait_for_drop(),
-        };
+        });
     }
 }
 
-/// Drops a test database (and its inactive replication slots), best effort,
-/// on a runtime of its own.
-fn drop_database(admin: PostgresConfig, name: String) {
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        return;
+/// Runs `cleanup` to its end from a `Drop`, which runs inside the test's
+/// runtime: on a thread with a runtime of its own, waited for. On a
+/// multi-thread runtime the wait must not hold this worker's other tasks
+/// (`block_in_place`): the cleanup may wait on the server, and the server
+/// on one of them (`DROP DATABASE` waits until every backend has taken its
+/// barrier, and a backend inside a `COPY FROM STDIN` takes it only when its
+/// client, perhaps a concurrent test's task, sends more).
+pub fn clean_up(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
+    let wait = move || {
+        std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(cleanup);
+            }
+        })
+        .join()
     };
-    runtime.block_on(async move {
-        if let Ok((client, connection)) = admin.to_client_config().connect(NoTls).await {
-            tokio::spawn(connection);
-            // A database with a logical slot cannot be dropped; the slots
-            // would also keep WAL forever.
-            let _ = client
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                     WHERE database = $1 AND NOT active",
-                    &[&name],
-                )
-                .await;
-            let _ = client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await;
+    let _ = match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
         }
-    });
+        _ => wait(),
+    };
 }
 
 /// Runs the built binary with `env` added to a clean environment.

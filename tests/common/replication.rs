@@ -65,38 +65,29 @@ impl SlotGuard {
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         let (db, name) = (self.db.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                // The walsender of a dropped source may take a moment to exit.
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while Instant::now() < deadline {
-                    if let Ok((client, connection)) =
-                        db.to_client_config().connect(tokio_postgres::NoTls).await
-                    {
-                        tokio::spawn(connection);
-                        let dropped = client
-                            .query(
-                                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                                 WHERE slot_name = $1",
-                                &[&name],
-                            )
-                            .await;
-                        if dropped.is_ok() {
-                            return;
-                        }
+        super::clean_up(async move {
+            // The walsender of a dropped source may take a moment to exit.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok((client, connection)) =
+                    db.to_client_config().connect(tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let dropped = client
+                        .query(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1",
+                            &[&name],
+                        )
+                        .await;
+                    if dropped.is_ok() {
+                        return;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                eprintln!("could not drop replication slot {name}");
-            });
-        })
-        .join();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            eprintln!("could not drop replication slot {name}");
+        });
     }
 }
 

@@ -86,10 +86,12 @@ pub(super) async fn relay(
     })
 }
 
-/// A raw produce run: msgs/s and the machine's busy cores meanwhile.
+/// A raw produce run: msgs/s, the machine's busy cores meanwhile, and the
+/// mean size of its messages (key + value).
 pub(super) struct Produced {
     pub rate: f64,
     pub busy: f64,
+    pub mean_bytes: f64,
 }
 
 /// [`raw_produce`] of as many messages as the history has, to `topic`,
@@ -104,6 +106,11 @@ pub(super) async fn raw_produce_measured(
     let count = bench.history.len() as u64;
     bench.say(&format!("[9/9] raw produce, {which} run: {count} messages"));
     let pool = message_pool(&bench.history, kafka, topic, &pg.database);
+    let mean_bytes = pool
+        .iter()
+        .map(|m| (m.key.len() + m.value.len()) as f64)
+        .sum::<f64>()
+        / pool.len().max(1) as f64;
     let progress = bench.progress_fn("raw produce", count);
     let machine = MachineCpu::now();
     let rate = raw_produce(kafka, &pool, count, progress).await?;
@@ -111,7 +118,11 @@ pub(super) async fn raw_produce_measured(
     bench.say(&format!(
         "  {rate:.0} msgs/s (machine {busy:.2} cores busy)"
     ));
-    Ok(Produced { rate, busy })
+    Ok(Produced {
+        rate,
+        busy,
+        mean_bytes,
+    })
 }
 
 /// The machine's CPU time at one moment, from `/proc/stat` (all cores).
