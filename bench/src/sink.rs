@@ -4,6 +4,8 @@
 
 use super::*;
 use crate::scrape::Histogram;
+use activity_event_processor::store::mongo::{ACTIVITIES, USERS};
+use mongodb::bson::{Bson, Document};
 
 impl Bench {
     pub(super) async fn mongo(&self, database: &str) -> Result<MongoStore> {
@@ -186,6 +188,61 @@ impl Bench {
         Ok(())
     }
 
+    /// Stage 5, for this history: the fold's writes upserted raw. Per batch
+    /// of `batch` events, the documents (users, then activities) whose
+    /// content the batch changes by the reference fold, as the batch leaves
+    /// them, upserted by `_id` in one command per collection into fresh
+    /// collections with the same indexes. These are the fewest documents a
+    /// processor must write for the history, each as often as it must
+    /// write it (most of them updates, which cost the server more than a
+    /// first insert), with no reads, fences or bookkeeping fields. Returns
+    /// the documents and the seconds their writes took.
+    async fn fold_writes(&mut self, history: &[OutboxEvent], batch: usize) -> Result<(u64, f64)> {
+        use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
+        let target = self.mongo("aep_bench_fold").await?;
+        target
+            .ensure_indexes()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create indexes: {e}"))?;
+        let mut fold = ReferenceFold::default();
+        let mut before = ReadModels::default();
+        let (mut written, mut elapsed) = (0u64, 0.0);
+        for chunk in history.chunks(batch.max(1)) {
+            for event in chunk {
+                fold.apply(event);
+            }
+            let after = fold.read_models();
+            for (collection, was, now) in [
+                (USERS, &before.users, &after.users),
+                (ACTIVITIES, &before.activities, &after.activities),
+            ] {
+                let mut statements = Vec::new();
+                for (id, doc) in now.iter().filter(|(id, doc)| was.get(*id) != Some(*doc)) {
+                    let mut fields = stored_form(doc)?;
+                    fields.remove("_id");
+                    statements
+                        .push(doc! { "q": { "_id": id }, "u": { "$set": fields }, "upsert": true });
+                }
+                if statements.is_empty() {
+                    continue;
+                }
+                written += statements.len() as u64;
+                let started = Instant::now();
+                let report = target
+                    .update(collection, statements, false)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the fold's upserts failed: {e}"))?;
+                elapsed += started.elapsed().as_secs_f64();
+                if let Some(err) = report.errors.first() {
+                    anyhow::bail!("a fold upsert failed: {}", err.message);
+                }
+            }
+            before = after;
+        }
+        let _ = target.database().drop().await;
+        Ok((written, elapsed))
+    }
+
     /// Stage 6: outbox to read models with the real projections.
     pub(super) async fn end_to_end(&mut self) -> Result<()> {
         let history = generate(
@@ -208,6 +265,11 @@ impl Bench {
         pg::drop_database(&self.admin, "aep_bench_end_to_end").await?;
         let rate = rate_since(&report, committed_ms, n)?;
         self.same_documents("aep_bench_end_to_end").await?;
+        let batch = (n as usize).div_ceil(report.batches.max(1) as usize);
+        self.say(&format!(
+            "  the fold's writes, batches of {batch}, upserted raw"
+        ));
+        let (minimum, fold_seconds) = self.fold_writes(&history, batch).await?;
         self.series
             .push(("end to end".into(), throughput(&report, committed_ms, n)));
         let r = &mut self.results;
@@ -260,8 +322,6 @@ impl Bench {
             "docs",
             Better::Lower,
         );
-        let batch = (n as usize).div_ceil(report.batches.max(1) as usize);
-        let minimum = fold_minimum(&history, batch);
         r.push(
             "e2e.fold_docs_per_event",
             stage,
@@ -304,6 +364,31 @@ impl Bench {
                 "end to end vs the sink limit for these documents",
                 "e2e.events_per_s",
                 "e2e.same_documents_limit",
+            );
+        }
+        if fold_seconds > 0.0 {
+            r.push(
+                "sink.fold_writes.docs_per_s",
+                "5 sink limit",
+                &format!("the fold's writes upserted raw, batches of {batch}, same indexes"),
+                minimum as f64 / fold_seconds,
+                "docs/s",
+                Better::Higher,
+            );
+            r.push(
+                "e2e.fold_writes_limit",
+                stage,
+                "sink limit for this history (the fold's writes upserted raw)",
+                n as f64 / fold_seconds,
+                "events/s",
+                Better::Neither,
+            );
+            r.ratio(
+                "e2e.vs_fold_writes",
+                stage,
+                "end to end vs the sink limit for this history",
+                "e2e.events_per_s",
+                "e2e.fold_writes_limit",
             );
         }
         r.push(
@@ -493,30 +578,34 @@ impl Bench {
     }
 }
 
-/// The fewest documents (users and activities) a processor must write for
-/// `history` applied in batches of `batch` events: per batch, those whose
-/// content the batch changes, by the reference fold.
-fn fold_minimum(history: &[OutboxEvent], batch: usize) -> u64 {
-    use activity_event_processor::projection::fold::{ReadModels, ReferenceFold};
-    use std::collections::BTreeMap;
-    let changed = |before: &BTreeMap<String, serde_json::Value>,
-                   after: &BTreeMap<String, serde_json::Value>| {
-        after
-            .iter()
-            .filter(|(id, doc)| before.get(*id) != Some(*doc))
-            .count() as u64
-    };
-    let mut fold = ReferenceFold::default();
-    let mut before = ReadModels::default();
-    let mut total = 0;
-    for chunk in history.chunks(batch.max(1)) {
-        for event in chunk {
-            fold.apply(event);
+/// Fields of the read models that hold times (BSON dates in MongoDB; RFC
+/// 3339 text in the reference fold's comparable form).
+const TIME_FIELDS: [&str; 4] = ["starts_at", "joined_at", "created_at", "updated_at"];
+
+/// A reference-fold document as the read models store it: times as dates.
+fn stored_form(doc: &serde_json::Value) -> Result<Document> {
+    fn dates(value: Bson) -> Bson {
+        match value {
+            Bson::Document(doc) => Bson::Document(
+                doc.into_iter()
+                    .map(|(key, value)| {
+                        let value = match value {
+                            Bson::String(text) if TIME_FIELDS.contains(&key.as_str()) => {
+                                mongodb::bson::DateTime::parse_rfc3339_str(&text)
+                                    .map_or(Bson::String(text), Bson::DateTime)
+                            }
+                            other => dates(other),
+                        };
+                        (key, value)
+                    })
+                    .collect(),
+            ),
+            Bson::Array(items) => Bson::Array(items.into_iter().map(dates).collect()),
+            other => other,
         }
-        let after = fold.read_models();
-        total +=
-            changed(&before.users, &after.users) + changed(&before.activities, &after.activities);
-        before = after;
     }
-    total
+    match dates(mongodb::bson::to_bson(doc)?) {
+        Bson::Document(doc) => Ok(doc),
+        other => anyhow::bail!("a fold document is not a document: {other}"),
+    }
 }

@@ -200,6 +200,11 @@ fn bench_measures_every_stage_and_writes_its_results() {
         ),
         ("e2e.vs_limit", "e2e.events_per_s", "e2e.limit"),
         (
+            "e2e.vs_fold_writes",
+            "e2e.events_per_s",
+            "e2e.fold_writes_limit",
+        ),
+        (
             "e2e.docs_vs_fold",
             "e2e.docs_per_event",
             "e2e.fold_docs_per_event",
@@ -267,6 +272,15 @@ fn bench_measures_every_stage_and_writes_its_results() {
     }
     let docs = figure(&results, "e2e.docs_per_event");
     assert!((0.1..5.0).contains(&docs), "documents per event {docs}");
+    // The fold's writes are its minimum, upserted raw: their documents per
+    // event are the minimum's, and their rate is what the limit divides.
+    let fold = figure(&results, "e2e.fold_docs_per_event");
+    let limit = figure(&results, "e2e.fold_writes_limit");
+    let fold_docs = figure(&results, "sink.fold_writes.docs_per_s");
+    assert!(
+        (fold_docs / limit - fold).abs() < 1e-9 * fold,
+        "{fold_docs} docs/s over {limit} events/s is not {fold} docs per event"
+    );
     let rss = figure(&results, "memory.backlog.peak_rss_mb");
     assert!((1.0..2048.0).contains(&rss), "peak RSS {rss} MB");
 
@@ -282,14 +296,16 @@ fn bench_measures_every_stage_and_writes_its_results() {
         "{machine:?}"
     );
     assert!(!machine.git_commit.is_empty());
-    // capture, metrics cost, polling order, polling workers, end to end,
-    // documents vs the fold, latency, /metrics buckets, relay, backlog RSS;
+    // capture, metrics cost, polling order, polling workers, end to end
+    // (against the capture and raw sink limits; against this history's),
+    // round trips, documents vs the fold, latency, /metrics buckets, relay,
+    // backlog RSS;
     // the kafka source's once its rate after the group join is measured
     // (a run this small may be done within its first batch).
     let joined = results.get("kafka.source_steady_vs_consume").is_some();
     assert_eq!(
         results.targets.len(),
-        10 + usize::from(joined),
+        12 + usize::from(joined),
         "{:?}",
         results.targets
     );
