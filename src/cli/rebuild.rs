@@ -38,7 +38,8 @@ pub async fn execute(config: &Config, args: &RebuildArgs) -> anyhow::Result<Exit
         .await
         .map_err(|e| {
             anyhow::Error::new(e).context(format!("cannot reach MongoDB at {}", redact_uri(uri)))
-        })?;
+        })?
+        .with_read_chunk(config.mongodb.read_chunk);
     let stop = CancellationToken::new();
     let stopper = stop.clone();
     tokio::spawn(async move {

@@ -62,7 +62,8 @@ async fn connect_store(config: &Config, retry: &Retry) -> anyhow::Result<Option<
         .run(Component::Mongodb, "mongodb unreachable", async || {
             let store = MongoStore::connect(uri, &config.mongodb.database)
                 .await
-                .map_err(|source| Failed::Connect(at(source)))?;
+                .map_err(|source| Failed::Connect(at(source)))?
+                .with_read_chunk(config.mongodb.read_chunk);
             store
                 .ensure_indexes()
                 .await

@@ -31,6 +31,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     ("MONGODB_DB", "activity_read", "database of the read models"),
     (
+        "MONGODB_READ_CHUNK",
+        "64",
+        "ids per `$in` when reading read-model documents (1000 suits MongoDB itself)",
+    ),
+    (
         "SOURCE",
         "replication",
         "capture method: replication, polling or kafka",

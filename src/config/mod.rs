@@ -95,6 +95,8 @@ pub struct MongoConfig {
     /// May carry credentials: print it with [`redact_uri`].
     pub uri: Secret,
     pub database: String,
+    /// Values per `$in` when reading documents by a list of ids.
+    pub read_chunk: usize,
 }
 
 /// Which capture method feeds the pipeline.

@@ -200,6 +200,7 @@ impl Config {
         let mongodb = MongoConfig {
             uri: Secret::new(mongo_uri),
             database: r.non_empty("MONGODB_DB"),
+            read_chunk: usize::try_from(r.positive("MONGODB_READ_CHUNK")).unwrap_or(usize::MAX),
         };
         let source_raw = r.string("SOURCE");
         let source = SourceKind::parse(&source_raw).unwrap_or_else(|| {

@@ -339,3 +339,16 @@ fn the_heartbeat_interval_is_a_duration_or_off() {
         "{typo}"
     );
 }
+
+#[test]
+fn the_read_chunk_is_a_positive_count() {
+    let config = Config::from_env(&EnvMap::new()).expect("defaults are valid");
+    assert_eq!(config.mongodb.read_chunk, 64);
+    let config = Config::load(&env(&[("MONGODB_READ_CHUNK", "1000")]), &[]).expect("valid");
+    assert_eq!(config.mongodb.read_chunk, 1000);
+    let err = Config::load(&env(&[("MONGODB_READ_CHUNK", "0")]), &[]).expect_err("invalid");
+    assert_eq!(
+        err.to_string(),
+        "MONGODB_READ_CHUNK: `0` is not a positive whole number"
+    );
+}

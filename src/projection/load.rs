@@ -6,7 +6,7 @@ use super::state::{ActivityDoc, UserDoc};
 use super::{corrupt, doc_id, ids, user_projection, BatchReport, Projector, Revised, Work};
 use crate::decode::OutboxEvent;
 use crate::route::{AggregateKind, DomainEvent, HandlerError, Routed};
-use crate::store::mongo::{MongoStore, StoreError, ACTIVITIES, USERS};
+use crate::store::mongo::{StoreError, ACTIVITIES, USERS};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::PoisonError;
 use uuid::Uuid;
@@ -60,8 +60,8 @@ impl Projector {
             .store
             .find_by_ids(ACTIVITIES, ids(&activity_ids), None)
             .await?;
-        report.round_trips += MongoStore::find_in_round_trips(user_ids.len())
-            + MongoStore::find_in_round_trips(activity_ids.len());
+        report.round_trips += self.store.find_in_round_trips(user_ids.len())
+            + self.store.find_in_round_trips(activity_ids.len());
         for id in &user_ids {
             work.users.insert(*id, None);
         }

@@ -85,6 +85,7 @@ async fn round(
             }
         }
     }
+    let held = activities.len();
     activities.extend(read_activities(store, &unread, "_id", report).await?);
     for field in ["organizer.user_id", "participants.user_id"] {
         activities.extend(read_activities(store, &work.renamed, field, report).await?);
@@ -112,6 +113,7 @@ async fn round(
         );
     }
     wanted.extend(work.departed.iter().map(|(_, u)| *u));
+    let read_activities_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut users = read_users(store, &wanted, report).await?;
     let read = started.elapsed();
 
@@ -163,17 +165,22 @@ async fn round(
         .filter_map(|u| users.get(u).map(|view| user_write(u, view)))
         .collect();
 
-    let (read_activities, read_users) = (activities.len(), users.len());
+    let (read_activities, read_users) = (activities.len() - held, users.len());
+    let own_rewrites = rewritten.intersection(&work.changed_activities).count()
+        + changed_users.intersection(&work.changed_users).count();
     let (name_count, entry_count) = (name_writes.len(), entry_writes.len());
     let computed = started.elapsed();
     let names_ok = write(store, ACTIVITIES, name_writes, report).await?;
     let wrote_names = started.elapsed();
     let entries_ok = write(store, USERS, entry_writes, report).await?;
     tracing::debug!(
+        held_activities = held,
         read_activities,
         read_users,
         name_writes = name_count,
         entry_writes = entry_count,
+        own_rewrites,
+        read_activities_ms,
         read_ms = read.as_secs_f64() * 1e3,
         compute_ms = (computed - read).as_secs_f64() * 1e3,
         names_ms = (wrote_names - computed).as_secs_f64() * 1e3,
@@ -310,7 +317,7 @@ async fn read_activities(
         return Ok(found);
     }
     let list: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-    report.round_trips += MongoStore::find_in_round_trips(list.len());
+    report.round_trips += store.find_in_round_trips(list.len());
     let docs = store.find_in(ACTIVITIES, field, list, None).await?;
     for doc in &docs {
         let id = doc_id(doc)?;
@@ -342,7 +349,7 @@ async fn read_users(
             Some(doc! { "display_name": 1, "_seq": 1, "_av": 1, "_erev": 1, "activities": 1 }),
         )
         .await?;
-    report.round_trips += MongoStore::find_in_round_trips(users.len());
+    report.round_trips += store.find_in_round_trips(users.len());
     for doc in docs {
         let id = doc_id(&doc)?;
         let version = read_i64(&doc, "_seq").map_err(|e| corrupt(USERS, id, &e))?;

@@ -21,7 +21,8 @@ pub const DEAD_LETTERS: &str = "dead_letters";
 /// How often the driver checks the servers, unless the URI says otherwise.
 const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Values per `$in` of a chunked read (see [`MongoStore::find_in`]).
+/// Values per `$in` of a chunked read unless configured otherwise
+/// (`MONGODB_READ_CHUNK`; see [`MongoStore::find_in`]).
 pub const IN_CHUNK: usize = 64;
 
 /// Most statements per write command.
@@ -62,6 +63,8 @@ pub struct MongoStore {
     client: Client,
     db: Database,
     write_concern: Document,
+    /// Values per `$in` of [`MongoStore::find_in`].
+    read_chunk: usize,
     /// Reads and writes go to the rebuild's shadow collections (the read
     /// models and their dead letters) instead of the live ones.
     shadow: bool,
@@ -107,10 +110,19 @@ impl MongoStore {
             db: client.database(database),
             client,
             write_concern: doc! { "w": "majority" },
+            read_chunk: IN_CHUNK,
             shadow: false,
         };
         store.ping().await?;
         Ok(store)
+    }
+
+    /// The same store, reading `chunk` ids per `$in` (at least one).
+    pub fn with_read_chunk(self, chunk: usize) -> MongoStore {
+        MongoStore {
+            read_chunk: chunk.max(1),
+            ..self
+        }
     }
 
     pub fn database(&self) -> &Database {
@@ -236,13 +248,14 @@ impl MongoStore {
     }
 
     /// Documents of `collection` whose `field` (an indexed one) is one of
-    /// `values`, read with one `$in` per [`IN_CHUNK`] values.
+    /// `values`, read with one `$in` per `MONGODB_READ_CHUNK` values.
     ///
     /// Chunked because a server may find the candidates through the index
     /// but then test each one against the whole `$in` list (SecantusDB
     /// does): one list of n values over n documents costs n² comparisons,
-    /// where chunks of k cost n·k. A document matching values of two chunks
-    /// (an array field) comes back once.
+    /// where chunks of k cost n·k. MongoDB itself seeks each value in the
+    /// index, so there larger chunks only save round trips. A document
+    /// matching values of two chunks (an array field) comes back once.
     pub async fn find_in(
         &self,
         collection: &str,
@@ -252,7 +265,7 @@ impl MongoStore {
     ) -> Result<Vec<Document>, StoreError> {
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for chunk in values.chunks(IN_CHUNK) {
+        for chunk in values.chunks(self.read_chunk) {
             let docs = self
                 .find(
                     collection,
@@ -274,8 +287,8 @@ impl MongoStore {
     }
 
     /// How many round trips [`MongoStore::find_in`] takes for `values` values.
-    pub fn find_in_round_trips(values: usize) -> u32 {
-        u32::try_from(values.div_ceil(IN_CHUNK)).unwrap_or(u32::MAX)
+    pub fn find_in_round_trips(&self, values: usize) -> u32 {
+        u32::try_from(values.div_ceil(self.read_chunk)).unwrap_or(u32::MAX)
     }
 
     pub async fn find(
