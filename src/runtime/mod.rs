@@ -15,6 +15,7 @@
 //! is finished, or abandoned unacknowledged during a retry's pause.
 
 mod crash_points;
+mod deliver;
 mod marker;
 mod observed;
 mod progress;
@@ -26,9 +27,8 @@ pub use crash_points::CrashPoints;
 pub use marker::{MarkError, OutboxMarker};
 pub use retry::{Outage, Retry};
 
-use crate::checkpoint::{CheckpointError, MongoCheckpoint};
+use crate::checkpoint::MongoCheckpoint;
 use crate::config::{PipelineConfig, SourceKind};
-use crate::failpoint::crash_point;
 use crate::observe::Component;
 use crate::policy::{describe, Classify, ErrorClass};
 use crate::sink::{Sink, SinkReport};
@@ -37,7 +37,6 @@ use crate::stages::{Stage, StageTimes};
 use crate::stats_file::StatsFile;
 use crash_points::crash_at;
 use progress::Progress;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +100,13 @@ struct Held<A> {
     committed: Vec<Option<chrono::DateTime<chrono::Utc>>>,
     stages: StageTimes,
     asked: Instant,
+}
+
+/// What the source handed out while the last batch was delivered, and how
+/// long the runtime waited for it after that delivery.
+struct ReadOn<A> {
+    fetched: Result<Option<SourceBatch<A>>, crate::source::SourceError>,
+    waited: std::time::Duration,
 }
 
 /// A batch whose effects are durable and whose outbox marks are committing:
@@ -184,6 +190,9 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         // A batch taken, and written ahead, but not applied yet: the next
         // batch is taken while it is being delivered (see `Held`).
         let mut held: Option<Held<S::Ack>> = None;
+        // The next batch, read while the last one was delivered (see
+        // `finish_reading_on`), and how long its reading outlasted that.
+        let mut read_on: Option<ReadOn<S::Ack>> = None;
         loop {
             self.shared.health.tick();
             if held.is_some() && !self.ahead() {
@@ -195,7 +204,10 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             }
             // A transaction half applied is finished first, so that the last
             // acknowledged position covers it (a second signal still stops at once).
-            if self.shared.shutdown.is_cancelled() && !self.source.mid_transaction() {
+            if self.shared.shutdown.is_cancelled()
+                && !self.source.mid_transaction()
+                && read_on.is_none()
+            {
                 if let Some(batch) = held.take() {
                     self.finish(batch, false).await?;
                 }
@@ -212,7 +224,10 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             } else {
                 wait
             };
-            let fetched = self.source.next_batch(size, wait).await;
+            let (fetched, waited) = match read_on.take() {
+                Some(ReadOn { fetched, waited }) => (fetched, Some(waited)),
+                None => (self.source.next_batch(size, wait).await, None),
+            };
             if !matches!(fetched, Ok(Some(_))) {
                 // Nothing new (or a failure): the batch on its way is
                 // finished first.
@@ -228,7 +243,12 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             match fetched {
                 Ok(Some(batch)) => {
                     let mut stages = StageTimes::default();
-                    stages.lap(Stage::Source, asked);
+                    match waited {
+                        Some(waited) => stages.add(Stage::Source, waited),
+                        None => {
+                            stages.lap(Stage::Source, asked);
+                        }
+                    }
                     crash_at(K::CRASH_POINTS.after_decode);
                     backoff.reset();
                     outage.recovered(&self.retry);
@@ -263,6 +283,13 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                     }
                     if self.ahead() {
                         held = Some(batch);
+                    } else if self.source.fetch_ahead() && !self.shared.shutdown.is_cancelled() {
+                        // Once stopping, nothing more is read ahead: the
+                        // batch read on is applied and intake stops.
+                        match self.finish_reading_on(batch, size, wait).await? {
+                            Some(next) => read_on = Some(next),
+                            None => return Ok(()),
+                        }
                     } else if !self.finish(batch, false).await? {
                         return Ok(());
                     }
@@ -311,8 +338,12 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         } = held;
         let span = tracing::debug_span!("batch", events = batch.events.len());
         let processing = Instant::now();
-        let delivered = self.deliver(batch, committed, stages);
-        let Some(delivered) = delivered.instrument(span).await? else {
+        let delivered = self
+            .delivery()
+            .deliver::<S>(batch, committed, stages)
+            .instrument(span)
+            .await?;
+        let Some(delivered) = delivered else {
             // The batch before it is durable and marked: it is acknowledged.
             self.settle_earlier().await?;
             return Ok(false);
@@ -330,6 +361,72 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             return Ok(true);
         }
         self.settle(delivered).await
+    }
+
+    /// Every part a delivery uses, borrowed apart from the source.
+    fn parts(&mut self) -> (&mut S, deliver::Delivery<'_, K>) {
+        let delivery = deliver::Delivery {
+            sink: &mut self.sink,
+            checkpoint: self.checkpoint.as_ref(),
+            marker: &mut self.marker,
+            shared: &self.shared,
+            retry: &self.retry,
+        };
+        (&mut self.source, delivery)
+    }
+
+    fn delivery(&mut self) -> deliver::Delivery<'_, K> {
+        self.parts().1
+    }
+
+    /// Applies a batch and acknowledges it, reading the next batch from the
+    /// source while the sink delivers this one (the source hands out ahead,
+    /// and the sink applies batches one after another). The next batch is
+    /// only handed to the sink after this one is acknowledged. `None`:
+    /// shutdown came first (what was read ahead comes again after a start).
+    async fn finish_reading_on(
+        &mut self,
+        held: Held<S::Ack>,
+        size: usize,
+        wait: std::time::Duration,
+    ) -> Result<Option<ReadOn<S::Ack>>, PipelineError> {
+        let Held {
+            batch,
+            committed,
+            stages,
+            asked,
+        } = held;
+        let span = tracing::debug_span!("batch", events = batch.events.len());
+        let processing = Instant::now();
+        let (source, mut delivery) = self.parts();
+        let delivering = async {
+            let delivered = delivery
+                .deliver::<S>(batch, committed, stages)
+                .instrument(span)
+                .await;
+            (delivered, Instant::now())
+        };
+        let reading = async {
+            let fetched = source.next_batch(size, wait).await;
+            (fetched, Instant::now())
+        };
+        let ((delivered, delivered_at), (fetched, read_at)) = tokio::join!(delivering, reading);
+        let Some(delivered) = delivered? else {
+            self.settle_earlier().await?;
+            return Ok(None);
+        };
+        tracing::debug!(
+            source_ms = (processing - asked).as_secs_f64() * 1e3,
+            deliver_ms = (delivered_at - processing).as_secs_f64() * 1e3,
+            "batch delivered"
+        );
+        if !self.settle_earlier().await? || !self.settle(delivered).await? {
+            return Ok(None);
+        }
+        Ok(Some(ReadOn {
+            fetched,
+            waited: read_at.saturating_duration_since(delivered_at),
+        }))
     }
 
     /// Nothing came: keep the source alive; `true` once caught up (with
@@ -356,134 +453,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             }
             Err(err) => Err(PipelineError::stop("cannot check progress", err)),
         }
-    }
-
-    /// One batch (`committed`: its events' commit times), in the order of
-    /// the module's doc, up to its marks, which are told to commit; `None`:
-    /// shutdown came first (nothing acknowledged).
-    async fn deliver(
-        &mut self,
-        batch: SourceBatch<S::Ack>,
-        committed: Vec<Option<chrono::DateTime<chrono::Utc>>>,
-        mut stages: StageTimes,
-    ) -> Result<Option<Settling<S::Ack>>, PipelineError> {
-        let points = K::CRASH_POINTS;
-        crash_point(points.before_write);
-        // The outbox rows' update starts beside the write, uncommitted
-        // until the write is durable (see the marker).
-        let mut marker = self.marker.take();
-        let (written, ()) = tokio::join!(self.write(&batch), async {
-            if let Some(marker) = marker.as_mut() {
-                marker.begin(&batch.events).await;
-            }
-        });
-        self.marker = marker;
-        let report = match written {
-            Ok(Some(report)) => report,
-            Ok(None) => {
-                self.abort_mark().await;
-                return Ok(None);
-            }
-            Err(err) => {
-                self.abort_mark().await;
-                return Err(err);
-            }
-        };
-        crash_point(points.after_write);
-        let outcomes = observed::outcomes(&batch.events, &report);
-        if let Some(stats_file) = &self.shared.stats_file {
-            stats_file.durable(&observed::applied_commit_times(&committed, &outcomes));
-        }
-        let outcome = BatchOutcome {
-            dead_letters: report.dead_letters.clone(),
-            // Deferred (aggregate not created yet): the source tries them again.
-            retry: report.deferred.clone(),
-        };
-        stages.absorb(&report.stages);
-        let started = Instant::now();
-        if !self.save_checkpoint(&batch.ack).await? {
-            self.abort_mark().await;
-            return Ok(None);
-        }
-        stages.lap(Stage::Checkpoint, started);
-        if let Some(marker) = self.marker.as_mut() {
-            crash_at(points.before_mark);
-            marker.commit(&batch.events, &outcome);
-        }
-        Ok(Some(Settling {
-            batch,
-            committed,
-            report,
-            outcome,
-            outcomes,
-            stages,
-        }))
-    }
-
-    /// The sink applies the batch, retried while it fails transiently;
-    /// `None`: shutdown came first.
-    async fn write(
-        &mut self,
-        batch: &SourceBatch<S::Ack>,
-    ) -> Result<Option<SinkReport>, PipelineError> {
-        let interruptible = self.sink.interruptible();
-        let mut attempts = self.retry.attempts(K::COMPONENT, "writing a batch failed");
-        let written = loop {
-            let written = if interruptible {
-                tokio::select! {
-                    biased;
-                    // Nothing of it is acknowledged: it comes again.
-                    _ = self.shared.shutdown.cancelled() => return Ok(None),
-                    written = self.sink.apply(batch) => written,
-                }
-            } else {
-                self.sink.apply(batch).await
-            };
-            if let Some(done) = attempts.settle(written).await {
-                break done;
-            }
-        };
-        written.map_err(|err| {
-            PipelineError::stop(
-                "the sink refused a batch; fix the cause and start again",
-                err,
-            )
-        })
-    }
-
-    /// The MongoDB checkpoint, for a source whose acknowledgement is an LSN.
-    /// A save below the stored position is refused, logged and counted.
-    async fn save_checkpoint(&mut self, ack: &S::Ack) -> Result<bool, PipelineError> {
-        let (Some(lsn), Some(checkpoint)) = (S::lsn_of(ack), &self.checkpoint) else {
-            return Ok(true);
-        };
-        let mut attempts = self
-            .retry
-            .attempts(Component::Mongodb, "saving the checkpoint failed");
-        let saved = loop {
-            if let Some(done) = attempts.settle(checkpoint.save(lsn).await).await {
-                break done;
-            }
-        };
-        match saved {
-            Ok(Some(())) => {}
-            Ok(None) => return Ok(false),
-            Err(err @ CheckpointError::Backwards { .. }) => {
-                tracing::error!(error = %describe(&err), "checkpoint not saved");
-                self.shared
-                    .stats
-                    .checkpoint_refused
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Err(err) => {
-                return Err(PipelineError::stop(
-                    "cannot save the checkpoint; fix MongoDB and start again",
-                    err,
-                ))
-            }
-        }
-        crash_point(K::CRASH_POINTS.after_checkpoint);
-        Ok(true)
     }
 }
 

@@ -77,13 +77,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         Ok(true)
     }
 
-    /// Rolls back a marking begun beside a write that did not complete.
-    pub(super) async fn abort_mark(&mut self) {
-        if let Some(marker) = self.marker.as_mut() {
-            marker.abort().await;
-        }
-    }
-
     /// Outbox rows of earlier batches that were not visible yet when they
     /// were marked (see the marker); a failure here only delays them.
     pub(super) async fn mark_late(&mut self) {

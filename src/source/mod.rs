@@ -217,8 +217,9 @@ pub trait Source {
 
     /// The next batch may be taken before the last one handed out is
     /// acknowledged (acknowledgements still come in batch order): the
-    /// runtime then takes it while the sink is still delivering the last one,
-    /// when the sink writes ahead ([`crate::sink::Sink::WRITES_AHEAD`]).
+    /// runtime then reads it while the sink is still delivering the last one
+    /// (and hands it to the sink at once when the sink writes ahead,
+    /// [`crate::sink::Sink::WRITES_AHEAD`]).
     fn fetch_ahead(&self) -> bool {
         false
     }

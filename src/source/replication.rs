@@ -471,10 +471,14 @@ impl Source for ReplicationSource {
     }
 
     /// Snapshot chunks and streamed batches carry rising positions, and an
-    /// acknowledgement only moves the slot up to its own; the sweep reads
-    /// the rows' status, which earlier batches must have set first.
+    /// acknowledgement only moves the slot up to its own. The sweep reads
+    /// the rows' status, which earlier batches must have set first: it
+    /// finishes only once the acknowledged position covers its watermark
+    /// (`durable_through`, which with a batch handed out and not yet
+    /// acknowledged looks at the acknowledged position alone), and a batch
+    /// is acknowledged only after its marks commit.
     fn fetch_ahead(&self) -> bool {
-        !self.options.sweep
+        true
     }
 
     /// The last status update is on its way when `ack` returns, but the
