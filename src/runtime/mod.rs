@@ -239,6 +239,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                         continue;
                     }
                 }
+                // A batch read on and left settling is acknowledged now,
+                // not when the next batch comes.
+                if !self.settle_earlier().await? {
+                    return Ok(());
+                }
             }
             match fetched {
                 Ok(Some(batch)) => {
@@ -379,11 +384,12 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         self.parts().1
     }
 
-    /// Applies a batch and acknowledges it, reading the next batch from the
-    /// source while the sink delivers this one (the source hands out ahead,
-    /// and the sink applies batches one after another). The next batch is
-    /// only handed to the sink after this one is acknowledged. `None`:
-    /// shutdown came first (what was read ahead comes again after a start).
+    /// Applies a batch, reading the next batch from the source while the
+    /// sink delivers this one (the source hands out ahead, and the sink
+    /// applies batches one after another), then acknowledges the batch
+    /// before it; this one is left settling until the next is delivered (or
+    /// the source goes quiet, or intake stops). `None`: shutdown came first
+    /// (what was read ahead comes again after a start).
     async fn finish_reading_on(
         &mut self,
         held: Held<S::Ack>,
@@ -420,9 +426,13 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             deliver_ms = (delivered_at - processing).as_secs_f64() * 1e3,
             "batch delivered"
         );
-        if !self.settle_earlier().await? || !self.settle(delivered).await? {
+        // The batch before this one is acknowledged now that this one is
+        // delivered, and this one waits (its marks committing) until the
+        // next is: acknowledgements overlap the next batch's apply.
+        if !self.settle_earlier().await? {
             return Ok(None);
         }
+        self.settling = Some(delivered);
         Ok(Some(ReadOn {
             fetched,
             waited: read_at.saturating_duration_since(delivered_at),
