@@ -21,6 +21,7 @@ mod callgrind;
 mod capture;
 pub mod chart;
 mod child;
+mod fold_writes;
 mod judge;
 mod kafka;
 mod pg;

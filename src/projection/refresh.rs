@@ -166,8 +166,6 @@ async fn round(
         .collect();
 
     let (read_activities, read_users) = (activities.len() - held, users.len());
-    let own_rewrites = rewritten.intersection(&work.changed_activities).count()
-        + changed_users.intersection(&work.changed_users).count();
     let (name_count, entry_count) = (name_writes.len(), entry_writes.len());
     let computed = started.elapsed();
     let names_ok = write(store, ACTIVITIES, name_writes, report).await?;
@@ -179,7 +177,9 @@ async fn round(
         read_users,
         name_writes = name_count,
         entry_writes = entry_count,
-        own_rewrites,
+        // Field values are computed only when the line is logged.
+        own_rewrites = rewritten.intersection(&work.changed_activities).count()
+            + changed_users.intersection(&work.changed_users).count(),
         read_activities_ms,
         read_ms = read.as_secs_f64() * 1e3,
         compute_ms = (computed - read).as_secs_f64() * 1e3,

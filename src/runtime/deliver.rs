@@ -4,7 +4,7 @@
 //! next batch.
 
 use super::crash_points::crash_at;
-use super::{observed, PipelineError, Retry, Settling, Shared};
+use super::{observed, Held, PipelineError, Retry, Settling, Shared};
 use crate::checkpoint::{CheckpointError, MongoCheckpoint};
 use crate::failpoint::crash_point;
 use crate::observe::Component;
@@ -15,6 +15,7 @@ use crate::source::{BatchOutcome, Source, SourceBatch};
 use crate::stages::{Stage, StageTimes};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+use tracing::Instrument;
 
 /// The pipeline's parts a delivery uses.
 pub(super) struct Delivery<'a, K: Sink> {
@@ -26,6 +27,34 @@ pub(super) struct Delivery<'a, K: Sink> {
 }
 
 impl<K: Sink> Delivery<'_, K> {
+    /// [`Delivery::deliver`] of a batch taken earlier, in its span, saying
+    /// (at `debug`) how long the source and the delivery took.
+    pub(super) async fn deliver_held<S: Source>(
+        &mut self,
+        held: Held<S::Ack>,
+    ) -> Result<Option<Settling<S::Ack>>, PipelineError> {
+        let Held {
+            batch,
+            committed,
+            stages,
+            asked,
+        } = held;
+        let span = tracing::debug_span!("batch", events = batch.events.len());
+        let processing = Instant::now();
+        let delivered = self
+            .deliver::<S>(batch, committed, stages)
+            .instrument(span)
+            .await?;
+        if delivered.is_some() {
+            tracing::debug!(
+                source_ms = (processing - asked).as_secs_f64() * 1e3,
+                deliver_ms = processing.elapsed().as_secs_f64() * 1e3,
+                "batch delivered"
+            );
+        }
+        Ok(delivered)
+    }
+
     /// One batch (`committed`: its events' commit times), in the order of
     /// the module's doc, up to its marks, which are told to commit; `None`:
     /// shutdown came first (nothing acknowledged).

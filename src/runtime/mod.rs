@@ -40,7 +40,6 @@ use progress::Progress;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// Why the runtime stopped before it was asked to.
 #[derive(Debug, thiserror::Error)]
@@ -335,29 +334,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
     /// acknowledgement waits until the next batch is delivered, while its
     /// marks commit. `false`: shutdown came first.
     async fn finish(&mut self, held: Held<S::Ack>, keep: bool) -> Result<bool, PipelineError> {
-        let Held {
-            batch,
-            committed,
-            stages,
-            asked,
-        } = held;
-        let span = tracing::debug_span!("batch", events = batch.events.len());
-        let processing = Instant::now();
-        let delivered = self
-            .delivery()
-            .deliver::<S>(batch, committed, stages)
-            .instrument(span)
-            .await?;
-        let Some(delivered) = delivered else {
+        let Some(delivered) = self.delivery().deliver_held::<S>(held).await? else {
             // The batch before it is durable and marked: it is acknowledged.
             self.settle_earlier().await?;
             return Ok(false);
         };
-        tracing::debug!(
-            source_ms = (processing - asked).as_secs_f64() * 1e3,
-            deliver_ms = processing.elapsed().as_secs_f64() * 1e3,
-            "batch delivered"
-        );
         if !self.settle_earlier().await? {
             return Ok(false);
         }
@@ -396,20 +377,9 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         size: usize,
         wait: std::time::Duration,
     ) -> Result<Option<ReadOn<S::Ack>>, PipelineError> {
-        let Held {
-            batch,
-            committed,
-            stages,
-            asked,
-        } = held;
-        let span = tracing::debug_span!("batch", events = batch.events.len());
-        let processing = Instant::now();
         let (source, mut delivery) = self.parts();
         let delivering = async {
-            let delivered = delivery
-                .deliver::<S>(batch, committed, stages)
-                .instrument(span)
-                .await;
+            let delivered = delivery.deliver_held::<S>(held).await;
             (delivered, Instant::now())
         };
         let reading = async {
@@ -421,11 +391,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             self.settle_earlier().await?;
             return Ok(None);
         };
-        tracing::debug!(
-            source_ms = (processing - asked).as_secs_f64() * 1e3,
-            deliver_ms = (delivered_at - processing).as_secs_f64() * 1e3,
-            "batch delivered"
-        );
         // The batch before this one is acknowledged now that this one is
         // delivered, and this one waits (its marks committing) until the
         // next is: acknowledgements overlap the next batch's apply.
