@@ -13,7 +13,8 @@ use activity_event_processor::source::Source;
 use common::replication::*;
 use common::TestDb;
 use std::time::Duration;
-use tokio::time::Instant;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 #[tokio::test]
@@ -96,6 +97,43 @@ async fn a_row_that_commits_late_still_arrives() {
         .expect("sequences");
     let first: Uuid = sequences[0].get(0);
     assert_eq!(first, late_id[0], "the late row has the lowest sequence_id");
+}
+
+/// A batch read on while the sink applies the one before holds every row
+/// that commits until the sink is free, though the pauses between them are
+/// far longer than the quiet that ends a batch otherwise; once the sink is
+/// free, it ends with what is there.
+#[tokio::test]
+async fn a_batch_read_on_holds_what_commits_until_the_sink_is_free() {
+    let _shared = SERVER.read().await;
+    let db = TestDb::migrated().await;
+    let slot = SlotGuard::new(&db);
+    let mut source = start(&db, &slot, None).await;
+    let snapshot = read_snapshot(&mut source, 100, Ack::Each).await;
+    assert!(snapshot.iter().all(|batch| batch.events.is_empty()));
+
+    let client = db.client().await;
+    let applied = CancellationToken::new();
+    let writer = async {
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.extend(insert(&client, 1).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Time for the last commit to reach the stream, then the sink is free.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        applied.cancel();
+        ids
+    };
+    let reading = source.next_batch_reading_on(1_000, Duration::from_secs(10), &applied);
+    let (batch, ids) = tokio::join!(timeout(PATIENCE, reading), writer);
+    let batch = batch
+        .expect("the batch ends once the sink is free")
+        .expect("read")
+        .expect("a batch");
+    let read: Vec<Uuid> = batch.events.iter().map(|event| event.event_id).collect();
+    assert_eq!(read, ids, "the three commits, in one batch");
+    ack(&mut source, &batch.ack).await;
 }
 
 #[tokio::test]

@@ -367,7 +367,8 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
 
     /// Applies a batch, reading the next batch from the source while the
     /// sink delivers this one (the source hands out ahead, and the sink
-    /// applies batches one after another), then acknowledges the batch
+    /// applies batches one after another; the next batch holds what arrived
+    /// until this one is delivered), then acknowledges the batch
     /// before it; this one is left settling until the next is delivered (or
     /// the source goes quiet, or intake stops). `None`: shutdown came first
     /// (what was read ahead comes again after a start).
@@ -378,12 +379,15 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
         wait: std::time::Duration,
     ) -> Result<Option<ReadOn<S::Ack>>, PipelineError> {
         let (source, mut delivery) = self.parts();
+        // The batch read on takes what comes until this one is delivered.
+        let applied = CancellationToken::new();
         let delivering = async {
             let delivered = delivery.deliver_held::<S>(held).await;
+            applied.cancel();
             (delivered, Instant::now())
         };
         let reading = async {
-            let fetched = source.next_batch(size, wait).await;
+            let fetched = source.next_batch_reading_on(size, wait, &applied).await;
             (fetched, Instant::now())
         };
         let ((delivered, delivered_at), (fetched, read_at)) = tokio::join!(delivering, reading);

@@ -71,25 +71,16 @@ struct Scripted {
     shutdown: CancellationToken,
 }
 
-impl Source for Scripted {
-    type Ack = u64;
-
-    async fn next_batch(
-        &mut self,
-        _max_events: usize,
-        _max_wait: std::time::Duration,
-    ) -> Result<Option<SourceBatch<u64>>, crate::source::SourceError> {
+impl Scripted {
+    /// The next one-event batch, noting its read; none once all are out.
+    fn hand_out(&mut self) -> Option<SourceBatch<u64>> {
         if self.handed == self.left {
             self.shutdown.cancel();
-            return Ok(None);
+            return None;
         }
         self.handed += 1;
-        let during = self.applying.load(Ordering::SeqCst);
         let n = self.handed;
-        note(
-            &self.log,
-            format!("read {n}{}", if during { " during apply" } else { "" }),
-        );
+        note(&self.log, format!("read {n}{}", self.during()));
         let event = crate::decode::OutboxEvent {
             event_id: uuid::Uuid::new_v4(),
             sequence_id: Some(n as i64),
@@ -99,14 +90,51 @@ impl Source for Scripted {
             payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}).into(),
             created_at: None,
         };
-        Ok(Some(SourceBatch {
+        Some(SourceBatch {
             events: vec![event],
             malformed: Vec::new(),
             ack: n,
             origins: Vec::new(),
             retried: Vec::new(),
             committed: Vec::new(),
-        }))
+        })
+    }
+
+    fn during(&self) -> &'static str {
+        if self.applying.load(Ordering::SeqCst) {
+            " during apply"
+        } else {
+            ""
+        }
+    }
+}
+
+impl Source for Scripted {
+    type Ack = u64;
+
+    async fn next_batch(
+        &mut self,
+        _max_events: usize,
+        _max_wait: std::time::Duration,
+    ) -> Result<Option<SourceBatch<u64>>, crate::source::SourceError> {
+        Ok(self.hand_out())
+    }
+
+    /// Reads at once, and ends the batch only when the runtime says the
+    /// sink is free.
+    async fn next_batch_reading_on(
+        &mut self,
+        _max_events: usize,
+        _max_wait: std::time::Duration,
+        applied: &CancellationToken,
+    ) -> Result<Option<SourceBatch<u64>>, crate::source::SourceError> {
+        let batch = self.hand_out();
+        applied.cancelled().await;
+        note(
+            &self.log,
+            format!("read {} ends{}", self.handed, self.during()),
+        );
+        Ok(batch)
     }
 
     async fn ack(
@@ -198,7 +226,7 @@ async fn scripted_run(batches: u64, ahead: bool) -> Vec<String> {
 }
 
 /// Where the source hands out ahead, the runtime reads batch n+1 while the
-/// sink applies batch n, and acknowledges batch n after n+1 is applied;
+/// sink applies batch n (ending it once n is applied), and acknowledges batch n after n+1 is applied;
 /// still each batch is acknowledged only once applied, in order, and the
 /// last one as soon as the source goes quiet.
 #[tokio::test]
@@ -211,6 +239,9 @@ async fn the_next_batch_is_read_while_the_sink_applies_and_batches_stay_in_order
     };
     for n in 2..=5 {
         assert!(at(format!("read {n} during apply")) < at(format!("apply {} ends", n - 1)));
+        // The batch read on ends once the sink is free, before it is applied.
+        assert!(at(format!("apply {} ends", n - 1)) < at(format!("read {n} ends")));
+        assert!(at(format!("read {n} ends")) < at(format!("apply {n} begins")));
     }
     for n in 1..=5 {
         assert!(

@@ -195,6 +195,22 @@ pub trait Source {
         max_wait: std::time::Duration,
     ) -> Result<Option<SourceBatch<Self::Ack>>, SourceError>;
 
+    /// [`Source::next_batch`] read on while the sink is still applying the
+    /// batch before ([`Source::fetch_ahead`]): until `applied` is cancelled
+    /// the batch goes on taking what arrives (up to `max_events`), instead of
+    /// ending when the source is briefly quiet, so that it holds everything
+    /// that came during the apply; once `applied`, it ends as soon as nothing
+    /// more is waiting. A source that cannot tell takes its usual batch.
+    async fn next_batch_reading_on(
+        &mut self,
+        max_events: usize,
+        max_wait: std::time::Duration,
+        applied: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<SourceBatch<Self::Ack>>, SourceError> {
+        let _ = applied;
+        self.next_batch(max_events, max_wait).await
+    }
+
     /// What acknowledges a batch of this source (its position): a type of
     /// its own, so that no other source's position can be handed to it.
     type Ack: Clone + std::fmt::Debug + Send + Sync;

@@ -67,6 +67,7 @@ use snapshot::Snapshot;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 use wal::Wal;
 
 /// How often, at most, an empty batch hands out the stream's position.
@@ -396,11 +397,14 @@ impl ReplicationSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Lsn(pub u64);
 
-impl Source for ReplicationSource {
-    async fn next_batch(
+impl ReplicationSource {
+    /// A batch; with `applied`, read on while the sink applies the batch
+    /// before ([`Source::next_batch_reading_on`]).
+    async fn take(
         &mut self,
         max_events: usize,
         max_wait: Duration,
+        applied: Option<&CancellationToken>,
     ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
         if !matches!(self.phase, Phase::Down) && !self.owner.is_alive().await {
             // The session holding the ownership ended: another process may
@@ -423,7 +427,7 @@ impl Source for ReplicationSource {
             Phase::Snapshot { .. } => self.snapshot_batch(max_events).await,
             Phase::Streaming(_) => match self.sweep_step().await {
                 Ok(Some(batch)) => Ok(Some(batch)),
-                Ok(None) => self.stream_batch(max_events, max_wait).await,
+                Ok(None) => self.stream_batch(max_events, max_wait, applied).await,
                 Err(err) => Err(err),
             },
         };
@@ -432,6 +436,25 @@ impl Source for ReplicationSource {
             self.disconnect();
         }
         result
+    }
+}
+
+impl Source for ReplicationSource {
+    async fn next_batch(
+        &mut self,
+        max_events: usize,
+        max_wait: Duration,
+    ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
+        self.take(max_events, max_wait, None).await
+    }
+
+    async fn next_batch_reading_on(
+        &mut self,
+        max_events: usize,
+        max_wait: Duration,
+        applied: &CancellationToken,
+    ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
+        self.take(max_events, max_wait, Some(applied)).await
     }
 
     type Ack = Lsn;

@@ -10,12 +10,14 @@ use super::{
 };
 use crate::source::{SourceBatch, SourceError};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 impl ReplicationSource {
     pub(super) async fn stream_batch(
         &mut self,
         max_events: usize,
         max_wait: Duration,
+        applied: Option<&CancellationToken>,
     ) -> Result<Option<SourceBatch<Lsn>>, SourceError> {
         let Phase::Streaming(wal) = &mut self.phase else {
             return Ok(None);
@@ -37,6 +39,9 @@ impl ReplicationSource {
         // Per event, its transaction's commit time.
         let mut committed = Vec::with_capacity(events.capacity());
         let mut malformed = Vec::new();
+        // Read on while the sink applies the batch before: nothing is gained
+        // by ending this one before the sink is free to take it.
+        let applying = || applied.is_some_and(|applied| !applied.is_cancelled());
         loop {
             let full = events.len() + malformed.len() >= max_events;
             if full && !self.in_txn {
@@ -49,6 +54,9 @@ impl ReplicationSource {
                         wal.next(grace.as_mut()).await?
                     } else if events.is_empty() && malformed.is_empty() {
                         wal.next(sleep.as_mut()).await?
+                    } else if let Some(applied) = applied.filter(|_| applying()) {
+                        // Until the sink is free, then only what is waiting.
+                        wal.next(std::pin::pin!(applied.cancelled())).await?
                     } else {
                         let quiet = (tokio::time::Instant::now() + LINGER).min(deadline);
                         linger.as_mut().reset(quiet);
@@ -90,8 +98,9 @@ impl ReplicationSource {
                     self.in_txn = false;
                     self.heartbeat_due |= std::mem::take(&mut self.txn_heartbeat);
                     self.last_commit = self.last_commit.max(end_lsn);
-                    // A stream that is never idle still ends the batch on time.
-                    if tokio::time::Instant::now() >= deadline {
+                    // A stream that is never idle still ends the batch on
+                    // time (once the sink can take it).
+                    if tokio::time::Instant::now() >= deadline && !applying() {
                         break;
                     }
                 }
