@@ -81,7 +81,9 @@ const BATCH_CAPACITY: usize = 4_096;
 const TRANSACTION_GRACE: Duration = Duration::from_secs(5);
 /// Once a batch holds a committed transaction, it ends when the stream has
 /// been quiet this long: a light load is applied at once, while a busy stream
-/// still fills whole batches (its next message is always already there).
+/// still fills whole batches (its next message is always already there). A
+/// batch read on during the last one's apply does not linger: it ends when
+/// the sink is free, with what is waiting.
 const LINGER: Duration = Duration::from_millis(2);
 
 /// How long a graceful stop waits for the slot to show the final position.

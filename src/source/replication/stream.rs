@@ -40,7 +40,8 @@ impl ReplicationSource {
         let mut committed = Vec::with_capacity(events.capacity());
         let mut malformed = Vec::new();
         // Read on while the sink applies the batch before: nothing is gained
-        // by ending this one before the sink is free to take it.
+        // by ending this one before the sink is free to take it (the wait is
+        // for the next message or for the sink, whichever comes first).
         let applying = || applied.is_some_and(|applied| !applied.is_cancelled());
         loop {
             let full = events.len() + malformed.len() >= max_events;
@@ -55,10 +56,17 @@ impl ReplicationSource {
                     } else if events.is_empty() && malformed.is_empty() {
                         wal.next(sleep.as_mut()).await?
                     } else if let Some(applied) = applied.filter(|_| applying()) {
-                        // Until the sink is free, then only what is waiting.
                         wal.next(std::pin::pin!(applied.cancelled())).await?
                     } else {
-                        let quiet = (tokio::time::Instant::now() + LINGER).min(deadline);
+                        // Read on, the sink is free now and whatever comes
+                        // later is read on during this batch's apply: only
+                        // what is already waiting joins it.
+                        let quiet_for = if applied.is_some() {
+                            Duration::ZERO
+                        } else {
+                            LINGER
+                        };
+                        let quiet = (tokio::time::Instant::now() + quiet_for).min(deadline);
                         linger.as_mut().reset(quiet);
                         wal.next(linger.as_mut()).await?
                     };
