@@ -226,9 +226,9 @@ async fn scripted_run(batches: u64, ahead: bool) -> Vec<String> {
 }
 
 /// Where the source hands out ahead, the runtime reads batch n+1 while the
-/// sink applies batch n (ending it once n is applied), and acknowledges batch n after n+1 is applied;
-/// still each batch is acknowledged only once applied, in order, and the
-/// last one as soon as the source goes quiet.
+/// sink applies batch n (ending it once n is applied), and acknowledges
+/// batch n after n+1 is applied; still each batch is acknowledged only once
+/// applied, in order, and the last one as soon as the source goes quiet.
 #[tokio::test]
 async fn the_next_batch_is_read_while_the_sink_applies_and_batches_stay_in_order() {
     let log = scripted_run(5, true).await;
