@@ -37,9 +37,9 @@ impl<K: Sink> Delivery<'_, K> {
             batch,
             committed,
             stages,
-            asked,
         } = held;
         let span = tracing::debug_span!("batch", events = batch.events.len());
+        let source_ms = stages.micros(Stage::Source) as f64 / 1e3;
         let processing = Instant::now();
         let delivered = self
             .deliver::<S>(batch, committed, stages)
@@ -47,7 +47,7 @@ impl<K: Sink> Delivery<'_, K> {
             .await?;
         if delivered.is_some() {
             tracing::debug!(
-                source_ms = (processing - asked).as_secs_f64() * 1e3,
+                source_ms,
                 deliver_ms = processing.elapsed().as_secs_f64() * 1e3,
                 "batch delivered"
             );

@@ -88,7 +88,7 @@ pub struct Shared {
 }
 
 /// A batch taken from the source and not applied yet, with its events'
-/// commit times, the time its stages took so far, and when it was asked for.
+/// commit times and the time its stages took so far.
 /// Where the sink writes ahead and the source hands out ahead, the runtime
 /// holds one such batch while it takes the next: the next batch is read and
 /// handed to the sink while this one is being delivered, and batches are
@@ -98,7 +98,6 @@ struct Held<A> {
     batch: SourceBatch<A>,
     committed: Vec<Option<chrono::DateTime<chrono::Utc>>>,
     stages: StageTimes,
-    asked: Instant,
 }
 
 /// What the source handed out while the last batch was delivered, and how
@@ -247,12 +246,7 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             match fetched {
                 Ok(Some(batch)) => {
                     let mut stages = StageTimes::default();
-                    match waited {
-                        Some(waited) => stages.add(Stage::Source, waited),
-                        None => {
-                            stages.lap(Stage::Source, asked);
-                        }
-                    }
+                    stages.add(Stage::Source, waited.unwrap_or_else(|| asked.elapsed()));
                     crash_at(K::CRASH_POINTS.after_decode);
                     backoff.reset();
                     outage.recovered(&self.retry);
@@ -276,7 +270,6 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
                         batch,
                         committed,
                         stages,
-                        asked,
                     };
                     // The earlier batch's acknowledgement waits for its
                     // marks, which commit while this one is being delivered.
@@ -334,7 +327,20 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
     /// acknowledgement waits until the next batch is delivered, while its
     /// marks commit. `false`: shutdown came first.
     async fn finish(&mut self, held: Held<S::Ack>, keep: bool) -> Result<bool, PipelineError> {
-        let Some(delivered) = self.delivery().deliver_held::<S>(held).await? else {
+        let delivered = self.delivery().deliver_held::<S>(held).await?;
+        self.delivered(delivered, keep).await
+    }
+
+    /// After a batch's delivery: the batch left settling before it is
+    /// acknowledged, then this one, or with `keep` it is left settling in
+    /// turn. `false`: shutdown came first (`None`: the delivery was cut
+    /// short).
+    async fn delivered(
+        &mut self,
+        delivered: Option<Settling<S::Ack>>,
+        keep: bool,
+    ) -> Result<bool, PipelineError> {
+        let Some(delivered) = delivered else {
             // The batch before it is durable and marked: it is acknowledged.
             self.settle_earlier().await?;
             return Ok(false);
@@ -391,17 +397,11 @@ impl<S: Source, K: Sink> Pipeline<S, K> {
             (fetched, Instant::now())
         };
         let ((delivered, delivered_at), (fetched, read_at)) = tokio::join!(delivering, reading);
-        let Some(delivered) = delivered? else {
-            self.settle_earlier().await?;
-            return Ok(None);
-        };
-        // The batch before this one is acknowledged now that this one is
-        // delivered, and this one waits (its marks committing) until the
-        // next is: acknowledgements overlap the next batch's apply.
-        if !self.settle_earlier().await? {
+        // This one waits (its marks committing) until the next is delivered:
+        // acknowledgements overlap the next batch's apply.
+        if !self.delivered(delivered?, true).await? {
             return Ok(None);
         }
-        self.settling = Some(delivered);
         Ok(Some(ReadOn {
             fetched,
             waited: read_at.saturating_duration_since(delivered_at),

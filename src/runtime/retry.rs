@@ -251,17 +251,7 @@ mod tests {
     use crate::source::SourceError;
 
     fn retry(shutdown: CancellationToken) -> Retry {
-        let config = PipelineConfig {
-            batch_size: 1,
-            batch_wait: Duration::from_millis(1),
-            document_cache: 0,
-            max_retries: 1,
-            backoff_initial: Duration::from_millis(1),
-            backoff_max: Duration::from_millis(2),
-            mark_processed: false,
-            shutdown_timeout: Duration::from_secs(1),
-        };
-        Retry::new(&config, shutdown)
+        Retry::new(&super::super::tests::quick_config(1), shutdown)
     }
 
     #[tokio::test]

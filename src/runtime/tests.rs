@@ -6,6 +6,36 @@ use super::*;
 use crate::dead_letter::DeadLetter;
 use std::sync::atomic::Ordering;
 
+/// A pipeline configuration with short waits and retries, for tests.
+pub(super) fn quick_config(batch_size: usize) -> PipelineConfig {
+    PipelineConfig {
+        batch_size,
+        batch_wait: std::time::Duration::from_millis(1),
+        document_cache: 0,
+        max_retries: 1,
+        backoff_initial: std::time::Duration::from_millis(1),
+        backoff_max: std::time::Duration::from_millis(2),
+        mark_processed: false,
+        shutdown_timeout: std::time::Duration::from_secs(1),
+    }
+}
+
+/// A `UserCreated` event of a new user.
+fn user_created(
+    sequence_id: i64,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> crate::decode::OutboxEvent {
+    crate::decode::OutboxEvent {
+        event_id: uuid::Uuid::new_v4(),
+        sequence_id: Some(sequence_id),
+        aggregate_id: uuid::Uuid::new_v4(),
+        aggregate_type: "User".into(),
+        event_type: "UserCreated".into(),
+        payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}).into(),
+        created_at,
+    }
+}
+
 /// What the relay's sink reports (published events applied, unpublishable
 /// rows dead-lettered) reaches the stats file through the runtime's count.
 #[test]
@@ -14,17 +44,12 @@ fn the_stats_file_counts_published_batches() {
     let path = dir.path().join("stats.json");
     let stats = Arc::new(Stats::default());
     let file = StatsFile::new(path.clone(), stats.clone());
-    let event = |created_at| crate::decode::OutboxEvent {
-        event_id: uuid::Uuid::new_v4(),
-        sequence_id: Some(1),
-        aggregate_id: uuid::Uuid::new_v4(),
-        aggregate_type: "User".into(),
-        event_type: "UserCreated".into(),
-        payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}).into(),
-        created_at,
-    };
     let now = chrono::Utc::now();
-    let events = [event(Some(now)), event(Some(now)), event(None)];
+    let events = [
+        user_created(1, Some(now)),
+        user_created(1, Some(now)),
+        user_created(1, None),
+    ];
     let letter = |event: &crate::decode::OutboxEvent| DeadLetter {
         event: event.clone(),
         error: "malformed".into(),
@@ -81,17 +106,8 @@ impl Scripted {
         self.handed += 1;
         let n = self.handed;
         note(&self.log, format!("read {n}{}", self.during()));
-        let event = crate::decode::OutboxEvent {
-            event_id: uuid::Uuid::new_v4(),
-            sequence_id: Some(n as i64),
-            aggregate_id: uuid::Uuid::new_v4(),
-            aggregate_type: "User".into(),
-            event_type: "UserCreated".into(),
-            payload: serde_json::json!({"email": "a@example.com", "displayName": "A"}).into(),
-            created_at: None,
-        };
         Some(SourceBatch {
-            events: vec![event],
+            events: vec![user_created(n as i64, None)],
             malformed: Vec::new(),
             ack: n,
             origins: Vec::new(),
@@ -185,16 +201,7 @@ async fn scripted_run(batches: u64, ahead: bool) -> Vec<String> {
     let applying = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shutdown = CancellationToken::new();
     let shared = Shared {
-        config: PipelineConfig {
-            batch_size: 10,
-            batch_wait: std::time::Duration::from_millis(1),
-            document_cache: 0,
-            max_retries: 1,
-            backoff_initial: std::time::Duration::from_millis(1),
-            backoff_max: std::time::Duration::from_millis(2),
-            mark_processed: false,
-            shutdown_timeout: std::time::Duration::from_secs(1),
-        },
+        config: quick_config(10),
         source: SourceKind::Replication,
         shutdown: shutdown.clone(),
         stats: Arc::new(Stats::default()),
